@@ -1,0 +1,156 @@
+"""The ``spotguard`` command.
+
+Exit codes: 0 ok, 1 the command ran but what it checks failed (``status`` could not get a usable
+answer), 2 a usage or configuration error, reported as one line that names the culprit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from spotguard.agent.config import AgentConfig, load_config
+from spotguard.agent.errors import ConfigError, ImdsError
+from spotguard.agent.imds import ImdsClient
+from spotguard.agent.logs import configure_logging
+from spotguard.agent.protocol import format_time
+from spotguard.agent.watches import watches_from_config
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are exit 2 with a single line (no usage dump to wade through)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file (default /etc/spotguard/agent.toml)")
+    parser.add_argument("--imds-endpoint", help="IMDS base URL (default http://169.254.169.254)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spotguard", description="Keep spot GPU training alive.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    agent = commands.add_parser("agent", help="run the on-node daemon")
+    _config_flags(agent)
+    agent.add_argument("--state-dir", help="shared with the trainer hooks (default /run/spotguard)")
+    agent.add_argument("--poll-interval", type=float, help="seconds between polls (default 1)")
+
+    status = commands.add_parser("status", help="poll IMDS once and print what it says now")
+    _config_flags(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sim = commands.add_parser("imds-sim", help="run the local IMDS simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=1338, help="0 picks a free port")
+    return parser
+
+
+def _load(args: argparse.Namespace, environ: dict[str, str]) -> AgentConfig:
+    overrides = {
+        "imds_endpoint": args.imds_endpoint,
+        "state_dir": getattr(args, "state_dir", None),
+        "poll_interval": getattr(args, "poll_interval", None),
+    }
+    return load_config(args.config, environ=environ, overrides=overrides)
+
+
+def _run_agent(config: AgentConfig) -> int:
+    from spotguard.agent.daemon import Agent
+
+    configure_logging(config.log_format, config.log_level)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    Agent(config).run(stop)
+    return 0
+
+
+def _status(config: AgentConfig, as_json: bool) -> int:
+    from spotguard.agent.daemon import utc_now
+
+    client = ImdsClient(
+        config.imds_endpoint, token_ttl=config.token_ttl, timeout=config.request_timeout
+    )
+    report: dict[str, dict[str, object]] = {}
+    unknown = False
+    try:
+        for watch in watches_from_config(config):
+            try:
+                notice = watch.evaluate(client.get(watch.path), utc_now())
+            except ImdsError as exc:
+                unknown = True
+                report[watch.name] = {"state": "unknown", "reason": str(exc)}
+                continue
+            if notice is None:
+                report[watch.name] = {"state": "none"}
+            else:
+                report[watch.name] = {"state": "notice", "notice": notice.to_json()}
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, entry in report.items():
+            line = f"{name:26} {entry['state']}"
+            published = entry.get("notice")
+            if isinstance(published, dict):
+                deadline = published["deadline"] or "no deadline"
+                line += f": {published['action']}, deadline {deadline}"
+            elif "reason" in entry:
+                line += f": {entry['reason']}"
+            print(line)
+        print(f"{'checked at':26} {format_time(utc_now())}")
+    return 1 if unknown else 0
+
+
+def _imds_sim(host: str, port: int) -> int:
+    from spotguard.agent.imds_sim import ImdsSimulator
+
+    try:
+        sim = ImdsSimulator(host, port)
+    except OSError as exc:
+        print(
+            f"spotguard imds-sim: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    print(f"IMDS simulator listening on {sim.url}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        sim.serve_forever()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ) if environ is None else environ
+    try:
+        if args.command == "imds-sim":
+            return _imds_sim(args.host, args.port)
+        config = _load(args, env)
+        if args.command == "status":
+            return _status(config, args.json)
+        return _run_agent(config)
+    except ConfigError as exc:
+        print(f"spotguard {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
