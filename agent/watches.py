@@ -68,7 +68,7 @@ def evaluate_spot_action(body: str | None, now: datetime) -> Notice | None:
         return None
     payload = _json_object(body, "spot/instance-action")
     action = payload.get("action")
-    if action not in SPOT_ACTIONS:
+    if not isinstance(action, str) or action not in SPOT_ACTIONS:
         raise ImdsBadAnswer(f"spot/instance-action: unknown action {str(action)[:40]!r}")
     deadline = _iso_time(payload.get("time"), "spot/instance-action time")
     return Notice(

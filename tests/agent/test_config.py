@@ -1,0 +1,101 @@
+"""Configuration: precedence, validation, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spotguard.agent.config import AgentConfig, load_config
+from spotguard.agent.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "systemd" / "agent.toml.example"
+
+
+def test_missing_default_file_means_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr("spotguard.agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load_config(environ={}) == AgentConfig()
+
+
+def test_explicit_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_flags_beat_env_beat_file(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('poll_interval = 3.0\nrequest_timeout = 2.0\nstate_dir = "/from/file"\n')
+    env = {"SPOTGUARD_POLL_INTERVAL": "2", "SPOTGUARD_STATE_DIR": "/from/env"}
+    config = load_config(path, environ=env, overrides={"poll_interval": 0.5, "state_dir": None})
+    assert config.poll_interval == 0.5
+    assert config.state_dir == Path("/from/env")
+    assert config.request_timeout == 2.0
+
+
+def test_env_values_are_parsed_by_type():
+    env = {
+        "SPOTGUARD_WATCH_REBALANCE": "off",
+        "SPOTGUARD_TOKEN_TTL": "300",
+        "SPOTGUARD_TARGET_PATTERNS": '["train\\\\.py", "a,b"]',
+        "SPOTGUARD_TARGET_UNITS": "a.service, b@*.service",
+        "SPOTGUARD_HOOK_COMMAND": "/usr/bin/notify --flag 'two words'",
+    }
+    config = load_config(Path("/dev/null"), environ=env)
+    assert config.watch_rebalance is False
+    assert config.token_ttl == 300
+    assert config.target_patterns == ("train\\.py", "a,b")
+    assert config.target_units == ("a.service", "b@*.service")
+    assert config.hook_command == ("/usr/bin/notify", "--flag", "two words")
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("pol_interval = 1", "pol_interval"),
+        ("poll_interval = 0", "poll_interval"),
+        ('poll_interval = "fast"', "poll_interval"),
+        ("token_ttl = 21601", "token_ttl"),
+        ("token_ttl = 1.5", "token_ttl"),
+        ("watch_rebalance = 1", "watch_rebalance"),
+        ('target_signal = "SIGKILL"', "target_signal"),
+        ('target_patterns = ["(unclosed"]', "target_patterns"),
+        ('hook_kinds = ["spot"]', "hook_kinds"),
+        ('metrics_address = "0.0.0.0:9464"', "metrics_address"),
+        ('imds_endpoint = "ftp://x"', "imds_endpoint"),
+        ('log_format = "xml"', "log_format"),
+        ("max_backoff = 0.5", "max_backoff"),
+        ("poll_interval = [", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, toml, named):
+    path = tmp_path / "agent.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_config(path, environ={})
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ConfigError, match="SPOTGUARD_POLL_INTERVAL"):
+        load_config(Path("/dev/null"), environ={"SPOTGUARD_POLL_INTERVAL": "soon"})
+
+
+def test_webhook_secret_never_appears_in_errors():
+    with pytest.raises(ConfigError) as caught:
+        load_config(Path("/dev/null"), environ={"SPOTGUARD_WEBHOOK_URL": "gopher://h/T0SECRET"})
+    assert "T0SECRET" not in str(caught.value)
+    assert "T0SECRET" not in repr(AgentConfig(webhook_url="https://h/T0SECRET"))
+
+
+def test_example_config_documents_every_key_and_loads():
+    text = EXAMPLE.read_text()
+    for name in AgentConfig.__dataclass_fields__:
+        assert f"# {name} =" in text or f"\n{name} =" in text, f"{name} is not documented"
+    assert load_config(EXAMPLE, environ={}) == AgentConfig()
+
+
+def test_metrics_address_accepts_loopback_only():
+    assert AgentConfig(metrics_address="[::1]:9000").metrics_bind() == ("::1", 9000)
+    assert AgentConfig(metrics_address="").metrics_address == ""
+    with pytest.raises(ConfigError):
+        AgentConfig(metrics_address="10.0.0.1:9000")

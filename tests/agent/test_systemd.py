@@ -1,0 +1,52 @@
+"""The unit file passes systemd's own checks: verify clean, exposure at most 3.5."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).parents[2] / "systemd" / "spotguard-agent.service"
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+
+
+@pytest.fixture
+def unit(tmp_path: Path) -> Path:
+    """The shipped unit, with ExecStart pointing at this environment's spotguard."""
+    executable = Path(sys.executable).with_name("spotguard")
+    text = UNIT.read_text().replace("/usr/local/bin/spotguard", str(executable))
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    return path
+
+
+def test_unit_declares_what_the_agent_relies_on():
+    text = UNIT.read_text()
+    for line in ("Type=notify", "Restart=always", "RuntimeDirectory=spotguard",
+                 "RuntimeDirectoryPreserve=yes", "AmbientCapabilities=CAP_KILL"):  # fmt: skip
+        assert f"\n{line}\n" in text, line
+    assert re.search(r"\nWatchdogSec=\d+\n", text)
+
+
+def test_systemd_analyze_verify_is_clean(unit):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_exposure_is_at_most_3_5(unit):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 3.5
