@@ -30,6 +30,7 @@ unit: $(STAMP)
 
 test: lint unit
 
+# Until `spotguard drill` lands (trainer hooks), the drill is the agent's half of the loop.
 drill: $(STAMP)
 	$(BIN)/python -m spotguard.agent.demo
 

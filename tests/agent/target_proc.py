@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--register", action="store_true")
     parser.add_argument("--exit-code", type=int)
     parser.add_argument("--tag", default="trainer")
+    parser.add_argument("--lifetime", type=float, default=60.0, help="seconds, then exit 0")
     args = parser.parse_args()
     create_time = psutil.Process().create_time()
 
@@ -55,7 +56,7 @@ def main() -> None:
     if args.register:
         register(args.state_dir, Registration(os.getpid(), create_time, "SIGUSR1", 0))
     note("ready", pid=os.getpid())
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + args.lifetime
     while time.monotonic() < deadline:
         time.sleep(0.05)
 

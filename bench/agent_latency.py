@@ -1,0 +1,173 @@
+"""Agent benchmark: notice → signal latency, and what an hour of polling costs.
+
+Everything is real and separate: the IMDS simulator and the agent each in their own process,
+talking HTTP; a registered target process records when SIGUSR1 arrives. Each trial schedules a
+new spot notice at a random phase of the poll cycle and measures notice-served → signal-received.
+Latencies are printed as ratios to the poll interval (the floor any poller has); the goal is
+p99 <= 1.1 x interval + 50 ms. Then the agent polls idle for a while and its RSS and CPU time
+are read from /proc.
+
+Usage: python bench/agent_latency.py [--trials 50] [--intervals 1.0 0.2] [--idle 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from spotguard.agent.imds_sim import SimControl
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ROOT / "tests" / "agent" / "target_proc.py"
+
+
+def start_sim() -> tuple[subprocess.Popen[str], SimControl]:
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "spotguard.agent", "imds-sim", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sim.stdout is not None
+    match = re.search(r"http://\S+", sim.stdout.readline())
+    assert match, "the simulator did not start"
+    return sim, SimControl(match.group(0))
+
+
+SPOT_ONLY = (
+    "watch_rebalance = false\nwatch_scheduled_maintenance = false\nwatch_asg_termination = false\n"
+)
+
+
+def start_agent(
+    url: str, state_dir: Path, interval: float, extra: str = ""
+) -> subprocess.Popen[str]:
+    config = state_dir.parent / f"agent-{state_dir.name}.toml"
+    config.write_text(
+        f'poll_interval = {interval}\nmetrics_address = ""\nlog_level = "warning"\n{extra}'
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "spotguard.agent", "agent", "--config", str(config),
+         "--imds-endpoint", url, "--state-dir", str(state_dir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def signal_times(record: Path) -> list[float]:
+    if not record.exists():
+        return []
+    events = [json.loads(line) for line in record.read_text().splitlines() if line]
+    return [e["time"] for e in events if e["event"] == "signal"]
+
+
+def latency_trials(control: SimControl, tmp: Path, interval: float, trials: int) -> list[float]:
+    state_dir = tmp / f"state-{interval}"
+    agent = start_agent(control.url, state_dir, interval, SPOT_ONLY)
+    record = tmp / f"target-{interval}.jsonl"
+    target = subprocess.Popen(
+        [sys.executable, str(TARGET), "--state-dir", str(state_dir), "--record", str(record),
+         "--register", "--lifetime", "3600"],
+    )  # fmt: skip
+    latencies: list[float] = []
+    try:
+        time.sleep(1.5)
+        for trial in range(trials):
+            control.clear_spot()
+            time.sleep(random.uniform(0, interval))  # a random phase of the poll cycle
+            before = len(signal_times(record))
+            served = time.time()
+            control.spot(in_seconds=120 + 2 * trial)  # a distinct notice each trial
+            deadline = time.monotonic() + 10 * interval + 5
+            while len(signal_times(record)) == before and time.monotonic() < deadline:
+                time.sleep(0.002)
+            times = signal_times(record)
+            if len(times) == before:
+                raise SystemExit(f"trial {trial}: no signal within {10 * interval + 5} s")
+            latencies.append(times[-1] - served)
+    finally:
+        target.kill()
+        agent.terminate()
+        agent.wait(10)
+    return latencies
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def idle_cost(control: SimControl, tmp: Path, seconds: float) -> dict[str, float]:
+    control.reset()
+    agent = start_agent(control.url, tmp / "state-idle", 1.0)
+    try:
+        time.sleep(2.0)  # start-up (imports) is not polling
+        process = psutil.Process(agent.pid)
+        cpu_start = sum(process.cpu_times()[:2])
+        polls_start = len(control.requests())
+        time.sleep(seconds)
+        cpu = sum(process.cpu_times()[:2]) - cpu_start
+        polls = len(control.requests()) - polls_start
+        status = Path(f"/proc/{agent.pid}/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+        return {
+            "rss_mib": process.memory_info().rss / 2**20,
+            "peak_rss_mib": peak,
+            "cpu_ms_per_request": 1000 * cpu / max(polls, 1),
+            "cpu_s_per_hour": cpu * 3600 / seconds,
+            "requests": polls,
+        }
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--intervals", type=float, nargs="+", default=[1.0, 0.2])
+    parser.add_argument("--idle", type=float, default=30.0)
+    args = parser.parse_args()
+    sim, control = start_sim()
+    try:
+        with tempfile.TemporaryDirectory() as name:
+            tmp = Path(name)
+            print(f"notice -> signal latency, {args.trials} trials per poll interval")
+            print(f"{'interval':>9} {'p50':>8} {'p99':>8} {'max':>8} {'p50/int':>8} "
+                  f"{'p99/int':>8} {'goal p99':>9} {'met':>4}")  # fmt: skip
+            for interval in args.intervals:
+                latencies = latency_trials(control, tmp, interval, args.trials)
+                p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+                goal = 1.1 * interval + 0.05
+                print(
+                    f"{interval:>8.2f}s {p50 * 1000:>6.0f}ms {p99 * 1000:>6.0f}ms "
+                    f"{max(latencies) * 1000:>6.0f}ms {p50 / interval:>8.2f} "
+                    f"{p99 / interval:>8.2f} {goal * 1000:>7.0f}ms "
+                    f"{'yes' if p99 <= goal else 'NO':>4}"
+                )
+                print(f"          mean {statistics.mean(latencies) * 1000:.0f} ms")
+            cost = idle_cost(control, tmp, args.idle)
+            print(f"\nidle polling at 1 s, default watches, {args.idle:.0f} s measured")
+            print(
+                f"  RSS {cost['rss_mib']:.1f} MiB (peak {cost['peak_rss_mib']:.1f} MiB, goal <= 30)"
+            )
+            print(
+                f"  CPU {cost['cpu_ms_per_request']:.2f} ms per request, "
+                f"{cost['cpu_s_per_hour']:.2f} CPU-s per hour ({cost['requests']} requests)"
+            )
+    finally:
+        control.close()
+        sim.terminate()
+        sim.wait(10)
+
+
+if __name__ == "__main__":
+    main()
