@@ -16,8 +16,7 @@ import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
 from urllib3.util.retry import Retry
 
 from spotguard.agent.config import AgentConfig
@@ -124,32 +123,21 @@ class NoticeActions:
             raise_on_status=False,
         )
         target = redacted(self.config.webhook_url)
-        with requests.Session() as session:
-            session.mount("http://", HTTPAdapter(max_retries=retry))
-            session.mount("https://", HTTPAdapter(max_retries=retry))
+        fields = {"notice_id": notice.id}
+        with urllib3.PoolManager(retries=retry) as pool:
             try:
-                response = session.post(
+                response = pool.request(
+                    "POST",
                     self.config.webhook_url,
-                    json=notice.to_json(),
+                    body=json.dumps(notice.to_json()).encode(),
+                    headers={"Content-Type": "application/json"},
                     timeout=self.config.webhook_timeout,
                 )
-            except requests.RequestException as exc:
-                log.error(
-                    "webhook %s failed: %s",
-                    target,
-                    type(exc).__name__,
-                    extra={"notice_id": notice.id},
-                )
+            except urllib3.exceptions.HTTPError as exc:
+                log.error("webhook %s failed: %s", target, type(exc).__name__, extra=fields)
                 return False
-        if response.status_code >= 300:
-            log.error(
-                "webhook %s answered %s",
-                target,
-                response.status_code,
-                extra={"notice_id": notice.id},
-            )
+        if response.status >= 300:
+            log.error("webhook %s answered %s", target, response.status, extra=fields)
             return False
-        log.info(
-            "webhook %s answered %s", target, response.status_code, extra={"notice_id": notice.id}
-        )
+        log.info("webhook %s answered %s", target, response.status, extra=fields)
         return True

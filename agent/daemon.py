@@ -244,10 +244,13 @@ class Agent:
 
     def _poll(self) -> None:
         now = self._clock()
+        # Half a poll interval of slack: a tick that wakes a little earlier than the previous
+        # one must not skip a watch that is due "now" and double its effective interval.
+        horizon = now + self.config.poll_interval / 2
         failed: ImdsError | None = None
         polled = 0
         for watch in self.watches:
-            if self._due[watch.name] > now:
+            if self._due[watch.name] > horizon:
                 continue
             polled += 1
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,6 +96,20 @@ def test_restarted_agent_does_not_signal_again_but_signals_newcomers(sim, agents
     assert target.signals() == ["SIGUSR1"]
     assert newcomer.signals() == ["SIGUSR1"]
     assert second.log().count("notice: spot-interruption") == 0  # already handled
+
+
+@pytest.mark.parametrize("only_spot", [True, False])
+def test_polls_keep_the_poll_interval(sim, agents, only_spot):
+    off = dict.fromkeys(
+        ["watch_rebalance", "watch_asg_termination", "watch_scheduled_maintenance"], False
+    )
+    agents.start(sim.url, **(off if only_spot else {}))
+    time.sleep(3.0)
+    times = [r["time"] for r in sim.spot_polls()]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) >= 10
+    assert min(gaps) >= 0.15, "faster than the poll interval"
+    assert 0.18 <= statistics.median(gaps) <= 0.25, gaps
 
 
 def test_token_expiry_mid_run_is_survived(sim, agents, targets):
