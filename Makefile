@@ -22,8 +22,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	@# mypy cannot follow setuptools' editable finder, and the import names differ from the
 	@# folder names (DESIGN.md); a link tree gives it the installed layout.
-	mkdir -p build/typecheck/spotguard && ln -sfn ../../../agent build/typecheck/spotguard/agent
-	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard.agent
+	mkdir -p build/typecheck/spotguard
+	ln -sfn ../../../agent build/typecheck/spotguard/agent
+	ln -sfn ../../../trainer_hooks build/typecheck/spotguard/trainer_hooks
+	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard.agent -p spotguard.trainer_hooks
 
 unit: $(STAMP)
 	$(BIN)/pytest

@@ -1,0 +1,1 @@
+"""Private machinery of the trainer hooks; no stability promise."""
