@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ckpt = commands.add_parser("ckpt", help="inspect and manage a checkpoint store")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
+    listing = ckpt_commands.add_parser("list", help="committed checkpoints, oldest first")
+    listing.add_argument("uri", help="local path, file:///path or s3://bucket/prefix")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = ckpt_commands.add_parser("verify", help="re-read every byte against the manifests")
+    verify.add_argument("uri")
+    verify.add_argument("--step", type=int, help="only this checkpoint")
+    prune = ckpt_commands.add_parser("prune", help="delete all but the newest checkpoints")
+    prune.add_argument("uri")
+    prune.add_argument("--keep-last", type=int, required=True)
+    pull = ckpt_commands.add_parser("pull", help="download a verified checkpoint")
+    pull.add_argument("uri")
+    pull.add_argument("dest", help="local directory")
+    pull.add_argument("--step", type=int, help="default: the newest")
+
     sim = commands.add_parser("imds-sim", help="run the local IMDS simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=1338, help="0 picks a free port")
@@ -143,6 +159,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     try:
         if args.command == "imds-sim":
             return _imds_sim(args.host, args.port)
+        if args.command == "ckpt":
+            # Imported here: the agent itself never loads the trainer hooks.
+            from spotguard.trainer_hooks.cli import run_ckpt
+
+            return run_ckpt(args)
         config = _load(args, env)
         if args.command == "status":
             return _status(config, args.json)

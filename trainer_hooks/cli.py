@@ -1,0 +1,159 @@
+"""``spotguard ckpt list|verify|prune|pull``: inspect and manage a checkpoint store.
+
+The argument parser lives with the rest of the CLI in :mod:`spotguard.agent.cli`, so that the
+agent never imports this package; this module runs the commands. Exit codes: 0 ok, 1 a
+checkpoint failed verification, 2 the store cannot be used (bad URI, missing bucket, no
+credentials), reported as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from spotguard.trainer_hooks._internals.manifest import Manifest, step_dir
+from spotguard.trainer_hooks._internals.streams import Sink
+from spotguard.trainer_hooks.errors import CheckpointError, CorruptCheckpoint
+from spotguard.trainer_hooks.store import CheckpointStore
+
+__all__ = ["run_ckpt"]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns at GiB
+
+
+def _describe(manifest: Manifest) -> dict[str, object]:
+    return {
+        "step": manifest.step,
+        "epoch": manifest.epoch,
+        "kind": manifest.kind,
+        "created_at": manifest.created_at.isoformat(),
+        "bytes": sum(entry.size for entry in manifest.files.values()),
+        "files": sorted(manifest.files),
+    }
+
+
+def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
+    rows = [_describe(manifest) for manifest in store.list()]
+    if as_json:
+        print(json.dumps(rows, indent=2), file=out)
+        return 0
+    if not rows:
+        print(f"{store.uri}: no committed checkpoints", file=out)
+        return 0
+    print(f"{'step':>12} {'epoch':>6} {'kind':10} {'size':>10}  created", file=out)
+    for row in rows:
+        size = _human(float(row["bytes"]))  # type: ignore[arg-type]
+        print(
+            f"{row['step']:>12} {row['epoch']:>6} {row['kind']!s:10} {size:>10}  "
+            f"{row['created_at']}",
+            file=out,
+        )
+    return 0
+
+
+def _verify(store: CheckpointStore, step: int | None, out: TextIO) -> int:
+    results = store.verify(step)
+    if not results:
+        print(f"{store.uri}: no checkpoints", file=out)
+        return 0
+    for result in results:
+        verdict = "ok" if result.ok else f"FAILED: {result.problem}"
+        print(f"{result.step:>12}  {verdict}", file=out)
+    return 0 if all(result.ok for result in results) else 1
+
+
+def _prune(store: CheckpointStore, keep_last: int, out: TextIO) -> int:
+    deleted = store.prune(keep_last)
+    print(f"deleted steps: {', '.join(map(str, deleted)) or 'none'}", file=out)
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+
+    def write(self, data: bytes, /) -> int:
+        self.done += len(data)
+        if self.enabled:
+            share = self.done / max(self.total, 1)
+            rate = self.done / max(time.monotonic() - self.started, 1e-6)
+            bar = "#" * int(30 * share)
+            self.stream.write(f"\r[{bar:30}] {share:6.1%} {_human(rate)}/s")
+            self.stream.flush()
+        return len(data)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+class _Tee:
+    def __init__(self, sink: Sink, progress: _Progress) -> None:
+        self.sink, self.progress = sink, progress
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        self.progress.write(bytes(data) if isinstance(data, memoryview) else data)
+        return self.sink.write(data) or len(data)
+
+
+def _pull(store: CheckpointStore, dest: Path, step: int | None, out: TextIO) -> int:
+    manifest = store.get(step) if step is not None else store.latest()
+    if manifest is None:
+        print(f"{store.uri}: no committed checkpoint to pull", file=sys.stderr)
+        return 1
+    target = dest / step_dir(manifest.step)
+    partial = dest / f".{step_dir(manifest.step)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    progress = _Progress(sum(e.size for e in manifest.files.values()), sys.stderr)
+    try:
+        for name in sorted(manifest.files):
+            path = partial / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as handle:
+                store.fetch(manifest, name, _Tee(handle, progress))
+        (partial / "manifest.json").write_bytes(manifest.to_bytes())
+    except CorruptCheckpoint:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    print(f"pulled step {manifest.step} (verified) to {target}", file=out)
+    return 0
+
+
+def run_ckpt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run one ``spotguard ckpt`` subcommand; the exit code is returned."""
+    try:
+        store = CheckpointStore(args.uri)
+        if args.ckpt_command == "list":
+            return _list(store, args.json, out)
+        if args.ckpt_command == "verify":
+            return _verify(store, args.step, out)
+        if args.ckpt_command == "prune":
+            return _prune(store, args.keep_last, out)
+        return _pull(store, Path(args.dest), args.step, out)
+    except CorruptCheckpoint as exc:
+        print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError) as exc:
+        print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
+        return 2
