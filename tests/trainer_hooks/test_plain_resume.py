@@ -1,0 +1,96 @@
+"""SpotGuard in a real training process: real signals, exit 75, bit-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotguard.trainer_hooks import CheckpointStore
+from tests.agent.support import wait_for
+
+SCRIPT = Path(__file__).with_name("train_plain.py")
+
+
+def train(store: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--store", store, "--out", str(out), *extra],
+        env={**os.environ, **(env or {})},
+    )
+
+
+def steps_done(progress: Path) -> int:
+    return int(progress.read_text().split()[-1]) if progress.exists() else 0
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    left, right = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reference")
+    out = folder / "final.pt"
+    assert train(str(folder / "store"), out).wait(120) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "signum"),
+    [(5, signal.SIGUSR1), (12, signal.SIGUSR1), (23, signal.SIGTERM)],
+    ids=["mid-epoch", "epoch-boundary", "sigterm-mid-epoch"],
+)
+def test_interrupted_run_resumes_bit_exact(tmp_path, reference, stop_at, signum):
+    store, progress = str(tmp_path / "store"), tmp_path / "progress"
+    first = train(store, tmp_path / "unused.pt", "--progress", str(progress),
+                  "--pause-at", str(stop_at))  # fmt: skip
+    wait_for(lambda: steps_done(progress) >= stop_at, timeout=60, what=f"step {stop_at}")
+    first.send_signal(signum)
+    assert first.wait(60) == 75
+    latest = CheckpointStore(store).latest()
+    assert latest.step == stop_at
+    assert latest.kind == "emergency"
+
+    out = tmp_path / "final.pt"
+    assert train(store, out, "--progress", str(progress)).wait(120) == 0
+    assert_same_weights(out, reference)
+    assert steps_done(progress) == 36  # the resumed run did not redo or skip a step
+
+
+def test_notice_file_stops_training_and_the_agent_protocol_holds(tmp_path, reference):
+    state_dir = tmp_path / "run-spotguard"
+    (state_dir / "targets").mkdir(parents=True)
+    store, progress = str(tmp_path / "store"), tmp_path / "progress"
+    env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
+    first = train(store, tmp_path / "unused.pt", "--progress", str(progress),
+                  "--step-sleep", "0.05", env=env)  # fmt: skip
+    registration = state_dir / "targets" / f"{first.pid}.json"
+    wait_for(registration.exists, timeout=60, what="the registration")
+    assert json.loads(registration.read_text())["signal"] == "SIGUSR1"
+    wait_for(lambda: steps_done(progress) >= 3, timeout=60, what="a few steps")
+    deadline = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+    notice = {"version": 1, "id": f"spot-interruption/{deadline}", "kind": "spot-interruption",
+              "action": "terminate", "deadline": deadline, "noticed_at": deadline,
+              "source": "imds"}  # fmt: skip
+    (state_dir / "notice.json").write_text(json.dumps(notice))
+    assert first.wait(60) == 75
+    assert not registration.exists()
+    exit_record = json.loads((state_dir / "exits" / f"{first.pid}.json").read_text())
+    assert exit_record["exit_code"] == 75
+    stopped_at = CheckpointStore(store).latest().step
+    assert 3 <= stopped_at < 36
+
+    (state_dir / "notice.json").unlink()  # the replacement instance has no notice
+    out = tmp_path / "final.pt"
+    assert train(store, out, env=env).wait(120) == 0
+    assert_same_weights(out, reference)
