@@ -37,7 +37,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.start_batch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning (and by the loader) at the start of each epoch."""
+        """Move to ``epoch`` (the loader does this itself at the start of each epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -86,16 +86,19 @@ class ResumableDataLoader(DataLoader[Any]):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator of batches
         sampler = self._resumable
-        # A plain loop just calls iter() again for the next epoch; Lightning calls the batch
-        # sampler's set_epoch() first. Either way, a new epoch starts at batch 0.
+        # After a finished epoch, iter() starts the next one, at batch 0.
         if self._epoch_done and sampler.epoch == self._epoch:
             sampler.set_epoch(sampler.epoch + 1)
         if sampler.epoch != self._epoch:
             self._epoch, self._consumed = sampler.epoch, 0
         self._epoch_done = False
         sampler.start_batch = self._consumed
+        total = len(sampler)
         for batch in super().__iter__():
             self._consumed += 1
+            # Done with the last batch, not at StopIteration: Lightning stops pulling after
+            # len(loader) batches and never exhausts the iterator.
+            self._epoch_done = self._consumed >= total
             yield batch
         self._epoch_done = True
 

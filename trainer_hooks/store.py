@@ -245,6 +245,9 @@ class CheckpointStore:
         if not files:
             raise ValueError("a checkpoint needs at least one file")
         directory = step_dir(step)
+        # Saving a step again: un-commit it first, so that no reader ever pairs the old
+        # manifest with a new payload.
+        self._backend.delete([f"{directory}/{MANIFEST_NAME}"])
         entries: dict[str, FileEntry] = {}
         with self._backend.spool() as spool:
             for index, (name, payload) in enumerate(files.items()):

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -100,9 +101,12 @@ class GuardCore:
     """One per process. Front ends call :meth:`install`, :meth:`at_step_boundary` and
     :meth:`close`; the state itself is theirs (``state_fn`` builds the tree to save)."""
 
-    def __init__(self, settings: GuardSettings, *, rank: int = 0) -> None:
+    def __init__(
+        self, settings: GuardSettings, *, rank: int = 0, file_name: str = "state.pt"
+    ) -> None:
         self.settings = settings
         self.rank = rank
+        self.file_name = file_name
         self.store = CheckpointStore(settings.uri, transfer=settings.transfer)
         self.state_dir = settings.state_dir or state_dir_from_env()
         self._stop_reason: str | None = None
@@ -139,10 +143,15 @@ class GuardCore:
                 Registration(os.getpid(), self._create_time, signal_name, self.rank),
             )
             self._registered = True
+        self._closing.clear()
         self._watcher = threading.Thread(
             target=self._watch_notice, name="spotguard-notice", daemon=True
         )
         self._watcher.start()
+        # Our threads must be gone before the interpreter finalizes: a daemon thread that
+        # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
+        # evaluator aborts the process ("terminate called without an active exception").
+        atexit.register(self._stop_threads)
 
     def reinstall_signal_handlers(self) -> None:
         """Take the signals back from a framework that replaced our handlers."""
@@ -150,8 +159,17 @@ class GuardCore:
             for name in self.settings.signals:
                 signal.signal(signal.Signals[name], self._on_signal)
 
-    def close(self, exit_code: int | None = None) -> None:
+    def _stop_threads(self) -> None:
         self._closing.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+        if self._worker is not None:
+            self._worker.join()
+
+    def close(self, exit_code: int | None = None) -> None:
+        self._stop_threads()
+        atexit.unregister(self._stop_threads)
         for signum, handler in self._previous_handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
@@ -218,9 +236,6 @@ class GuardCore:
 
     # -- saving ---------------------------------------------------------------------------
 
-    def _file_name(self) -> str:
-        return "state.pt"
-
     def periodic_due(self, step: int) -> bool:
         if step <= self._last_save_step:
             return False
@@ -273,10 +288,12 @@ class GuardCore:
     def _save_now(
         self, step: int, epoch: int, tree: Any, kind: str, *, prune: bool = True
     ) -> Manifest:
+        if self.last_committed is not None and self.last_committed.step == step:
+            return self.last_committed  # e.g. a final save right after a periodic one
         started = time.monotonic()
         manifest = self.store.save(
             step,
-            {self._file_name(): lambda handle: torch.save(tree, handle)},
+            {self.file_name: lambda handle: torch.save(tree, handle)},
             epoch=epoch,
             kind=kind,
         )
