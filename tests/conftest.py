@@ -67,3 +67,14 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def faulty_s3(s3: str, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+    """The bucket of ``s3``, reached through a proxy that can fail on command."""
+    from tests.faulty_proxy import FaultyProxy
+
+    proxy = FaultyProxy(moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield s3, proxy
+    proxy.close()

@@ -33,12 +33,16 @@ class TransferSettings:
 
     part_size: int = 64 * MiB
     threads: int = 16
+    #: Attempts per request (botocore "standard" retries: 5xx, throttling, dropped connections).
+    max_attempts: int = 8
 
     def __post_init__(self) -> None:
         if self.part_size < 5 * MiB:
             raise StoreError(f"part_size must be >= 5 MiB (S3's minimum), got {self.part_size}")
         if not 1 <= self.threads <= 128:
             raise StoreError(f"threads must be 1..128, got {self.threads}")
+        if not 1 <= self.max_attempts <= 20:
+            raise StoreError(f"max_attempts must be 1..20, got {self.max_attempts}")
 
 
 class Backend(Protocol):
@@ -152,7 +156,7 @@ class S3Backend:
         self.client = client or boto3.session.Session().client(
             "s3",
             config=Config(
-                retries={"mode": "standard", "max_attempts": 8},
+                retries={"mode": "standard", "max_attempts": settings.max_attempts},
                 max_pool_connections=settings.threads + 4,
                 tcp_keepalive=True,
             ),
