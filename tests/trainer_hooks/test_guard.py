@@ -1,0 +1,119 @@
+"""SpotGuard's decisions, in-process with real signals: rebalance, deadlines, repeated signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import torch
+
+from spotguard.agent.protocol import Notice, write_notice
+from spotguard.trainer_hooks import CheckpointStore, Preempted, SpotGuard
+
+
+def notice(kind: str, deadline_in: float | None) -> Notice:
+    now = datetime.now(timezone.utc)
+    deadline = now + timedelta(seconds=deadline_in) if deadline_in is not None else None
+    return Notice(kind, "terminate", deadline, now, key=f"k{time.time()}")
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    path = tmp_path / "run"
+    (path / "targets").mkdir(parents=True)
+    return path
+
+
+def model_state(size: int = 16) -> dict:
+    return {"model": torch.nn.Linear(size, size), "epoch_counter": 0}
+
+
+def test_rebalance_triggers_an_early_save_and_training_goes_on(tmp_path, state_dir):
+    uri = str(tmp_path / "store")
+    state = model_state()
+    with SpotGuard(uri, every_n_steps=1000, state_dir=state_dir) as guard:
+        guard.restore(state)
+        guard.step(1, state)
+        assert CheckpointStore(uri).latest() is None
+        write_notice(state_dir, notice("rebalance-recommendation", None))
+        time.sleep(0.8)  # the notice watcher looks twice a second
+        guard.step(2, state)  # not a multiple of 1000: saved because of the rebalance
+        guard._core.wait()
+        assert CheckpointStore(uri).latest().step == 2
+        guard.step(3, state)  # still training, no Preempted
+        assert not guard.stop_requested
+
+
+def test_emergency_that_cannot_fit_keeps_the_last_checkpoint_and_says_so(
+    tmp_path, state_dir, caplog
+):
+    uri = str(tmp_path / "store")
+    state = model_state()
+    guard = SpotGuard(uri, every_n_steps=5, state_dir=state_dir, safety_margin=0)
+    guard.restore(state)
+    guard.step(5, state)
+    guard._core.wait()  # a measured save: the guard now knows its throughput
+    write_notice(state_dir, notice("spot-interruption", deadline_in=-1))  # already too late
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(Preempted) as caught:
+        guard.step(7, state)
+    assert caught.value.code == 75
+    assert caught.value.saved is False
+    assert CheckpointStore(uri).latest().step == 5
+    assert "keeping the last verified checkpoint (step 5)" in caplog.text
+    exit_record = json.loads((state_dir / "exits" / f"{os.getpid()}.json").read_text())
+    assert exit_record["exit_code"] == 75
+
+
+def test_signals_during_the_emergency_save_do_not_corrupt_it(tmp_path, state_dir):
+    uri = str(tmp_path / "store")
+    state = {"model": torch.nn.Linear(1024, 1024)}  # 4 MiB: the save takes a moment
+    # What the guard restores when it leaves: signals that arrive after that must not kill
+    # the test process.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    guard = SpotGuard(uri, state_dir=state_dir)
+    guard.restore(state)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    pelting = threading.Event()
+
+    def pelt() -> None:
+        while not pelting.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=pelt)
+    thread.start()
+    try:
+        with pytest.raises(Preempted) as caught:
+            guard.step(3, state)
+    finally:
+        pelting.set()
+        thread.join()
+    assert caught.value.saved is True
+    store = CheckpointStore(uri)
+    assert [r.ok for r in store.verify()] == [True]
+    assert store.latest().kind == "emergency"
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_registration_lives_exactly_as_long_as_the_guard(tmp_path, state_dir):
+    registration = state_dir / "targets" / f"{os.getpid()}.json"
+    guard = SpotGuard(str(tmp_path / "store"), state_dir=state_dir)
+    guard.restore({})
+    assert json.loads(registration.read_text())["pid"] == os.getpid()
+    guard.close()
+    assert not registration.exists()
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_settings_are_validated():
+    for bad in ({"every_n_steps": 0}, {"exit_code": 0}, {"signals": ("SIGKILL",)},
+                {"keep_last": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SpotGuard("/tmp/unused-store", **bad)
