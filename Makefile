@@ -38,6 +38,7 @@ drill: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/agent_latency.py
+	$(BIN)/python bench/checkpoint_io.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""Checkpoint benchmark: training stall, emergency save, restore, for 256 MiB and 1 GiB states.
+
+Everything goes to one moto S3 server over HTTP (started here), so every contender faces the
+same server. Figures, per state size:
+
+* stall per periodic checkpoint: what the training loop waits for.
+  - spotguard: ``SpotGuard.step`` at a save step (copy into reused CPU buffers; the upload
+    runs in the background), measured at steady state (second save);
+  - baseline: synchronous ``torch.save`` to a buffer + boto3 ``upload_fileobj`` (what a
+    training loop without spotguard does);
+  - the bare tensor copy (``torch.Tensor.copy_`` into preallocated buffers): the floor.
+  Goal: stall <= 1.5 x copy and >= 10 x less than the synchronous save.
+* emergency save (wall time and client CPU-seconds per GiB): spotguard's foreground save
+  vs ``torch.save`` to a buffer + ``upload_fileobj`` with boto3 defaults.
+* restore: ``CheckpointStore.load_state`` (verified while downloading) vs boto3
+  ``download_fileobj`` with defaults + ``torch.load``.
+
+Lightning's ModelCheckpoint + AsyncCheckpointIO is not measured here: it writes to a local
+path (an ``s3://`` dirpath needs s3fs, which downgrades boto3); see bench/README.md.
+
+Usage: python bench/checkpoint_io.py [--sizes 256 1024] (MiB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+import boto3
+import torch
+
+from spotguard.trainer_hooks import CheckpointStore, SpotGuard
+
+MiB = 2**20
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(work: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) for ``work``."""
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    work()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def make_state(size_mib: int) -> dict[str, torch.Tensor]:
+    tensors = max(1, size_mib // 64)
+    per = size_mib * MiB // 4 // tensors
+    return {f"layer{i}.weight": torch.randn(per) for i in range(tensors)}
+
+
+def bench_size(size_mib: int, bucket: str) -> dict[str, float]:
+    state = make_state(size_mib)
+    gib = size_mib / 1024
+    client = boto3.client("s3")
+    results: dict[str, float] = {}
+
+    buffers = {name: torch.empty_like(t) for name, t in state.items()}
+    for name, tensor in state.items():  # first touch: page faults are not the copy's cost
+        buffers[name].copy_(tensor)
+    results["copy"], _ = timed(lambda: [buffers[n].copy_(t) for n, t in state.items()])
+
+    def sync_save() -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        client.upload_fileobj(buffer, bucket, f"baseline/{size_mib}/state.pt")
+
+    results["sync_stall"], results["sync_cpu"] = timed(sync_save)
+
+    prefix = f"s3://{bucket}/guard-{size_mib}"
+    guard = SpotGuard(prefix, every_n_steps=1, keep_last=2, state_dir="/nonexistent")
+    holder = {"model": state}
+    guard.restore(holder)
+    guard.step(1, holder)  # first save allocates the buffers
+    guard._core.wait()
+    results["guard_stall"], _ = timed(lambda: guard.step(2, holder))
+    guard._core.wait()
+    guard.close()
+
+    store = CheckpointStore(prefix)
+    results["emergency_wall"], results["emergency_cpu"] = timed(
+        lambda: store.save(3, {"state.pt": lambda handle: torch.save(state, handle)})
+    )
+    results["restore_wall"], results["restore_cpu"] = timed(lambda: store.load_state(step=3))
+
+    def baseline_restore() -> None:
+        buffer = io.BytesIO()
+        client.download_fileobj(bucket, f"baseline/{size_mib}/state.pt", buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+
+    results["baseline_restore_wall"], results["baseline_restore_cpu"] = timed(baseline_restore)
+    for key in ("sync_cpu", "emergency_cpu", "restore_cpu", "baseline_restore_cpu"):
+        results[key] /= gib
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    args = parser.parse_args()
+    moto, url = start_moto()
+    os.environ.update(
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    try:
+        for size in args.sizes:
+            r = bench_size(size, bucket)
+            print(f"\nstate {size} MiB (moto S3 over HTTP)")
+            print(f"  stall: copy {r['copy']:.3f} s | spotguard {r['guard_stall']:.3f} s "
+                      f"({r['guard_stall'] / r['copy']:.2f} x copy) | sync torch.save+upload "
+                      f"{r['sync_stall']:.3f} s ({r['sync_stall'] / r['guard_stall']:.0f} x "
+                      "spotguard)")  # fmt: skip
+            print(f"  emergency save: spotguard {r['emergency_wall']:.2f} s, "
+                      f"{r['emergency_cpu']:.2f} CPU-s/GiB | baseline {r['sync_stall']:.2f} s, "
+                      f"{r['sync_cpu']:.2f} CPU-s/GiB | speed-up "
+                      f"{r['sync_stall'] / r['emergency_wall']:.2f} x")  # fmt: skip
+            print(f"  restore: spotguard (verified) {r['restore_wall']:.2f} s, "
+                      f"{r['restore_cpu']:.2f} CPU-s/GiB | baseline "
+                      f"{r['baseline_restore_wall']:.2f} s, {r['baseline_restore_cpu']:.2f} "
+                      f"CPU-s/GiB | speed-up "
+                      f"{r['baseline_restore_wall'] / r['restore_wall']:.2f} x")  # fmt: skip
+    finally:
+        moto.terminate()
+        moto.wait(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
