@@ -9,6 +9,11 @@ exactly those (by index, without loading them).
 It has ``state_dict``/``load_state_dict``, so Lightning saves and restores it with the fit
 loop, and the plain-PyTorch :class:`~spotguard.trainer_hooks.SpotGuard` does the same when it
 is part of the guarded state. torchdata's ``StatefulDataLoader`` works too, where installed.
+
+Under ``torch.distributed`` it shards itself the way ``DistributedSampler`` does (each rank
+every world-size-th sample of the epoch's order). With Lightning's DDP, pass
+``Trainer(use_distributed_sampler=False)``: Lightning would otherwise try to rebuild the
+loader around a ``DistributedSampler`` of its own.
 """
 
 from __future__ import annotations
@@ -40,10 +45,23 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """Move to ``epoch`` (the loader does this itself at the start of each epoch)."""
         self.epoch = epoch
 
+    @staticmethod
+    def _replicas() -> tuple[int, int]:
+        """(rank, world size) of a running torch.distributed job, else (0, 1)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _shard_length(self) -> int:
+        _, world = self._replicas()
+        return -(-self.length // world)  # every rank gets as many samples (padded by wrapping)
+
     def __len__(self) -> int:
         if self.drop_last:
-            return self.length // self.batch_size
-        return (self.length + self.batch_size - 1) // self.batch_size
+            return self._shard_length() // self.batch_size
+        return -(-self._shard_length() // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
@@ -51,6 +69,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
+        rank, world = self._replicas()
+        if world > 1:  # like DistributedSampler: pad by wrapping, then every world-th index
+            order = (order * world)[: self._shard_length() * world][rank::world]
         start, self.start_batch = self.start_batch, 0
         for batch in range(start, len(self)):
             yield order[batch * self.batch_size : (batch + 1) * self.batch_size]

@@ -57,13 +57,6 @@ class SpotGuard:
         safety_margin: float = 5.0,
         transfer: TransferSettings | None = None,
     ) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "SpotGuard does not coordinate several ranks yet; use the Lightning callback "
-                "or run one process per store"
-            )
         settings = GuardSettings(
             uri=uri,
             every_n_steps=every_n_steps,
@@ -94,9 +87,10 @@ class SpotGuard:
         if not self._installed:
             self._core.install()
             self._installed = True
-        if self._core.store.latest() is None:
+        core = self._core
+        if core.store.latest() is None:
             return 0
-        manifest, saved = self._core.store.load_state()
+        manifest, saved = core.store.load_state()
         for name, value in saved["state"].items():
             target = state.get(name)
             if target is not None and hasattr(target, "load_state_dict"):
@@ -104,18 +98,24 @@ class SpotGuard:
             else:
                 state[name] = value
         meta = saved[META_KEY]
+        if core.ranks.rank != 0:
+            # The state is replicated (rank 0's); the random streams are each rank's own.
+            meta = core.store.load_state(step=manifest.step, name=core.my_file)[1][META_KEY]
         self.epoch = int(meta["epoch"])
-        self._core.last_committed = manifest
+        core.last_committed_step = manifest.step
         rng.restore(meta["rng"])  # last: nothing above may draw random numbers after it
         return int(meta["step"])
 
     def _tree(self, step: int, state: MutableMapping[str, Any]) -> dict[str, Any]:
+        meta = {"step": step, "epoch": self.epoch, "rng": rng.capture()}
+        if self._core.ranks.rank != 0:
+            return {META_KEY: meta}  # replicated state is saved once, by rank 0
         return {
             "state": {
                 name: value.state_dict() if hasattr(value, "state_dict") else value
                 for name, value in state.items()
             },
-            META_KEY: {"step": step, "epoch": self.epoch, "rng": rng.capture()},
+            META_KEY: meta,
         }
 
     def step(self, step: int, state: MutableMapping[str, Any], *, epoch: int | None = None) -> None:
@@ -125,11 +125,7 @@ class SpotGuard:
             self._installed = True
         if epoch is not None:
             self.epoch = epoch
-        core = self._core
-        if core.stop_requested:
-            core.emergency(step, self.epoch, lambda: self._tree(step, state))
-        if core.periodic_due(step):
-            core.save_async(step, self.epoch, self._tree(step, state))
+        self._core.at_step_boundary(step, self.epoch, lambda: self._tree(step, state))
 
     def finish(self, step: int, state: MutableMapping[str, Any]) -> None:
         """Save the final checkpoint, wait for every upload, raise any background failure."""

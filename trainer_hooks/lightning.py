@@ -92,6 +92,7 @@ class _SpotCheckpoint:
         )
         self._core: GuardCore | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._rank_rng: dict[str, Any] | None = None
         #: The step the run resumed from (None on a fresh start).
         self.resumed_from: int | None = None
 
@@ -112,7 +113,7 @@ class _SpotCheckpoint:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        core = GuardCore(self.settings, rank=trainer.global_rank, file_name=CHECKPOINT_FILE)
+        core = GuardCore(self.settings, file_name=CHECKPOINT_FILE)
         self._core = core
         core.install()
         if core.store.latest() is None:
@@ -120,15 +121,19 @@ class _SpotCheckpoint:
         manifest, checkpoint = core.store.load_state(name=CHECKPOINT_FILE)
         # Lightning restores from this pre-loaded dict when fit() was given no ckpt_path.
         trainer._checkpoint_connector._loaded_checkpoint = checkpoint
-        core.last_committed = manifest
+        if core.ranks.rank != 0:
+            # Rank 0's checkpoint carries rank 0's random streams; this rank's are its own.
+            self._rank_rng = core.store.load_state(step=manifest.step, name=core.my_file)[1]["rng"]
+        core.last_committed_step = manifest.step
         self.resumed_from = manifest.step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._core is not None:
             self._core.reinstall_signal_handlers()
-        if self._pending_rng is not None:
-            rng.restore(self._pending_rng)
-            self._pending_rng = None
+        pending = self._rank_rng or self._pending_rng
+        if pending is not None:
+            rng.restore(pending)
+        self._rank_rng = self._pending_rng = None
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -136,20 +141,20 @@ class _SpotCheckpoint:
         core = self._core
         if core is None:
             return
-        step, epoch = trainer.global_step, trainer.current_epoch
-        stop = trainer.strategy.reduce_boolean_decision(core.stop_requested, all=False)
-        if stop:
-            core.request_stop("another rank was notified")
-            core.emergency(step, epoch, trainer._checkpoint_connector.dump_checkpoint)
-        if core.periodic_due(step):
-            core.save_async(step, epoch, trainer._checkpoint_connector.dump_checkpoint())
+        core.at_step_boundary(trainer.global_step, trainer.current_epoch, self._tree_fn(trainer))
+
+    def _tree_fn(self, trainer: Any) -> Any:
+        """What this rank saves: Lightning's whole checkpoint on rank 0, its RNG elsewhere."""
+        if trainer.global_rank == 0:
+            return trainer._checkpoint_connector.dump_checkpoint
+        return lambda: {"rng": rng.capture()}
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         core = self._core
         if core is None:
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint()
-        core.save_sync(trainer.global_step, trainer.current_epoch, checkpoint, "final")
+        tree = self._tree_fn(trainer)()
+        core.save_sync(trainer.global_step, trainer.current_epoch, tree, "final")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._core is not None and not isinstance(exception, Preempted):

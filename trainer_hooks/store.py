@@ -244,37 +244,55 @@ class CheckpointStore:
         """Write and commit one checkpoint; it is visible only once this returns."""
         if not files:
             raise ValueError("a checkpoint needs at least one file")
-        directory = step_dir(step)
         # Saving a step again: un-commit it first, so that no reader ever pairs the old
         # manifest with a new payload.
-        self._backend.delete([f"{directory}/{MANIFEST_NAME}"])
-        entries: dict[str, FileEntry] = {}
+        self._backend.delete([f"{step_dir(step)}/{MANIFEST_NAME}"])
+        entries = {name: self.put(step, name, payload) for name, payload in files.items()}
+        return self.commit(step, entries, epoch=epoch, kind=kind, extra=extra)
+
+    def put(self, step: int, name: str, payload: Payload) -> FileEntry:
+        """Write one payload file of a checkpoint that is not committed yet.
+
+        Several processes (ranks) may each put their own files; one of them then commits.
+        """
+        check_name(name)
         with self._backend.spool() as spool:
-            for index, (name, payload) in enumerate(files.items()):
-                check_name(name)
-                path = spool / f"{index}.part"
-                with open(path, "wb") as handle:
-                    writer = HashingWriter(handle)
-                    if isinstance(payload, (bytes, bytearray, memoryview)):
-                        writer.write(payload)
-                    else:
-                        # Buffered: torch.save issues many small writes.
-                        buffered = io.BufferedWriter(writer, buffer_size=8 * 2**20)
-                        payload(buffered)
-                        buffered.flush()
-                        buffered.detach()
-                entries[name] = FileEntry(writer.size, writer.hexdigest())
-                self._backend.upload(f"{directory}/{name}", path)
+            path = spool / "payload.part"
+            with open(path, "wb") as handle:
+                writer = HashingWriter(handle)
+                if isinstance(payload, (bytes, bytearray, memoryview)):
+                    writer.write(payload)
+                else:
+                    # Buffered: torch.save issues many small writes.
+                    buffered = io.BufferedWriter(writer, buffer_size=8 * 2**20)
+                    payload(buffered)
+                    buffered.flush()
+                    buffered.detach()
+            self._backend.upload(f"{step_dir(step)}/{name}", path)
+        return FileEntry(writer.size, writer.hexdigest())
+
+    def commit(
+        self,
+        step: int,
+        files: Mapping[str, FileEntry],
+        *,
+        epoch: int = 0,
+        kind: str = "periodic",
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Write the manifest of files already put: from now on the checkpoint exists."""
+        if not files:
+            raise ValueError("a checkpoint needs at least one file")
         now = datetime.now(timezone.utc)
         manifest = Manifest(
             step=step,
             epoch=epoch,
             kind=kind,
             created_at=now.replace(microsecond=now.microsecond // 1000 * 1000),  # as stored
-            files=entries,
+            files=dict(files),
             extra=extra or {},
         )
-        self._backend.write_small(f"{directory}/{MANIFEST_NAME}", manifest.to_bytes())
+        self._backend.write_small(f"{step_dir(step)}/{MANIFEST_NAME}", manifest.to_bytes())
         return manifest
 
     def prune(self, keep_last: int) -> builtins.list[int]:

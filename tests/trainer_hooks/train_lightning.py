@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--pause-at", type=int)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=1, help="> 1: DDP on gloo")
+    parser.add_argument("--go-file", type=Path, help="with --pause-at: wait for this file")
     args = parser.parse_args()
     pl = importlib.import_module(args.package)
 
@@ -59,23 +62,35 @@ def main() -> None:
 
     class Progress(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if args.progress:
+            if args.progress and trainer.global_rank == 0:
                 with args.progress.open("a") as handle:
                     handle.write(f"{trainer.global_step}\n")
             if trainer.global_step == args.pause_at:
                 paused = time.monotonic()
-                while not spot._core.stop_requested and time.monotonic() - paused < 10:
-                    time.sleep(0.01)
+                if args.go_file:  # every rank waits; the test signals one of them, then says go
+                    while not args.go_file.exists() and time.monotonic() - paused < 30:
+                        time.sleep(0.01)
+                    time.sleep(0.2)  # by now the signalled rank has handled its signal
+                else:
+                    while not spot._core.stop_requested and time.monotonic() - paused < 10:
+                        time.sleep(0.01)
 
     pl.seed_everything(7, workers=True)
+    distributed = {}
+    if args.devices > 1:
+        strategy = pl.strategies.DDPStrategy(
+            process_group_backend="gloo", timeout=timedelta(seconds=60)
+        )
+        distributed = {"strategy": strategy, "use_distributed_sampler": False}
     trainer = pl.Trainer(
-        max_epochs=3, accelerator="cpu", devices=1, logger=False, deterministic=True,
+        max_epochs=3, accelerator="cpu", devices=args.devices, logger=False, deterministic=True,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root,
-        callbacks=[Progress(), spot],
+        callbacks=[Progress(), spot], **distributed,
     )  # fmt: skip
     model = Model()
     trainer.fit(model)
-    torch.save(model.state_dict(), args.out)
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), args.out)
 
 
 if __name__ == "__main__":

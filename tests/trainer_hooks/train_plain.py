@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy
@@ -42,9 +43,18 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--pause-at", type=int, help="after this step, wait up to 10 s")
+    parser.add_argument("--go-file", type=Path, help="with --pause-at: wait for this file")
+    parser.add_argument("--ddp", action="store_true", help="RANK/WORLD_SIZE from the env, gloo")
     args = parser.parse_args()
 
     model, optimizer, scheduler, loader = build(args.seed)
+    rank = 0
+    if args.ddp:
+        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
+        rank = torch.distributed.get_rank()
+        model = nn.parallel.DistributedDataParallel(model)
+        # Every rank its own random streams (dropout, noise), as in real multi-rank training.
+        torch.manual_seed(args.seed + rank)
     random.seed(args.seed)
     numpy.random.seed(args.seed)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": loader}
@@ -63,18 +73,26 @@ def main() -> None:
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                if args.progress:
+                if args.progress and rank == 0:
                     with args.progress.open("a") as handle:
                         handle.write(f"{step}\n")
                 time.sleep(args.step_sleep)
                 if step == args.pause_at:
                     # The test signals us now: the stop lands exactly at this step boundary.
                     paused = time.monotonic()
-                    while not guard.stop_requested and time.monotonic() - paused < 10:
-                        time.sleep(0.01)
+                    if args.go_file:  # every rank waits; the test signals one, then says go
+                        while not args.go_file.exists() and time.monotonic() - paused < 30:
+                            time.sleep(0.01)
+                        time.sleep(0.2)  # by now the signalled rank has handled its signal
+                    else:
+                        while not guard.stop_requested and time.monotonic() - paused < 10:
+                            time.sleep(0.01)
                 guard.step(step, state, epoch=step // steps_per_epoch)
         guard.finish(step, state)
-    torch.save(model.state_dict(), args.out)
+    if rank == 0:
+        torch.save(model.state_dict(), args.out)
+    if args.ddp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

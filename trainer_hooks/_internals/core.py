@@ -12,6 +12,11 @@
 * **Emergencies** honour the deadline: wait for an in-flight save while that leaves time,
   estimate from measured throughput whether the emergency save fits, save (or keep the last
   verified checkpoint and say so), then leave with exit code 75.
+* **Several ranks** (``torch.distributed``): one small all-reduce per step boundary decides,
+  for all ranks at once, whether to stop, to save, and whether an upload is still running or
+  failed; any rank notified means every rank stops after the same step. Each rank puts its own
+  file (rank 0 the whole, replicated state; the others their RNG streams) and, once every rank
+  is done, rank 0 commits the manifest with the entries gathered from all.
 * **Registration** with the agent: ``<state_dir>/targets/<pid>.json`` while running, an exit
   record when leaving.
 """
@@ -44,7 +49,7 @@ from spotguard.agent.protocol import (
     unregister,
     write_exit_record,
 )
-from spotguard.trainer_hooks._internals.manifest import Manifest
+from spotguard.trainer_hooks._internals.manifest import FileEntry
 from spotguard.trainer_hooks._internals.snapshot import Snapshotter, tree_nbytes
 from spotguard.trainer_hooks.errors import UploadFailed
 from spotguard.trainer_hooks.store import CheckpointStore, TransferSettings
@@ -97,15 +102,48 @@ class GuardSettings:
                 raise ValueError(f"{name} must be >= 0")
 
 
+class Ranks:
+    """The ranks of a ``torch.distributed`` job, or a single process: the same small API.
+
+    Collectives run in the training thread only, at step boundaries: never in a signal
+    handler and never in the upload thread (they would interleave with DDP's own).
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        nccl = self.active and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over all ranks."""
+        if not self.active:
+            return flags
+        import torch.distributed as dist
+
+        tensor = torch.tensor([int(flag) for flag in flags], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tuple(bool(value) for value in tensor.tolist())
+
+    def gather(self, item: Any) -> list[Any]:
+        if not self.active:
+            return [item]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, item)
+        return gathered
+
+
 class GuardCore:
     """One per process. Front ends call :meth:`install`, :meth:`at_step_boundary` and
     :meth:`close`; the state itself is theirs (``state_fn`` builds the tree to save)."""
 
-    def __init__(
-        self, settings: GuardSettings, *, rank: int = 0, file_name: str = "state.pt"
-    ) -> None:
+    def __init__(self, settings: GuardSettings, *, file_name: str = "state.pt") -> None:
         self.settings = settings
-        self.rank = rank
         self.file_name = file_name
         self.store = CheckpointStore(settings.uri, transfer=settings.transfer)
         self.state_dir = settings.state_dir or state_dir_from_env()
@@ -125,7 +163,10 @@ class GuardCore:
         self._throughput: float | None = None  # bytes per second, serialize + upload
         self._last_save_step = -1
         self._last_save_time = time.monotonic()
-        self.last_committed: Manifest | None = None
+        #: A save whose file this rank has put but that is not committed yet.
+        self._pending: tuple[int, int, str, FileEntry] | None = None
+        self.last_committed_step: int | None = None
+        self.ranks = Ranks()
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -140,7 +181,7 @@ class GuardCore:
             signal_name = self.settings.signals[0] if self.settings.signals else "SIGUSR1"
             register(
                 self.state_dir,
-                Registration(os.getpid(), self._create_time, signal_name, self.rank),
+                Registration(os.getpid(), self._create_time, signal_name, self.ranks.rank),
             )
             self._registered = True
         self._closing.clear()
@@ -236,7 +277,12 @@ class GuardCore:
 
     # -- saving ---------------------------------------------------------------------------
 
-    def periodic_due(self, step: int) -> bool:
+    @property
+    def my_file(self) -> str:
+        """Rank 0 writes the whole state; every other rank only what is its own (RNG)."""
+        return self.file_name if self.ranks.rank == 0 else f"rank-{self.ranks.rank}.pt"
+
+    def _periodic_due(self, step: int) -> bool:
         if step <= self._last_save_step:
             return False
         if self._early_save:
@@ -258,101 +304,142 @@ class GuardCore:
             failure, self._failure = self._failure, None
             raise UploadFailed(f"a background checkpoint save failed: {failure}") from failure
 
-    def save_async(self, step: int, epoch: int, tree: Any, kind: str = "periodic") -> bool:
-        """Snapshot ``tree`` now and save it in the background; ``False`` if deferred."""
-        self.raise_if_failed()
-        if self.saving:
-            return False  # one in flight: try again at the next step boundary
+    def at_step_boundary(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> None:
+        """Everything that happens between two steps; the same call on every rank.
+
+        One small all-reduce agrees on whether any rank must stop, wants a save (time-based
+        and rebalance saves differ per node), is still uploading, or failed; with one rank
+        there is no collective at all.
+        """
+        stop, want_save, busy, failed = self.ranks.any(
+            self.stop_requested, self._periodic_due(step), self.saving, self._failure is not None
+        )
+        if failed:
+            self._pending = None
+            if self._failure is None:
+                self._failure = UploadFailed("a checkpoint save failed on another rank")
+            self.raise_if_failed()
+        if self._pending is not None and not busy:
+            self._commit_pending()
+        if stop:
+            self.request_stop("another rank was notified")
+            self.emergency(step, epoch, tree_fn)
+        if want_save and not busy:
+            self._save_async(step, epoch, tree_fn())
+
+    def _save_async(self, step: int, epoch: int, tree: Any) -> None:
         started = time.monotonic()
         snapshot = self._snapshots.copy(tree)
         log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
         self._last_save_step, self._last_save_time = step, started
         self._early_save = False
         self._worker = threading.Thread(
-            target=self._background_save,
-            args=(step, epoch, snapshot, kind),
-            name="spotguard-save",
+            target=self._background_put, args=(step, epoch, snapshot), name="spotguard-save",
             daemon=True,
-        )
+        )  # fmt: skip
         self._worker.start()
-        return True
 
-    def _background_save(self, step: int, epoch: int, snapshot: Any, kind: str) -> None:
+    def _background_put(self, step: int, epoch: int, snapshot: Any) -> None:
         try:
-            self._save_now(step, epoch, snapshot, kind)
-        except BaseException as exc:  # surfaced at the next save or at exit, never lost
+            entry = self._put(step, snapshot)
+        except BaseException as exc:  # surfaced at the next step boundary or at exit
             self.failed_saves += 1
             self._failure = exc
             log.error("checkpoint save at step %d failed: %s", step, exc)
+            return
+        self._pending = (step, epoch, "periodic", entry)
+        if not self.ranks.active:  # nobody to wait for: commit from here
+            self._commit_pending()
 
-    def _save_now(
-        self, step: int, epoch: int, tree: Any, kind: str, *, prune: bool = True
-    ) -> Manifest:
-        if self.last_committed is not None and self.last_committed.step == step:
-            return self.last_committed  # e.g. a final save right after a periodic one
+    def _put(self, step: int, tree: Any) -> FileEntry:
         started = time.monotonic()
-        manifest = self.store.save(
-            step,
-            {self.file_name: lambda handle: torch.save(tree, handle)},
-            epoch=epoch,
-            kind=kind,
-        )
-        elapsed = max(time.monotonic() - started, 1e-6)
-        size = sum(entry.size for entry in manifest.files.values())
-        rate = size / elapsed
+        entry = self.store.put(step, self.my_file, lambda handle: torch.save(tree, handle))
+        rate = entry.size / max(time.monotonic() - started, 1e-6)
         self._throughput = rate if self._throughput is None else 0.5 * (self._throughput + rate)
-        self.last_committed = manifest
-        log.info("checkpoint %s at step %d committed (%d bytes, %.2f s)", kind, step, size, elapsed)
-        if prune and self.settings.keep_last:
-            self.store.prune(self.settings.keep_last)
-        return manifest
+        return entry
+
+    def _commit_pending(self, *, prune: bool = True) -> None:
+        """Commit the save whose files every rank has put (collective with several ranks)."""
+        assert self._pending is not None
+        step, epoch, kind, entry = self._pending
+        self._pending = None
+        entries = self.ranks.gather((self.my_file, entry))
+        if self.ranks.rank == 0:  # rank 0 owns the manifest
+            files = dict(entries)
+            self.store.commit(step, files, epoch=epoch, kind=kind)
+            log.info("checkpoint %s at step %d committed (%d bytes)", kind, step,
+                     sum(e.size for e in files.values()))  # fmt: skip
+            if prune and self.settings.keep_last:
+                self.store.prune(self.settings.keep_last)
+        self.last_committed_step = step
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the save in flight; ``True`` when none is left running."""
+        """Wait for the upload in flight; ``True`` when none is left running."""
         if self._worker is not None:
             self._worker.join(timeout)
         return not self.saving
 
-    def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> Manifest:
-        """Save in the foreground (the final checkpoint), after the one in flight."""
+    def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> None:
+        """Save in the foreground on every rank (the final checkpoint)."""
         self.wait()
+        self.ranks.any(False)  # every rank finished its upload before anyone commits
+        if self._pending is not None:
+            self._commit_pending()
         self.raise_if_failed()
+        if self.last_committed_step == step:
+            return  # e.g. a final save right after a periodic one at the same step
         self._last_save_step = step
-        return self._save_now(step, epoch, tree, kind)
+        self._pending = (step, epoch, kind, self._put(step, tree))
+        self._commit_pending()
 
     # -- the emergency ----------------------------------------------------------------------
 
-    def emergency(self, step: int, epoch: int, state_fn: Callable[[], Any]) -> NoReturn:
-        """Save within the notice window if it fits, then raise :class:`Preempted`."""
+    def emergency(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> NoReturn:
+        """Save within the notice window if it fits, then raise :class:`Preempted`.
+
+        Called at the same step on every rank; every decision below is agreed on by all.
+        """
         left = self._deadline_seconds_left() - self.settings.safety_margin
-        reason = self._stop_reason or "request"
-        log.warning("stop requested (%s) at step %d; %.1f s left before the deadline", reason,
-                    step, left)  # fmt: skip
+        log.warning("stop requested (%s) at step %d; %.1f s left before the deadline",
+                    self._stop_reason or "request", step, left)  # fmt: skip
         started = time.monotonic()
         if self.saving and not self.wait(max(left / 2, 0.0)):
             log.warning("the periodic save in flight did not finish in time; saving anyway")
+        (busy,) = self.ranks.any(self.saving)
+        if self._pending is not None and not busy:
+            self._commit_pending(prune=False)  # a finished periodic save: keep it as fallback
         if self._failure is not None:
             log.error("an earlier background save had failed: %s", self._failure)
             self._failure = None
         left -= time.monotonic() - started
-        tree = state_fn()
-        estimate = tree_nbytes(tree) / self._throughput if self._throughput else None
-        saved = False
-        if self.last_committed is not None and self.last_committed.step == step:
+        saved = self.last_committed_step == step
+        if saved:
             log.warning("step %d is already checkpointed; nothing more to save", step)
-            saved = True
-        elif estimate is not None and estimate > left:
-            kept = self.last_committed.step if self.last_committed else None
-            log.error(
-                "emergency save would take ~%.1f s but only %.1f s are left: keeping the last "
-                "verified checkpoint (step %s)", estimate, left, kept,
-            )  # fmt: skip
         else:
-            try:
-                # Not pruning: a periodic save may still be uploading into its directory.
-                self._save_now(step, epoch, tree, "emergency", prune=False)
-                saved = True
-            except Exception as exc:
-                log.error("emergency save at step %d failed: %s", step, exc)
+            tree = tree_fn()
+            estimate = tree_nbytes(tree) / self._throughput if self._throughput else None
+            (too_slow,) = self.ranks.any(estimate is not None and estimate > left)
+            if too_slow:
+                log.error(
+                    "emergency save would take ~%.1f s but only %.1f s are left: keeping the "
+                    "last verified checkpoint (step %s)", estimate or 0.0, left,
+                    self.last_committed_step,
+                )  # fmt: skip
+            else:
+                saved = self._emergency_put_and_commit(step, epoch, tree)
         self.close(exit_code=self.settings.exit_code)
         raise Preempted(step, saved, self.settings.exit_code)
+
+    def _emergency_put_and_commit(self, step: int, epoch: int, tree: Any) -> bool:
+        try:
+            entry: FileEntry | None = self._put(step, tree)
+        except Exception as exc:
+            log.error("emergency save at step %d failed: %s", step, exc)
+            entry = None
+        (failed,) = self.ranks.any(entry is None)
+        if failed or entry is None:
+            return False
+        # Not pruning: a periodic save may still be uploading into its directory.
+        self._pending = (step, epoch, "emergency", entry)
+        self._commit_pending(prune=False)
+        return True

@@ -1,0 +1,66 @@
+"""Two DDP ranks on gloo, only rank 1 signalled: both stop at the same step, both take part in
+the save, both exit 75, nobody deadlocks, and the resumed run ends bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spotguard.trainer_hooks import CheckpointStore
+from tests.agent.support import wait_for
+from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
+
+SCRIPT = Path(__file__).with_name("train_lightning.py")
+
+
+def fit(folder: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--devices", "2", "--store", str(folder / "store"),
+         "--root", str(folder / "root"), "--out", str(out), *extra],
+        env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp-reference")
+    process = fit(folder, folder / "final.pt")
+    assert process.wait(300) == 0, process.stderr.read()[-3000:]
+    return folder / "final.pt"
+
+
+def test_only_rank_1_signalled_all_ranks_stop_save_and_exit_75(tmp_path, reference):
+    state_dir = tmp_path / "run-spotguard"
+    (state_dir / "targets").mkdir(parents=True)
+    progress, go = tmp_path / "progress", tmp_path / "go"
+    env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
+    rank0 = fit(tmp_path, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at",
+                "8", "--go-file", str(go), env=env)  # fmt: skip
+    wait_for(lambda: steps_done(progress) >= 8, timeout=180, what="step 8")
+    registrations = [json.loads(p.read_text()) for p in (state_dir / "targets").glob("*.json")]
+    assert sorted(r["rank"] for r in registrations) == [0, 1]
+    rank1_pid = next(r["pid"] for r in registrations if r["rank"] == 1)
+    assert rank1_pid != rank0.pid
+    os.kill(rank1_pid, signal.SIGUSR1)
+    go.touch()
+    assert rank0.wait(120) == 75, rank0.stderr.read()[-3000:]
+    exit_records = {
+        int(p.stem): json.loads(p.read_text())["exit_code"] for p in (state_dir / "exits").glob("*")
+    }
+    assert exit_records == {rank0.pid: 75, rank1_pid: 75}
+    latest = CheckpointStore(str(tmp_path / "store")).latest()
+    assert latest.step == 8
+    assert latest.kind == "emergency"
+    assert sorted(latest.files) == ["lightning.ckpt", "rank-1.pt"]
+
+    out = tmp_path / "final.pt"
+    resumed = fit(tmp_path, out, "--progress", str(progress), env=env)
+    assert resumed.wait(300) == 0, resumed.stderr.read()[-3000:]
+    assert_same_weights(out, reference)
