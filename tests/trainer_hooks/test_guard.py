@@ -112,6 +112,19 @@ def test_registration_lives_exactly_as_long_as_the_guard(tmp_path, state_dir):
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler)
 
 
+def test_time_based_saves(tmp_path):
+    uri = str(tmp_path / "store")
+    state = model_state()
+    with SpotGuard(uri, every_seconds=0.3, state_dir="/nonexistent") as guard:
+        guard.restore(state)
+        guard.step(1, state)
+        assert CheckpointStore(uri).latest() is None
+        time.sleep(0.35)
+        guard.step(2, state)
+        guard._core.wait()
+        assert CheckpointStore(uri).latest().step == 2
+
+
 def test_settings_are_validated():
     for bad in ({"every_n_steps": 0}, {"exit_code": 0}, {"signals": ("SIGKILL",)},
                 {"keep_last": 0}):  # fmt: skip

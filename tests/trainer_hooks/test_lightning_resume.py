@@ -51,6 +51,12 @@ def test_fit_interrupted_and_resumed_is_bit_exact(tmp_path, reference, stop_at, 
     latest = CheckpointStore(str(tmp_path / "store")).latest()
     assert latest.step == stop_at
     assert latest.kind == "emergency"
+    # Lightning's own ModelCheckpoint (on by default, keeps the last epoch-end file) kept its
+    # schedule: nothing extra was written because of the preemption. Stopping at the last
+    # batch of an epoch comes before that epoch's end-of-epoch save.
+    own = sorted(p.name for p in (tmp_path / "root" / "checkpoints").glob("*.ckpt"))
+    finished = (stop_at - 1) // 12
+    assert own == ([f"epoch={finished - 1}-step={12 * finished}.ckpt"] if finished else [])
 
     out = tmp_path / "final.pt"
     second = fit(package, tmp_path, out, "--progress", str(progress))  # same fit() call
