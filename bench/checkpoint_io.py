@@ -15,8 +15,10 @@ same server. Figures, per state size:
 * restore: ``CheckpointStore.load_state`` (verified while downloading) vs boto3
   ``download_fileobj`` with defaults + ``torch.load``.
 
-Lightning's ModelCheckpoint + AsyncCheckpointIO is not measured here: it writes to a local
-path (an ``s3://`` dirpath needs s3fs, which downgrades boto3); see bench/README.md.
+* Lightning, per checkpoint inside ``fit`` (time spent in the checkpointing callback's
+  ``on_train_batch_end``, median of steps 2-4), both writing to local disk (an ``s3://``
+  dirpath for ModelCheckpoint needs s3fs, which downgrades boto3): ``SpotCheckpoint`` vs
+  ``ModelCheckpoint(every_n_train_steps=1)`` with ``AsyncCheckpointIO`` vs the same without.
 
 Usage: python bench/checkpoint_io.py [--sizes 256 1024] (MiB)
 """
@@ -31,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -129,6 +132,62 @@ def bench_size(size_mib: int, bucket: str) -> dict[str, float]:
     return results
 
 
+def lightning_stalls(size_mib: int) -> dict[str, float]:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.plugins.io import AsyncCheckpointIO
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from spotguard.trainer_hooks.lightning import SpotCheckpoint
+
+    class Big(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(size_mib * MiB // 4))
+
+        def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+            return (self.weight[:8] * batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+            return DataLoader(TensorDataset(torch.ones(4, 8)), batch_size=1)
+
+    class Breather(pl.Callback):
+        """Time between steps, as real steps take: the previous save has finished."""
+
+        def on_train_batch_start(self, *args: object) -> None:
+            time.sleep(size_mib / 100)
+
+    def stall(checkpointer: pl.Callback, plugins: list[object]) -> float:
+        stalls: list[float] = []
+        hook = checkpointer.on_train_batch_end
+
+        def timed_hook(*args: object, **kwargs: object) -> None:
+            started = time.perf_counter()
+            hook(*args, **kwargs)  # type: ignore[arg-type]
+            stalls.append(time.perf_counter() - started)
+
+        checkpointer.on_train_batch_end = timed_hook  # type: ignore[method-assign]
+        with tempfile.TemporaryDirectory() as root:
+            trainer = pl.Trainer(
+                max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=root, plugins=plugins, callbacks=[Breather(), checkpointer],
+            )  # fmt: skip
+            trainer.fit(Big())
+        return statistics.mean(stalls[1:])  # steady state: the first save allocates
+
+    with tempfile.TemporaryDirectory() as store:
+        spot = stall(SpotCheckpoint(store, every_n_train_steps=1, keep_last=1), [])
+    model_checkpoint = {"every_n_train_steps": 1, "save_top_k": -1}
+    return {
+        "spot": spot,
+        "async": stall(ModelCheckpoint(**model_checkpoint), [AsyncCheckpointIO()]),
+        "sync": stall(ModelCheckpoint(**model_checkpoint), []),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
@@ -159,6 +218,11 @@ def main() -> None:
                       f"{r['baseline_restore_wall']:.2f} s, {r['baseline_restore_cpu']:.2f} "
                       f"CPU-s/GiB | speed-up "
                       f"{r['baseline_restore_wall'] / r['restore_wall']:.2f} x")  # fmt: skip
+            lightning = lightning_stalls(size)
+            print(f"  Lightning, per checkpoint (local disk): SpotCheckpoint "
+                  f"{lightning['spot']:.3f} s | ModelCheckpoint + AsyncCheckpointIO "
+                  f"{lightning['async']:.3f} s | ModelCheckpoint "
+                  f"{lightning['sync']:.3f} s")  # fmt: skip
     finally:
         moto.terminate()
         moto.wait(10)
