@@ -14,12 +14,11 @@ import os
 import subprocess
 import threading
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.util.retry import Retry
 
-from spotguard.agent.config import AgentConfig
+from spotguard.agent.config import AgentConfig, redact_url
 from spotguard.agent.protocol import Notice
 
 __all__ = ["NoticeActions", "notice_environment"]
@@ -37,11 +36,6 @@ def notice_environment(notice: Notice) -> dict[str, str]:
         f"SPOTGUARD_NOTICE_{key.upper()}": "" if value is None else str(value)
         for key, value in payload.items()
     }
-
-
-def redacted(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}/..."
 
 
 class NoticeActions:
@@ -122,7 +116,7 @@ class NoticeActions:
             allowed_methods=None,  # POST too: receivers dedupe on the notice id
             raise_on_status=False,
         )
-        target = redacted(self.config.webhook_url)
+        target = redact_url(self.config.webhook_url)
         fields = {"notice_id": notice.id}
         with urllib3.PoolManager(retries=retry) as pool:
             try:

@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config", "redact_url"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/spotguard/agent.toml")
 ENV_PREFIX = "SPOTGUARD_"
@@ -145,10 +145,10 @@ def _check_url(name: str, value: str, *, required: bool) -> None:
         return
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: must be an http(s) URL, got {_redact(value)!r}")
+        raise ConfigError(f"{name}: must be an http(s) URL, got {redact_url(value)!r}")
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Scheme and host only: webhook URLs often carry a secret in the path or query."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}/..." if parts.hostname else "<unparseable>"
@@ -201,7 +201,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             raise ValueError(f"expected a string, got {type(value).__name__}")
         return value
     except ValueError as exc:
-        shown = _redact(value) if name == "webhook_url" and isinstance(value, str) else value
+        shown = redact_url(value) if name == "webhook_url" and isinstance(value, str) else value
         raise ConfigError(f"{name} (from {origin}): {exc}, got {shown!r}") from None
 
 

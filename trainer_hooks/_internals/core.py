@@ -148,9 +148,7 @@ class GuardCore:
         self.store = CheckpointStore(settings.uri, transfer=settings.transfer)
         self.state_dir = settings.state_dir or state_dir_from_env()
         self._stop_reason: str | None = None
-        self._signals_received = 0
         self._early_save = False
-        self._deadline: float | None = None  # wall clock, from the notice
         self._previous_handlers: dict[int, Any] = {}
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
@@ -227,8 +225,8 @@ class GuardCore:
     # -- stop requests --------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Only flags: the save happens at the next step boundary, never in a handler.
-        self._signals_received += 1
+        # Only a flag: the save happens at the next step boundary, never in a handler, and a
+        # second signal during the save changes nothing.
         if self._stop_reason is None:
             self._stop_reason = signal.Signals(signum).name
 
