@@ -16,6 +16,9 @@ or to plain values (ints, tensors, dicts), which :meth:`restore` replaces in the
 states (Python, NumPy, torch, CUDA) are saved alongside and restored last, so the resumed run
 draws the same random numbers the uninterrupted one would have.
 
+Where no agent runs, ``imds_endpoint="http://169.254.169.254"`` makes the process poll IMDS
+itself (spot notice and rebalance recommendation, with the agent's IMDSv2 client).
+
 When the agent signals (or the notice file appears, or SIGTERM arrives), :meth:`step` saves an
 emergency checkpoint at that step boundary and raises
 :class:`~spotguard.trainer_hooks.Preempted`, a ``SystemExit`` with code 75: ``finally`` blocks
@@ -55,6 +58,7 @@ class SpotGuard:
         exit_code: int = 75,
         default_budget: float = 30.0,
         safety_margin: float = 5.0,
+        imds_endpoint: str | None = None,
         transfer: TransferSettings | None = None,
     ) -> None:
         settings = GuardSettings(
@@ -67,6 +71,7 @@ class SpotGuard:
             exit_code=exit_code,
             default_budget=default_budget,
             safety_margin=safety_margin,
+            imds_endpoint=imds_endpoint,
             transfer=transfer,
         )
         self._core = GuardCore(settings)

@@ -76,6 +76,7 @@ class _SpotCheckpoint:
         exit_code: int = 75,
         default_budget: float = 30.0,
         safety_margin: float = 5.0,
+        imds_endpoint: str | None = None,
         transfer: TransferSettings | None = None,
     ) -> None:
         self.settings = GuardSettings(
@@ -88,6 +89,7 @@ class _SpotCheckpoint:
             exit_code=exit_code,
             default_budget=default_budget,
             safety_margin=safety_margin,
+            imds_endpoint=imds_endpoint,
             transfer=transfer,
         )
         self._core: GuardCore | None = None

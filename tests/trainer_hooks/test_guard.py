@@ -130,3 +130,20 @@ def test_settings_are_validated():
                 {"keep_last": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             SpotGuard("/tmp/unused-store", **bad)
+
+
+def test_polls_imds_itself_when_no_agent_runs(tmp_path, sim):
+    uri = str(tmp_path / "store")
+    state = model_state()
+    guard = SpotGuard(uri, state_dir="/nonexistent", imds_endpoint=sim.url, safety_margin=0)
+    guard.restore(state)
+    guard.step(1, state)
+    sim.control.spot(in_seconds=90)
+    deadline = time.monotonic() + 10
+    while not guard.stop_requested and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(Preempted) as caught:
+        guard.step(2, state)
+    assert caught.value.saved is True
+    assert CheckpointStore(uri).latest().kind == "emergency"
+    assert any(r["path"].endswith("spot/instance-action") for r in sim.control.requests())

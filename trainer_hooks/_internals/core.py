@@ -42,6 +42,7 @@ import torch
 from spotguard.agent.errors import ProtocolError
 from spotguard.agent.protocol import (
     ExitRecord,
+    Notice,
     Registration,
     read_notice,
     register,
@@ -83,6 +84,9 @@ class GuardSettings:
     #: Seconds kept free before the deadline: the process must still exit after the save.
     safety_margin: float = 5.0
     notice_poll_interval: float = 0.5
+    #: Poll IMDS in-process (spot notice and rebalance) when no agent runs on the node.
+    imds_endpoint: str | None = None
+    imds_poll_interval: float = 1.0
     transfer: TransferSettings | None = None
 
     def __post_init__(self) -> None:
@@ -97,7 +101,12 @@ class GuardSettings:
                 raise ValueError(f"signals: {name!r} cannot be handled for a clean save")
         if not 1 <= self.exit_code <= 255 or self.exit_code == 0:
             raise ValueError(f"exit_code must be 1..255, got {self.exit_code}")
-        for name in ("default_budget", "safety_margin", "notice_poll_interval"):
+        for name in (
+            "default_budget",
+            "safety_margin",
+            "notice_poll_interval",
+            "imds_poll_interval",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -150,7 +159,8 @@ class GuardCore:
         self._stop_reason: str | None = None
         self._early_save = False
         self._previous_handlers: dict[int, Any] = {}
-        self._watcher: threading.Thread | None = None
+        self._watchers: list[threading.Thread] = []
+        self._notice_deadline: datetime | None = None
         self._closing = threading.Event()
         self._registered = False
         self._create_time = psutil.Process().create_time()
@@ -183,10 +193,20 @@ class GuardCore:
             )
             self._registered = True
         self._closing.clear()
-        self._watcher = threading.Thread(
-            target=self._watch_notice, name="spotguard-notice", daemon=True
-        )
-        self._watcher.start()
+        self._watchers = [
+            threading.Thread(target=self._watch_notice, name="spotguard-notice", daemon=True)
+        ]
+        if self.settings.imds_endpoint:
+            self._watchers.append(
+                threading.Thread(
+                    target=self._watch_imds,
+                    args=(self.settings.imds_endpoint,),
+                    name="spotguard-imds",
+                    daemon=True,
+                )
+            )
+        for watcher in self._watchers:
+            watcher.start()
         # Our threads must be gone before the interpreter finalizes: a daemon thread that
         # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
         # evaluator aborts the process ("terminate called without an active exception").
@@ -200,9 +220,9 @@ class GuardCore:
 
     def _stop_threads(self) -> None:
         self._closing.set()
-        if self._watcher is not None:
-            self._watcher.join()
-            self._watcher = None
+        for watcher in self._watchers:
+            watcher.join()
+        self._watchers = []
         if self._worker is not None:
             self._worker.join()
 
@@ -254,14 +274,47 @@ class GuardCore:
             except ProtocolError as exc:
                 log.warning("ignoring unreadable notice file: %s", exc)
                 continue
-            if notice is None:
-                continue
-            if notice.signals_targets:
-                log.warning("notice file says %s: stopping at the next step", notice.kind)
-                self.request_stop(f"notice:{notice.kind}")
-            elif not self._early_save:
-                log.info("rebalance recommendation: checkpointing early, training goes on")
-                self._early_save = True
+            if notice is not None:
+                self._on_notice(notice, "notice file")
+
+    def _watch_imds(self, endpoint: str) -> None:
+        """Poll IMDS from the training process itself, for nodes where no agent runs."""
+        from spotguard.agent.errors import ImdsError
+        from spotguard.agent.imds import ImdsClient
+        from spotguard.agent.watches import evaluate_rebalance, evaluate_spot_action
+
+        watches = (
+            ("latest/meta-data/spot/instance-action", evaluate_spot_action),
+            ("latest/meta-data/events/recommendations/rebalance", evaluate_rebalance),
+        )
+        client = ImdsClient(endpoint, timeout=1.0)
+        failures = 0
+        try:
+            while not self._closing.wait(self.settings.imds_poll_interval):
+                for path, evaluate in watches:
+                    try:
+                        notice = evaluate(client.get(path), datetime.now(timezone.utc))
+                    except ImdsError as exc:
+                        failures += 1
+                        if failures in (1, 60) or failures % 600 == 0:  # not one line a poll
+                            log.warning("IMDS gave no usable answer (%d times): %s", failures, exc)
+                        break
+                    failures = 0
+                    if notice is not None:
+                        self._on_notice(notice, "IMDS")
+        finally:
+            client.close()
+
+    def _on_notice(self, notice: Notice, source: str) -> None:
+        if notice.signals_targets:
+            if notice.deadline is not None:
+                self._notice_deadline = notice.deadline
+            if self._stop_reason is None:
+                log.warning("%s says %s: stopping at the next step", source, notice.kind)
+            self.request_stop(f"{source}:{notice.kind}")
+        elif not self._early_save:
+            log.info("rebalance recommendation: checkpointing early, training goes on")
+            self._early_save = True
 
     def _deadline_seconds_left(self) -> float:
         """Seconds until the instance goes away, from the notice when there is one."""
@@ -269,8 +322,11 @@ class GuardCore:
             notice = read_notice(self.state_dir)
         except ProtocolError:
             notice = None
+        deadline = self._notice_deadline
         if notice is not None and notice.deadline is not None and notice.signals_targets:
-            return (notice.deadline - datetime.now(timezone.utc)).total_seconds()
+            deadline = notice.deadline  # the agent writes it before it signals
+        if deadline is not None:
+            return (deadline - datetime.now(timezone.utc)).total_seconds()
         return self.settings.default_budget
 
     # -- saving ---------------------------------------------------------------------------
