@@ -8,7 +8,10 @@ exactly those (by index, without loading them).
 
 It has ``state_dict``/``load_state_dict``, so Lightning saves and restores it with the fit
 loop, and the plain-PyTorch :class:`~spotguard.trainer_hooks.SpotGuard` does the same when it
-is part of the guarded state. torchdata's ``StatefulDataLoader`` works too, where installed.
+is part of the guarded state. torchdata's ``StatefulDataLoader`` works too, where installed,
+for the position within the epoch; its later epochs reshuffle differently from an
+uninterrupted run (its resumed iterator draws from its generator once more), so bit-exact
+runs across epochs need this loader.
 
 Under ``torch.distributed`` it shards itself the way ``DistributedSampler`` does (each rank
 every world-size-th sample of the epoch's order). With Lightning's DDP, pass

@@ -147,3 +147,44 @@ def test_polls_imds_itself_when_no_agent_runs(tmp_path, sim):
     assert caught.value.saved is True
     assert CheckpointStore(uri).latest().kind == "emergency"
     assert any(r["path"].endswith("spot/instance-action") for r in sim.control.requests())
+
+
+def test_torchdata_stateful_dataloader_resumes_at_the_same_batch(tmp_path):
+    """StatefulDataLoader works as guarded state: the epoch continues exactly where it stopped.
+
+    (Later epochs reshuffle differently from an uninterrupted run - torchdata re-draws from its
+    generator when the resumed iterator is created - so for bit-exact runs across epochs use
+    ResumableDataLoader; see its docstring.)
+    """
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    dataset = torch.utils.data.TensorDataset(torch.arange(48))
+
+    def loader():
+        generator = torch.Generator().manual_seed(5)
+        return stateful.StatefulDataLoader(dataset, batch_size=4, shuffle=True, generator=generator)
+
+    reference = [batch[0].tolist() for batch in loader()]
+    uri = str(tmp_path / "store")
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        state = {"data": loader()}
+        guard = SpotGuard(uri, state_dir="/nonexistent")
+        guard.restore(state)
+        seen = []
+
+        def train() -> None:
+            for step, batch in enumerate(state["data"], start=1):
+                seen.append(batch[0].tolist())
+                if step == 5:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                guard.step(step, state)
+
+        with pytest.raises(Preempted):
+            train()
+        resumed = {"data": loader()}
+        with SpotGuard(uri, state_dir="/nonexistent") as again:
+            assert again.restore(resumed) == 5
+            seen += [batch[0].tolist() for batch in resumed["data"]]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == reference
