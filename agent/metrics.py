@@ -54,10 +54,6 @@ class Metrics:
         with self._lock:
             self._values[(name, tuple(sorted(labels.items())))] = value
 
-    def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
-
     def good_poll(self) -> None:
         self.last_good_poll = self._clock()
 

@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from signal import Signals
 from typing import Any
 
 from spotguard.agent.errors import ProtocolError
@@ -204,10 +203,6 @@ class Registration:
             raise ProtocolError(
                 f"registration signal {self.signal!r} is not one of {sorted(ALLOWED_SIGNALS)}"
             )
-
-    @property
-    def signum(self) -> Signals:
-        return Signals[self.signal]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -88,15 +88,14 @@ class _Progress:
         self.enabled = stream.isatty()
         self.started = time.monotonic()
 
-    def write(self, data: bytes, /) -> int:
-        self.done += len(data)
+    def advance(self, size: int) -> None:
+        self.done += size
         if self.enabled:
             share = self.done / max(self.total, 1)
             rate = self.done / max(time.monotonic() - self.started, 1e-6)
             bar = "#" * int(30 * share)
             self.stream.write(f"\r[{bar:30}] {share:6.1%} {_human(rate)}/s")
             self.stream.flush()
-        return len(data)
 
     def close(self) -> None:
         if self.enabled:
@@ -108,7 +107,7 @@ class _Tee:
         self.sink, self.progress = sink, progress
 
     def write(self, data: bytes | memoryview, /) -> int:
-        self.progress.write(bytes(data) if isinstance(data, memoryview) else data)
+        self.progress.advance(len(data))
         return self.sink.write(data) or len(data)
 
 

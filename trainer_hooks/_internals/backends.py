@@ -208,17 +208,13 @@ class S3Backend:
         return found
 
     def read_small(self, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            with self._errors(f"read {key}"):
+        with self._errors(f"read {key}"):
+            try:
                 answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-                data: bytes = answer["Body"].read()
-                return data
-        except StoreError:
-            raise
-        except ClientError:  # pragma: no cover - _errors translates every ClientError
-            return None
+            except self.client.exceptions.NoSuchKey:
+                return None  # deleted between listing and reading (a prune)
+            data: bytes = answer["Body"].read()
+            return data
 
     def write_small(self, key: str, data: bytes) -> None:
         with self._errors(f"write {key}"):

@@ -41,6 +41,7 @@ import torch
 
 from spotguard.agent.errors import ProtocolError
 from spotguard.agent.protocol import (
+    ALLOWED_SIGNALS,
     ExitRecord,
     Notice,
     Registration,
@@ -97,7 +98,7 @@ class GuardSettings:
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         for name in self.signals:
-            if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"):
+            if name not in ALLOWED_SIGNALS:
                 raise ValueError(f"signals: {name!r} cannot be handled for a clean save")
         if not 1 <= self.exit_code <= 255 or self.exit_code == 0:
             raise ValueError(f"exit_code must be 1..255, got {self.exit_code}")
