@@ -224,6 +224,9 @@ def test_bad_uris_are_one_line_errors(uri, message):
 def test_missing_bucket_and_missing_credentials(s3, monkeypatch):
     with pytest.raises(StoreError, match="does not exist"):
         CheckpointStore("s3://no-such-bucket-here/x").latest()
+    # An upload goes through the transfer manager, which wraps the client's error.
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        CheckpointStore("s3://no-such-bucket-here/x").put(1, "state.pt", b"payload")
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(variable)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")

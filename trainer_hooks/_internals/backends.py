@@ -174,6 +174,7 @@ class S3Backend:
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
         """Turn botocore's exceptions into one-line :class:`StoreError` messages."""
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -184,14 +185,23 @@ class S3Backend:
                 "AWS_ACCESS_KEY_ID)"
             ) from None
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "NoSuchBucket":
-                raise StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist") from None
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise StoreError(f"{self.uri}: access denied while trying to {action}") from None
-            raise StoreError(f"{self.uri}: {action} failed: {code or exc}") from None
+            raise self._client_error(exc, action) from None
+        except (S3UploadFailedError, S3TransferFailedError) as exc:
+            # The transfer manager wraps the client's error; the code is in the original.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ClientError):
+                raise self._client_error(cause, action) from None
+            raise StoreError(f"{self.uri}: {action} failed: {exc}") from None
         except BotoCoreError as exc:
             raise StoreError(f"{self.uri}: {action} failed: {exc}") from None
+
+    def _client_error(self, exc: Any, action: str) -> StoreError:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StoreError(f"{self.uri}: access denied while trying to {action}")
+        return StoreError(f"{self.uri}: {action} failed: {code or exc}")
 
     def listing(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
