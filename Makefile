@@ -32,13 +32,14 @@ unit: $(STAMP)
 
 test: lint unit
 
-# Until `spotguard drill` lands (trainer hooks), the drill is the agent's half of the loop.
+# The whole interruption loop on this machine: agent, notice, emergency save, exit 75, resume.
 drill: $(STAMP)
-	$(BIN)/python -m spotguard.agent.demo
+	$(BIN)/spotguard drill
 
 bench: $(STAMP)
 	$(BIN)/python bench/agent_latency.py
 	$(BIN)/python bench/checkpoint_io.py
+	$(BIN)/python bench/drill_e2e.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

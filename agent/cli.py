@@ -68,6 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("dest", help="local directory")
     pull.add_argument("--step", type=int, help="default: the newest")
 
+    drill = commands.add_parser(
+        "drill", help="rehearse an interruption end to end on this machine (or size a save)"
+    )
+    drill.add_argument("--store", help="checkpoint store URI (default: a temporary directory)")
+    drill.add_argument("--ranks", type=int, default=1, help="DDP ranks on gloo (default 1)")
+    drill.add_argument("--interruptions", type=int, default=1, help="interruptions in one run")
+    drill.add_argument("--seed", type=int, help="picks the interruption steps (default random)")
+    drill.add_argument("--script", type=Path, help="your training script instead of the built-in")
+    drill.add_argument("--json", action="store_true", help="print the report as JSON")
+    drill.add_argument("--report", type=Path, metavar="FILE.html", help="write an HTML timeline")
+    drill.add_argument(
+        "--budget",
+        action="store_true",
+        help="instead: does an emergency save of --state-size fit in the 2-minute notice?",
+    )
+    drill.add_argument(
+        "--state-size",
+        help="e.g. 1GiB: extra state in the built-in workload; with --budget, the size to judge "
+        "(default: the newest checkpoint's)",
+    )
+    drill.add_argument("--probe-size", default="256MiB", help="with --budget: bytes to time")
+    drill.add_argument(
+        "--step-seconds",
+        type=float,
+        default=2.0,
+        help="with --budget: the longest training step (the save starts after it)",
+    )
+
     sim = commands.add_parser("imds-sim", help="run the local IMDS simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=1338, help="0 picks a free port")
@@ -164,6 +192,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             from spotguard.trainer_hooks.cli import run_ckpt
 
             return run_ckpt(args)
+        if args.command == "drill":
+            from spotguard.trainer_hooks.drill.cli import run_drill_command
+
+            return run_drill_command(args)
         config = _load(args, env)
         if args.command == "status":
             return _status(config, args.json)

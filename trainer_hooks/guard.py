@@ -87,6 +87,12 @@ class SpotGuard:
         """Whether a preemption was announced; :meth:`step` will act on it."""
         return self._core.stop_requested
 
+    @property
+    def events(self) -> dict[str, float]:
+        """Wall-clock times of the preemption path (``stop_requested``, ``save_started``,
+        ``save_committed``, ``exiting``), as far as it got."""
+        return self._core.events
+
     def restore(self, state: MutableMapping[str, Any]) -> int:
         """Load the newest verified checkpoint into ``state``; returns the step to start at."""
         if not self._installed:

@@ -97,6 +97,9 @@ class _SpotCheckpoint:
         self._rank_rng: dict[str, Any] | None = None
         #: The step the run resumed from (None on a fresh start).
         self.resumed_from: int | None = None
+        #: Wall-clock times of the preemption path (``stop_requested``, ``save_started``,
+        #: ``save_committed``, ``exiting``), as far as it got; kept after the run ends.
+        self.events: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -117,6 +120,7 @@ class _SpotCheckpoint:
             return
         core = GuardCore(self.settings, file_name=CHECKPOINT_FILE)
         self._core = core
+        self.events = core.events
         core.install()
         if core.store.latest() is None:
             return

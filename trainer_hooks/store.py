@@ -295,6 +295,13 @@ class CheckpointStore:
         self._backend.write_small(f"{step_dir(step)}/{MANIFEST_NAME}", manifest.to_bytes())
         return manifest
 
+    def delete(self, step: int) -> None:
+        """Delete one checkpoint, committed or not (manifest first: never left half-valid)."""
+        directory = step_dir(step)
+        sizes = self._backend.listing().get(directory, {})
+        self._backend.delete([f"{directory}/{MANIFEST_NAME}"])
+        self._backend.delete([f"{directory}/{name}" for name in sizes if name != MANIFEST_NAME])
+
     def prune(self, keep_last: int) -> builtins.list[int]:
         """Delete all but the newest ``keep_last`` committed checkpoints (at least one is
         always kept), and uploads that never committed and are older than the newest

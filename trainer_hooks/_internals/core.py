@@ -176,6 +176,9 @@ class GuardCore:
         self._pending: tuple[int, int, str, FileEntry] | None = None
         self.last_committed_step: int | None = None
         self.ranks = Ranks()
+        #: Wall-clock times (``time.time()``) of the preemption path on this rank, for logs
+        #: and drills: ``stop_requested``, ``save_started``, ``save_committed``, ``exiting``.
+        self.events: dict[str, float] = {}
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -248,11 +251,11 @@ class GuardCore:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the save happens at the next step boundary, never in a handler, and a
         # second signal during the save changes nothing.
-        if self._stop_reason is None:
-            self._stop_reason = signal.Signals(signum).name
+        self.request_stop(signal.Signals(signum).name)
 
     def request_stop(self, reason: str) -> None:
         if self._stop_reason is None:
+            self.events.setdefault("stop_requested", time.time())
             self._stop_reason = reason
 
     @property
@@ -454,6 +457,7 @@ class GuardCore:
 
         Called at the same step on every rank; every decision below is agreed on by all.
         """
+        self.events["save_started"] = time.time()
         left = self._deadline_seconds_left() - self.settings.safety_margin
         log.warning("stop requested (%s) at step %d; %.1f s left before the deadline",
                     self._stop_reason or "request", step, left)  # fmt: skip
@@ -482,6 +486,9 @@ class GuardCore:
                 )  # fmt: skip
             else:
                 saved = self._emergency_put_and_commit(step, epoch, tree)
+        if saved:
+            self.events["save_committed"] = time.time()
+        self.events["exiting"] = time.time()
         self.close(exit_code=self.settings.exit_code)
         raise Preempted(step, saved, self.settings.exit_code)
 

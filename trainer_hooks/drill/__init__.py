@@ -1,0 +1,31 @@
+"""``spotguard drill``: the whole interruption loop rehearsed on one machine, and a budget check.
+
+The drill starts an IMDS simulator and the real agent per simulated node, runs a reference
+training to completion, runs it again and serves a spot interruption at a random step, lets
+the real path happen (agent detects, notice file and signal, emergency checkpoint committed,
+exit 75), starts a replacement that resumes from the store by itself, and compares the final
+weights with the reference. :func:`run_drill` returns a :class:`DrillReport` whose timeline
+says what happened when; :func:`check_budget` says whether an emergency save of a given size
+fits in the two-minute notice.
+
+The modules: ``runner`` (the steps), ``_node`` (simulator + agent of one instance),
+``workload`` (the built-in Lightning training), ``report`` (text, JSON, HTML), ``budget``,
+``cli``; errors are :class:`~spotguard.trainer_hooks.drill.errors.DrillFailed`.
+"""
+
+from __future__ import annotations
+
+from spotguard.trainer_hooks.drill.budget import Budget, check_budget
+from spotguard.trainer_hooks.drill.errors import DrillFailed
+from spotguard.trainer_hooks.drill.report import DrillReport, Interruption
+from spotguard.trainer_hooks.drill.runner import DrillOptions, run_drill
+
+__all__ = [
+    "Budget",
+    "DrillFailed",
+    "DrillOptions",
+    "DrillReport",
+    "Interruption",
+    "check_budget",
+    "run_drill",
+]
