@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --budget: the longest training step (the save starts after it)",
     )
 
+    units = commands.add_parser(
+        "install-units", help="copy the shipped systemd unit files (prints what changed)"
+    )
+    units.add_argument("--dest", type=Path, default=Path("/etc/systemd/system"))
+
     sim = commands.add_parser("imds-sim", help="run the local IMDS simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=1338, help="0 picks a free port")
@@ -181,12 +186,26 @@ def _imds_sim(host: str, port: int) -> int:
     return 0
 
 
+def _install_units(dest: Path) -> int:
+    from spotguard.agent.units import install_units
+
+    try:
+        for path in install_units(dest):
+            print(f"installed {path}")
+    except OSError as exc:
+        print(f"spotguard install-units: cannot write to {dest}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ) if environ is None else environ
     try:
         if args.command == "imds-sim":
             return _imds_sim(args.host, args.port)
+        if args.command == "install-units":
+            return _install_units(args.dest)
         if args.command == "ckpt":
             # Imported here: the agent itself never loads the trainer hooks.
             from spotguard.trainer_hooks.cli import run_ckpt

@@ -1,0 +1,34 @@
+output "fleet_id" {
+  description = "ID of the EC2 Fleet."
+  value       = module.fleet.fleet_id
+}
+
+output "launch_template_id" {
+  description = "ID of the launch template."
+  value       = module.fleet.launch_template_id
+}
+
+output "checkpoint_uri" {
+  description = "Where the nodes write checkpoints (SPOTGUARD_CHECKPOINT_URI)."
+  value       = module.fleet.checkpoint_uri
+}
+
+output "bucket_name" {
+  description = "Name of the checkpoint bucket."
+  value       = module.fleet.bucket_name
+}
+
+output "event_queue_url" {
+  description = "URL of the SQS queue with the fleet's spot events."
+  value       = module.fleet.event_queue_url
+}
+
+output "event_rule_arn" {
+  description = "ARN of the EventBridge rule that feeds the queue."
+  value       = module.fleet.event_rule_arn
+}
+
+output "instance_role_name" {
+  description = "Name of the nodes' IAM role."
+  value       = module.fleet.instance_role_name
+}

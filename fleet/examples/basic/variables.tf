@@ -1,0 +1,103 @@
+variable "region" {
+  description = "AWS Region to deploy into."
+  type        = string
+  default     = "us-east-1"
+}
+
+variable "allowed_account_ids" {
+  description = "Account IDs Terraform may touch (a safety net against applying to the wrong account); null allows any."
+  type        = list(string)
+  default     = null
+}
+
+variable "name" {
+  description = "Name of the fleet (see the module)."
+  type        = string
+}
+
+variable "vpc_id" {
+  description = "ID of the existing VPC."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Existing subnets, one per Availability Zone you want to use."
+  type        = list(string)
+}
+
+variable "instance_types" {
+  description = "GPU instance types to draw spot capacity from."
+  type        = list(string)
+  default     = ["g5.xlarge", "g5.2xlarge", "g6.xlarge", "g6.2xlarge"]
+}
+
+variable "target_capacity" {
+  description = "Number of instances to keep running."
+  type        = number
+  default     = 1
+}
+
+variable "on_demand_base_capacity" {
+  description = "How many of them are on-demand."
+  type        = number
+  default     = 0
+}
+
+variable "spot_max_price" {
+  description = "Highest hourly spot price in USD as a string, or null for the on-demand price."
+  type        = string
+  default     = null
+}
+
+variable "ami_id" {
+  description = "AMI to launch, or null for the newest Deep Learning AMI."
+  type        = string
+  default     = null
+}
+
+variable "root_volume_size_gb" {
+  description = "Root volume size in GiB."
+  type        = number
+  default     = 200
+}
+
+variable "training_command" {
+  description = "Command that starts (and resumes) training on each node."
+  type        = string
+}
+
+variable "spotguard_version" {
+  description = "spotguard version to install on the nodes."
+  type        = string
+  default     = "0.1.0"
+}
+
+variable "bucket_name" {
+  description = "Checkpoint bucket name, or null to derive one."
+  type        = string
+  default     = null
+}
+
+variable "checkpoint_prefix" {
+  description = "Key prefix for checkpoints in the bucket."
+  type        = string
+  default     = "checkpoints"
+}
+
+variable "checkpoint_expiration_days" {
+  description = "Days after which checkpoint objects expire, or null to keep them."
+  type        = number
+  default     = 30
+}
+
+variable "terminate_instances_on_delete" {
+  description = "Whether destroying the fleet terminates its instances."
+  type        = bool
+  default     = true
+}
+
+variable "tags" {
+  description = "Tags for every resource."
+  type        = map(string)
+  default     = {}
+}

@@ -1,0 +1,31 @@
+variable "region" {
+  description = "AWS Region to deploy into."
+  type        = string
+  default     = "us-east-1"
+}
+
+variable "allowed_account_ids" {
+  description = "Account IDs Terraform may touch; null allows any."
+  type        = list(string)
+  default     = null
+}
+
+variable "name" {
+  description = "Name of the fleet."
+  type        = string
+}
+
+variable "vpc_id" {
+  description = "ID of the existing VPC."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Existing subnets, one per Availability Zone."
+  type        = list(string)
+}
+
+variable "training_command" {
+  description = "Command that starts (and resumes) training on each node."
+  type        = string
+}

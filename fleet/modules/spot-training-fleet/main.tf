@@ -1,0 +1,236 @@
+data "aws_caller_identity" "current" {}
+data "aws_partition" "current" {}
+data "aws_region" "current" {}
+
+data "aws_ami" "selected" {
+  count       = var.ami_id == null ? 1 : 0
+  most_recent = true
+  owners      = var.ami_owners
+
+  filter {
+    name   = "name"
+    values = [var.ami_name_filter]
+  }
+
+  filter {
+    name   = "architecture"
+    values = ["x86_64"]
+  }
+}
+
+locals {
+  account_id = data.aws_caller_identity.current.account_id
+  partition  = data.aws_partition.current.partition
+  region     = data.aws_region.current.name
+
+  bucket_name    = coalesce(var.bucket_name, "${var.name}-ckpt-${local.account_id}-${local.region}")
+  bucket_arn     = "arn:${local.partition}:s3:::${local.bucket_name}"
+  checkpoint_uri = "s3://${local.bucket_name}/${var.checkpoint_prefix}"
+
+  tags = merge(var.tags, { "spotguard:fleet" = var.name })
+
+  # One override per (instance type, subnet) pair, or per subnet with attribute-based selection.
+  type_overrides = [
+    for pair in setproduct(var.instance_types, var.subnet_ids) : {
+      instance_type = pair[0]
+      subnet_id     = pair[1]
+    }
+  ]
+  use_requirements = length(var.instance_types) == 0
+
+  spotguard_spec = var.spotguard_wheel_s3_uri == null ? (
+    "spotguard[${join(",", var.spotguard_extras)}]==${var.spotguard_version}"
+  ) : "[${join(",", var.spotguard_extras)}]"
+
+  agent_toml = join("\n", concat(
+    [
+      "# Written by the spot-training-fleet module's user data; every key: agent.toml.example.",
+      "poll_interval = 1.0",
+      "target_signal = \"SIGUSR1\"",
+    ],
+    [for key in sort(keys(var.agent_settings)) : "${key} = ${var.agent_settings[key]}"],
+  ))
+
+  user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
+    fleet_name       = var.name
+    spotguard_spec   = local.spotguard_spec
+    wheel_s3_uri     = var.spotguard_wheel_s3_uri == null ? "" : var.spotguard_wheel_s3_uri
+    agent_toml       = local.agent_toml
+    checkpoint_uri   = local.checkpoint_uri
+    training_command = var.training_command
+    training_user    = var.training_user
+  })
+}
+
+resource "aws_security_group" "nodes" {
+  name_prefix = "${var.name}-nodes-"
+  description = "spotguard training nodes of ${var.name}: no inbound traffic, outbound for S3, package index and SSM"
+  vpc_id      = var.vpc_id
+  tags        = merge(local.tags, { Name = "${var.name}-nodes" })
+
+  egress {
+    description = "Outbound HTTPS and the rest: S3, the package index, SSM, NCCL between nodes"
+    from_port   = 0
+    to_port     = 0
+    protocol    = "-1"
+    cidr_blocks = ["0.0.0.0/0"] #checkov:skip=CKV_AWS_382:training nodes download packages and datasets; no inbound rule exists
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_launch_template" "nodes" {
+  name_prefix            = "${var.name}-"
+  description            = "spotguard spot training node for ${var.name}"
+  image_id               = var.ami_id != null ? var.ami_id : data.aws_ami.selected[0].id
+  key_name               = var.key_name
+  update_default_version = true
+  user_data              = base64encode(local.user_data)
+  vpc_security_group_ids = concat([aws_security_group.nodes.id], var.additional_security_group_ids)
+  ebs_optimized          = true
+
+  iam_instance_profile {
+    arn = aws_iam_instance_profile.nodes.arn
+  }
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required" # IMDSv2 only
+    http_put_response_hop_limit = var.metadata_hop_limit
+    instance_metadata_tags      = "enabled"
+  }
+
+  block_device_mappings {
+    device_name = var.root_device_name
+
+    ebs {
+      volume_type           = "gp3"
+      volume_size           = var.root_volume_size_gb
+      encrypted             = "true"
+      kms_key_id            = var.kms_key_arn
+      delete_on_termination = "true"
+    }
+  }
+
+  monitoring {
+    enabled = true
+  }
+
+  tag_specifications {
+    resource_type = "instance"
+    tags          = merge(local.tags, { Name = var.name })
+  }
+
+  tag_specifications {
+    resource_type = "volume"
+    tags          = merge(local.tags, { Name = var.name })
+  }
+
+  tags = local.tags
+}
+
+resource "aws_iam_service_linked_role" "ec2_fleet" {
+  count            = var.create_fleet_service_linked_role ? 1 : 0
+  aws_service_name = "ec2fleet.amazonaws.com"
+}
+
+resource "aws_ec2_fleet" "training" {
+  type                                = "maintain"
+  replace_unhealthy_instances         = true
+  terminate_instances                 = var.terminate_instances_on_delete
+  terminate_instances_with_expiration = false
+  excess_capacity_termination_policy  = "termination"
+
+  launch_template_config {
+    launch_template_specification {
+      launch_template_id = aws_launch_template.nodes.id
+      version            = aws_launch_template.nodes.latest_version
+    }
+
+    dynamic "override" {
+      for_each = local.use_requirements ? [] : local.type_overrides
+      content {
+        instance_type = override.value.instance_type
+        subnet_id     = override.value.subnet_id
+        max_price     = var.spot_max_price
+      }
+    }
+
+    dynamic "override" {
+      for_each = local.use_requirements ? var.subnet_ids : []
+      content {
+        subnet_id = override.value
+        max_price = var.spot_max_price
+
+        instance_requirements {
+          accelerator_types         = ["gpu"]
+          accelerator_manufacturers = var.instance_requirements.accelerator_manufacturers
+
+          accelerator_count {
+            min = var.instance_requirements.accelerator_count_min
+            max = var.instance_requirements.accelerator_count_max
+          }
+
+          dynamic "accelerator_total_memory_mib" {
+            for_each = var.instance_requirements.accelerator_memory_mib_min != null || var.instance_requirements.accelerator_memory_mib_max != null ? [1] : []
+            content {
+              min = var.instance_requirements.accelerator_memory_mib_min
+              max = var.instance_requirements.accelerator_memory_mib_max
+            }
+          }
+
+          vcpu_count {
+            min = var.instance_requirements.vcpu_min
+            max = var.instance_requirements.vcpu_max
+          }
+
+          memory_mib {
+            min = var.instance_requirements.memory_mib_min
+            max = var.instance_requirements.memory_mib_max
+          }
+        }
+      }
+    }
+  }
+
+  target_capacity_specification {
+    default_target_capacity_type = "spot"
+    total_target_capacity        = var.target_capacity
+    on_demand_target_capacity    = var.on_demand_base_capacity
+    spot_target_capacity         = var.target_capacity - var.on_demand_base_capacity
+  }
+
+  spot_options {
+    allocation_strategy            = "price-capacity-optimized"
+    instance_interruption_behavior = "terminate"
+
+    maintenance_strategies {
+      capacity_rebalance {
+        # Not "launch": provider 5.x then sends TerminationDelay=0, which EC2 rejects.
+        replacement_strategy = "launch-before-terminate"
+        termination_delay    = var.capacity_rebalance_termination_delay
+      }
+    }
+  }
+
+  on_demand_options {
+    allocation_strategy = "lowestPrice"
+  }
+
+  tags = local.tags
+
+  lifecycle {
+    precondition {
+      condition     = !local.use_requirements || var.instance_requirements != null
+      error_message = "Give instance_types, or instance_requirements for attribute-based selection."
+    }
+    precondition {
+      condition     = !local.use_requirements || length(var.subnet_ids) <= 50
+      error_message = "EC2 Fleet takes at most 50 overrides: at most 50 subnets with instance_requirements."
+    }
+  }
+
+  depends_on = [aws_iam_service_linked_role.ec2_fleet]
+}

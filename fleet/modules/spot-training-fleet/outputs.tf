@@ -1,0 +1,64 @@
+output "fleet_id" {
+  description = "ID of the EC2 Fleet that keeps target_capacity instances running."
+  value       = aws_ec2_fleet.training.id
+}
+
+output "launch_template_id" {
+  description = "ID of the launch template every node starts from."
+  value       = aws_launch_template.nodes.id
+}
+
+output "launch_template_latest_version" {
+  description = "Latest version of the launch template, the one the fleet uses."
+  value       = aws_launch_template.nodes.latest_version
+}
+
+output "security_group_id" {
+  description = "ID of the nodes' security group (no inbound rules): add rules to it for, say, NCCL between nodes."
+  value       = aws_security_group.nodes.id
+}
+
+output "instance_role_arn" {
+  description = "ARN of the nodes' IAM role, to which you can attach policies for your data."
+  value       = aws_iam_role.nodes.arn
+}
+
+output "instance_role_name" {
+  description = "Name of the nodes' IAM role."
+  value       = aws_iam_role.nodes.name
+}
+
+output "bucket_name" {
+  description = "Name of the checkpoint bucket (created here or given)."
+  value       = local.bucket_name
+}
+
+output "checkpoint_uri" {
+  description = "Where the nodes write checkpoints: the value of SPOTGUARD_CHECKPOINT_URI on every node."
+  value       = local.checkpoint_uri
+}
+
+output "event_queue_url" {
+  description = "URL of the SQS queue receiving the fleet's spot interruption, rebalance and state-change events."
+  value       = aws_sqs_queue.events.id
+}
+
+output "event_queue_arn" {
+  description = "ARN of that SQS queue."
+  value       = aws_sqs_queue.events.arn
+}
+
+output "event_rule_arn" {
+  description = "ARN of the EventBridge rule that feeds the queue."
+  value       = aws_cloudwatch_event_rule.spot_events.arn
+}
+
+output "fis_experiment_template_id" {
+  description = "ID of the FIS experiment template that interrupts the fleet's spot instances, or null when create_fis_experiment is false."
+  value       = try(aws_fis_experiment_template.spot_interruption[0].id, null)
+}
+
+output "user_data" {
+  description = "The rendered user data script (for review; it holds no secrets)."
+  value       = local.user_data
+}

@@ -1,0 +1,568 @@
+# Unit tests of the module with a mocked AWS provider: no credentials, no network.
+# Run from the module folder: terraform init -backend=false && terraform test
+
+mock_provider "aws" {
+  mock_data "aws_caller_identity" {
+    defaults = {
+      account_id = "123456789012"
+      arn        = "arn:aws:iam::123456789012:user/test"
+      user_id    = "AIDATEST"
+    }
+  }
+  mock_data "aws_region" {
+    defaults = { name = "us-east-1" }
+  }
+  mock_data "aws_partition" {
+    defaults = { partition = "aws", dns_suffix = "amazonaws.com" }
+  }
+  mock_data "aws_ami" {
+    defaults = { id = "ami-0123456789abcdef0" }
+  }
+  mock_resource "aws_sqs_queue" {
+    defaults = { arn = "arn:aws:sqs:us-east-1:123456789012:unit-spot-events" }
+  }
+  mock_resource "aws_cloudwatch_event_rule" {
+    defaults = { arn = "arn:aws:events:us-east-1:123456789012:rule/unit-spot-events" }
+  }
+  mock_resource "aws_iam_role" {
+    defaults = { arn = "arn:aws:iam::123456789012:role/unit-node" }
+  }
+  mock_resource "aws_iam_instance_profile" {
+    defaults = { arn = "arn:aws:iam::123456789012:instance-profile/unit-node" }
+  }
+}
+
+variables {
+  name             = "unit"
+  vpc_id           = "vpc-0123456789abcdef0"
+  subnet_ids       = ["subnet-aaaa", "subnet-bbbb"]
+  training_command = "python /opt/train/train.py --config big.yaml"
+}
+
+run "launch_template_imdsv2_encryption_monitoring" {
+  command = plan
+
+  assert {
+    condition     = aws_launch_template.nodes.metadata_options[0].http_tokens == "required"
+    error_message = "IMDSv2 must be required."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.metadata_options[0].http_put_response_hop_limit == 2
+    error_message = "The hop limit must default to 2 (containers)."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.metadata_options[0].http_endpoint == "enabled"
+    error_message = "IMDS must stay reachable: the agent polls it."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.block_device_mappings[0].ebs[0].encrypted == "true"
+    error_message = "The root volume must be encrypted."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.block_device_mappings[0].ebs[0].volume_type == "gp3" && aws_launch_template.nodes.block_device_mappings[0].ebs[0].volume_size == 200
+    error_message = "The root volume must be gp3 of the configured size."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.monitoring[0].enabled
+    error_message = "Detailed monitoring must be on."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.image_id == "ami-0123456789abcdef0"
+    error_message = "Without ami_id, the AMI comes from the name filter lookup."
+  }
+  assert {
+    condition     = toset([for spec in aws_launch_template.nodes.tag_specifications : spec.resource_type]) == toset(["instance", "volume"])
+    error_message = "Instances and volumes must be tagged."
+  }
+  assert {
+    condition     = alltrue([for spec in aws_launch_template.nodes.tag_specifications : spec.tags["spotguard:fleet"] == "unit"])
+    error_message = "Every launched resource carries the spotguard:fleet tag (the FIS drill selects by it)."
+  }
+}
+
+run "hop_limit_and_kms_are_variables" {
+  command = plan
+  variables {
+    metadata_hop_limit = 1
+    kms_key_arn        = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+    ami_id             = "ami-0fedcba9876543210"
+  }
+
+  assert {
+    condition     = aws_launch_template.nodes.metadata_options[0].http_put_response_hop_limit == 1
+    error_message = "metadata_hop_limit must reach the launch template."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.block_device_mappings[0].ebs[0].kms_key_id == var.kms_key_arn
+    error_message = "kms_key_arn must encrypt the root volume."
+  }
+  assert {
+    condition     = one(aws_s3_bucket_server_side_encryption_configuration.checkpoints[0].rule).apply_server_side_encryption_by_default[0].sse_algorithm == "aws:kms"
+    error_message = "kms_key_arn must encrypt the bucket with SSE-KMS."
+  }
+  assert {
+    condition     = aws_sqs_queue.events.kms_master_key_id == var.kms_key_arn
+    error_message = "kms_key_arn must encrypt the queue."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.image_id == "ami-0fedcba9876543210" && length(data.aws_ami.selected) == 0
+    error_message = "An explicit ami_id skips the lookup."
+  }
+}
+
+run "fleet_overrides_allocation_and_rebalance" {
+  command = plan
+
+  assert {
+    condition     = aws_ec2_fleet.training.type == "maintain"
+    error_message = "The fleet must maintain capacity (replace interrupted instances)."
+  }
+  assert {
+    condition     = length(aws_ec2_fleet.training.launch_template_config[0].override) == 8
+    error_message = "4 instance types x 2 subnets = 8 overrides."
+  }
+  assert {
+    condition = toset([for o in aws_ec2_fleet.training.launch_template_config[0].override : "${o.instance_type}/${o.subnet_id}"]) == toset([
+      for pair in setproduct(var.instance_types, var.subnet_ids) : "${pair[0]}/${pair[1]}"
+    ])
+    error_message = "Every (instance type, subnet) pair must be an override, once."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.spot_options[0].allocation_strategy == "price-capacity-optimized"
+    error_message = "Spot allocation must be price-capacity-optimized."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.spot_options[0].maintenance_strategies[0].capacity_rebalance[0].replacement_strategy == "launch-before-terminate"
+    error_message = "Capacity rebalance must launch before terminating (launch sends TerminationDelay=0)."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.spot_options[0].maintenance_strategies[0].capacity_rebalance[0].termination_delay == 300
+    error_message = "The termination delay must default to 300 s."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].default_target_capacity_type == "spot" && aws_ec2_fleet.training.target_capacity_specification[0].spot_target_capacity == 1 && aws_ec2_fleet.training.target_capacity_specification[0].on_demand_target_capacity == 0
+    error_message = "By default the whole capacity is spot."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.terminate_instances == true
+    error_message = "Destroying the fleet terminates its instances unless told otherwise."
+  }
+  assert {
+    condition     = length(aws_iam_service_linked_role.ec2_fleet) == 0
+    error_message = "The service-linked role is opt-in (it exists once per account)."
+  }
+}
+
+run "on_demand_base_price_cap_and_service_linked_role" {
+  command = plan
+  variables {
+    target_capacity                  = 4
+    on_demand_base_capacity          = 1
+    spot_max_price                   = "1.25"
+    create_fleet_service_linked_role = true
+    terminate_instances_on_delete    = false
+  }
+
+  assert {
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].on_demand_target_capacity == 1 && aws_ec2_fleet.training.target_capacity_specification[0].spot_target_capacity == 3 && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 4
+    error_message = "One on-demand base instance and three spot."
+  }
+  assert {
+    condition     = alltrue([for o in aws_ec2_fleet.training.launch_template_config[0].override : o.max_price == "1.25"])
+    error_message = "spot_max_price caps every override."
+  }
+  assert {
+    condition     = aws_iam_service_linked_role.ec2_fleet[0].aws_service_name == "ec2fleet.amazonaws.com"
+    error_message = "The EC2 Fleet service-linked role is created on request."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.terminate_instances == false
+    error_message = "terminate_instances_on_delete must reach the fleet."
+  }
+}
+
+run "attribute_based_selection" {
+  command = plan
+  variables {
+    instance_types = []
+    instance_requirements = {
+      accelerator_count_min      = 1
+      accelerator_count_max      = 4
+      accelerator_memory_mib_min = 24576
+      vcpu_min                   = 8
+      memory_mib_min             = 32768
+    }
+  }
+
+  assert {
+    condition     = length(aws_ec2_fleet.training.launch_template_config[0].override) == 2
+    error_message = "One override per subnet with attribute-based selection."
+  }
+  assert {
+    condition = alltrue([
+      for o in aws_ec2_fleet.training.launch_template_config[0].override :
+      o.instance_requirements[0].accelerator_manufacturers == toset(["nvidia"]) && o.instance_requirements[0].accelerator_types == toset(["gpu"]) && o.instance_requirements[0].accelerator_count[0].min == 1 && o.instance_requirements[0].accelerator_count[0].max == 4 && o.instance_requirements[0].accelerator_total_memory_mib[0].min == 24576 && o.instance_requirements[0].vcpu_count[0].min == 8 && o.instance_requirements[0].memory_mib[0].min == 32768
+    ])
+    error_message = "The requirements must reach every override."
+  }
+}
+
+run "iam_policy_scoped_to_the_prefix" {
+  command = apply
+  variables {
+    checkpoint_prefix = "runs/llm"
+    enable_ssm        = false
+  }
+
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ListCheckpointPrefix"]).Condition.StringLike["s3:prefix"] == ["runs/llm", "runs/llm/*"]
+    error_message = "ListBucket must be conditioned on the checkpoint prefix."
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ReadWriteCheckpoints"]).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/runs/llm/*"
+    error_message = "Object access must be limited to the prefix of the fleet's bucket."
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ConsumeFleetEvents"]).Resource == aws_sqs_queue.events.arn
+    error_message = "SQS access must be limited to the module's queue."
+  }
+  assert {
+    condition     = !anytrue([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : contains(flatten([s.Action]), "sqs:SendMessage") || contains(flatten([s.Action]), "s3:*")])
+    error_message = "Nodes only consume events and touch checkpoint objects."
+  }
+  assert {
+    condition     = length(aws_iam_role_policy_attachment.ssm) == 0
+    error_message = "enable_ssm = false attaches no SSM policy."
+  }
+  assert {
+    condition     = output.checkpoint_uri == "s3://unit-ckpt-123456789012-us-east-1/runs/llm"
+    error_message = "The checkpoint URI names the bucket and prefix."
+  }
+}
+
+run "bucket_private_encrypted_tls_only_with_lifecycle" {
+  command = apply
+
+  assert {
+    condition     = jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Effect == "Deny" && jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Condition.Bool["aws:SecureTransport"] == "false"
+    error_message = "The bucket policy must deny non-TLS access."
+  }
+  assert {
+    condition     = aws_s3_bucket_public_access_block.checkpoints[0].block_public_acls && aws_s3_bucket_public_access_block.checkpoints[0].block_public_policy && aws_s3_bucket_public_access_block.checkpoints[0].ignore_public_acls && aws_s3_bucket_public_access_block.checkpoints[0].restrict_public_buckets
+    error_message = "All public access must be blocked."
+  }
+  assert {
+    condition     = aws_s3_bucket_ownership_controls.checkpoints[0].rule[0].object_ownership == "BucketOwnerEnforced"
+    error_message = "ACLs must be disabled (bucket owner enforced)."
+  }
+  assert {
+    condition     = one(aws_s3_bucket_server_side_encryption_configuration.checkpoints[0].rule).apply_server_side_encryption_by_default[0].sse_algorithm == "AES256"
+    error_message = "Without a KMS key the bucket uses SSE-S3."
+  }
+  assert {
+    condition     = one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "abort-incomplete-multipart-uploads"]).abort_incomplete_multipart_upload[0].days_after_initiation == 1
+    error_message = "Unfinished multipart uploads must be aborted."
+  }
+  assert {
+    condition     = one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-checkpoints"]).filter[0].prefix == "checkpoints/" && one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-checkpoints"]).expiration[0].days == 30
+    error_message = "Checkpoints expire under their prefix."
+  }
+  assert {
+    condition     = aws_s3_bucket.checkpoints[0].force_destroy == false
+    error_message = "A bucket holding checkpoints is not destroyed by default."
+  }
+}
+
+run "queue_admits_only_the_rule" {
+  command = apply
+
+  assert {
+    condition     = jsondecode(aws_sqs_queue_policy.events.policy).Statement[0].Condition.ArnEquals["aws:SourceArn"] == aws_cloudwatch_event_rule.spot_events.arn
+    error_message = "Only the module's EventBridge rule may send to the queue."
+  }
+  assert {
+    condition     = jsondecode(aws_sqs_queue_policy.events.policy).Statement[0].Principal.Service == "events.amazonaws.com" && jsondecode(aws_sqs_queue_policy.events.policy).Statement[0].Action == "sqs:SendMessage"
+    error_message = "EventBridge may only send messages."
+  }
+  assert {
+    condition     = aws_sqs_queue.events.sqs_managed_sse_enabled == true
+    error_message = "The queue must be encrypted."
+  }
+  assert {
+    condition     = toset(jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern)["detail-type"]) == toset(["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation", "EC2 Instance State-change Notification"])
+    error_message = "The rule matches interruption warnings, rebalance recommendations and state changes."
+  }
+  assert {
+    condition     = aws_cloudwatch_event_target.queue.arn == aws_sqs_queue.events.arn
+    error_message = "The rule delivers to the queue."
+  }
+}
+
+run "existing_bucket" {
+  command = apply
+  variables {
+    create_bucket = false
+    bucket_name   = "my-existing-checkpoints"
+  }
+
+  assert {
+    condition     = length(aws_s3_bucket.checkpoints) == 0 && length(aws_s3_bucket_policy.checkpoints) == 0
+    error_message = "An existing bucket is used, not created or reconfigured."
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ReadWriteCheckpoints"]).Resource == "arn:aws:s3:::my-existing-checkpoints/checkpoints/*"
+    error_message = "The role is scoped to the existing bucket's prefix."
+  }
+}
+
+run "user_data_installs_configures_and_starts" {
+  command = plan
+
+  assert {
+    condition     = startswith(output.user_data, "#!/bin/bash") && strcontains(output.user_data, "set -euo pipefail")
+    error_message = "User data is strict bash."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "SPEC='spotguard[s3,lightning]==0.1.0'")
+    error_message = "User data installs the pinned spotguard version with its extras."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "SPOTGUARD_CHECKPOINT_URI=s3://unit-ckpt-123456789012-us-east-1/checkpoints")
+    error_message = "User data gives training its checkpoint URI."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "exec python /opt/train/train.py --config big.yaml")
+    error_message = "User data runs the training command."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "X-aws-ec2-metadata-token") && !strcontains(output.user_data, "meta-data/instance-id\"")
+    error_message = "Metadata is read with an IMDSv2 token."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.user_data == base64encode(output.user_data)
+    error_message = "The launch template carries the rendered user data."
+  }
+}
+
+run "wheel_from_s3" {
+  command = plan
+  variables {
+    spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "WHEEL_URI='s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "SPEC='[s3,lightning]'")
+    error_message = "User data installs the wheel from S3 with the extras."
+  }
+}
+
+run "fis_drill_targets_the_fleet_by_tag" {
+  command = apply
+  variables {
+    create_fis_experiment   = true
+    fis_interruption_target = "PERCENT(50)"
+  }
+
+  assert {
+    condition     = one(aws_fis_experiment_template.spot_interruption[0].action).action_id == "aws:ec2:send-spot-instance-interruptions"
+    error_message = "The experiment sends spot interruptions."
+  }
+  assert {
+    condition     = one(aws_fis_experiment_template.spot_interruption[0].target).selection_mode == "PERCENT(50)" && one(one(aws_fis_experiment_template.spot_interruption[0].target).resource_tag).value == "unit"
+    error_message = "The experiment selects the fleet's spot instances by tag."
+  }
+  assert {
+    condition     = jsondecode(aws_iam_role_policy.fis[0].policy).Statement[0].Condition.StringEquals["aws:ResourceTag/spotguard:fleet"] == "unit"
+    error_message = "The FIS role may interrupt only the fleet's instances."
+  }
+}
+
+# -- every validation rejects what would silently break spot handling -------------------------
+
+run "too_many_overrides" {
+  command = plan
+  variables {
+    instance_types = [for i in range(26) : "g5.${i}xlarge"]
+  }
+  expect_failures = [var.instance_types]
+}
+
+run "termination_delay_below_120" {
+  command = plan
+  variables {
+    capacity_rebalance_termination_delay = 0
+  }
+  expect_failures = [var.capacity_rebalance_termination_delay]
+}
+
+run "termination_delay_above_7200" {
+  command = plan
+  variables {
+    capacity_rebalance_termination_delay = 7201
+  }
+  expect_failures = [var.capacity_rebalance_termination_delay]
+}
+
+run "hop_limit_zero" {
+  command = plan
+  variables {
+    metadata_hop_limit = 0
+  }
+  expect_failures = [var.metadata_hop_limit]
+}
+
+run "on_demand_base_above_capacity" {
+  command = plan
+  variables {
+    target_capacity         = 2
+    on_demand_base_capacity = 3
+  }
+  expect_failures = [var.on_demand_base_capacity]
+}
+
+run "capacity_zero" {
+  command = plan
+  variables {
+    target_capacity = 0
+  }
+  expect_failures = [var.target_capacity]
+}
+
+run "bad_name" {
+  command = plan
+  variables {
+    name = "Bad_Name"
+  }
+  expect_failures = [var.name]
+}
+
+run "no_subnets" {
+  command = plan
+  variables {
+    subnet_ids = []
+  }
+  expect_failures = [var.subnet_ids]
+}
+
+run "bad_spot_price" {
+  command = plan
+  variables {
+    spot_max_price = "cheap"
+  }
+  expect_failures = [var.spot_max_price]
+}
+
+run "bad_version" {
+  command = plan
+  variables {
+    spotguard_version = ">=0.1"
+  }
+  expect_failures = [var.spotguard_version]
+}
+
+run "bad_wheel_uri" {
+  command = plan
+  variables {
+    spotguard_wheel_s3_uri = "https://example.com/spotguard.whl"
+  }
+  expect_failures = [var.spotguard_wheel_s3_uri]
+}
+
+run "multi_line_training_command" {
+  command = plan
+  variables {
+    training_command = "python a.py\nrm -rf /"
+  }
+  expect_failures = [var.training_command]
+}
+
+run "empty_training_command" {
+  command = plan
+  variables {
+    training_command = "  "
+  }
+  expect_failures = [var.training_command]
+}
+
+run "bad_training_user" {
+  command = plan
+  variables {
+    training_user = "root; reboot"
+  }
+  expect_failures = [var.training_user]
+}
+
+run "bad_checkpoint_prefix" {
+  command = plan
+  variables {
+    checkpoint_prefix = "/checkpoints/"
+  }
+  expect_failures = [var.checkpoint_prefix]
+}
+
+run "bad_bucket_name" {
+  command = plan
+  variables {
+    bucket_name = "Not_A_Bucket"
+  }
+  expect_failures = [var.bucket_name]
+}
+
+run "root_volume_too_small" {
+  command = plan
+  variables {
+    root_volume_size_gb = 4
+  }
+  expect_failures = [var.root_volume_size_gb]
+}
+
+run "bad_expiration_and_multipart_days" {
+  command = plan
+  variables {
+    checkpoint_expiration_days      = 0
+    abort_incomplete_multipart_days = 0
+  }
+  expect_failures = [var.checkpoint_expiration_days, var.abort_incomplete_multipart_days]
+}
+
+run "bad_event_retention" {
+  command = plan
+  variables {
+    event_retention_seconds = 30
+  }
+  expect_failures = [var.event_retention_seconds]
+}
+
+run "bad_fis_target" {
+  command = plan
+  variables {
+    fis_interruption_target = "SOME"
+  }
+  expect_failures = [var.fis_interruption_target]
+}
+
+run "bad_accelerator_manufacturer" {
+  command = plan
+  variables {
+    instance_types        = []
+    instance_requirements = { accelerator_manufacturers = ["intel"] }
+  }
+  expect_failures = [var.instance_requirements]
+}
+
+run "gpu_count_zero" {
+  command = plan
+  variables {
+    instance_types        = []
+    instance_requirements = { accelerator_count_min = 0 }
+  }
+  expect_failures = [var.instance_requirements]
+}
+
+run "neither_types_nor_requirements" {
+  command = plan
+  variables {
+    instance_types = []
+  }
+  expect_failures = [aws_ec2_fleet.training]
+}

@@ -1,0 +1,11 @@
+terraform {
+  # 1.9+: variable validations that refer to other variables (the override count check).
+  required_version = ">= 1.9"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.60, < 6.0"
+    }
+  }
+}
