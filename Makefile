@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 # CPU build of torch: a plain "torch" would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+# checkov in a venv of its own: it pins its own HCL parser and friends.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_PIN := checkov==3.3.30
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
 .PHONY: test lint unit drill bench clean
 
@@ -17,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+$(CHECKOV_STAMP): Makefile
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "$(CHECKOV_PIN)"
+	touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,9 +34,11 @@ lint: $(STAMP)
 	mkdir -p build/typecheck/spotguard
 	ln -sfn ../../../agent build/typecheck/spotguard/agent
 	ln -sfn ../../../trainer_hooks build/typecheck/spotguard/trainer_hooks
-	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard.agent -p spotguard.trainer_hooks
+	ln -sfn ../../../fleet build/typecheck/spotguard/fleet
+	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard.agent -p spotguard.trainer_hooks \
+		-p spotguard.fleet
 
-unit: $(STAMP)
+unit: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/pytest
 
 test: lint unit
@@ -42,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/drill_e2e.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) build .pytest_cache .mypy_cache .ruff_cache

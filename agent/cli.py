@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --budget: the longest training step (the save starts after it)",
     )
 
+    fleet = commands.add_parser("fleet", help="provisioning helpers for the Terraform module")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
+    render = fleet_commands.add_parser(
+        "render", help="model/infrastructure YAML -> Terraform variables JSON"
+    )
+    render.add_argument("config", type=Path, help="model_config.yaml")
+    render.add_argument("--out", type=Path, help="write here (default: standard output)")
+
     units = commands.add_parser(
         "install-units", help="copy the shipped systemd unit files (prints what changed)"
     )
@@ -186,6 +194,21 @@ def _imds_sim(host: str, port: int) -> int:
     return 0
 
 
+def _fleet_render(config: Path, out: Path | None) -> int:
+    from spotguard.fleet.render import RenderError, dumps, render_file
+
+    try:
+        document = dumps(render_file(config))
+    except RenderError as exc:
+        print(f"spotguard fleet render: {exc}", file=sys.stderr)
+        return 2
+    if out is None:
+        sys.stdout.write(document)
+    else:
+        out.write_text(document)
+    return 0
+
+
 def _install_units(dest: Path) -> int:
     from spotguard.agent.units import install_units
 
@@ -204,6 +227,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     try:
         if args.command == "imds-sim":
             return _imds_sim(args.host, args.port)
+        if args.command == "fleet":
+            return _fleet_render(args.config, args.out)
         if args.command == "install-units":
             return _install_units(args.dest)
         if args.command == "ckpt":

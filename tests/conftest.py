@@ -30,10 +30,13 @@ def port() -> int:
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
-    """A moto S3 server over HTTP, the way the product reaches real S3 (``AWS_ENDPOINT_URL``)."""
+    """A moto server over HTTP (S3, EC2, IAM, SQS, ...), reached as real AWS is reached
+    (``AWS_ENDPOINT_URL``)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        # AWS managed policies (AmazonSSMManagedInstanceCore for the fleet's nodes) exist.
+        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -82,6 +82,7 @@ resource "aws_security_group" "nodes" {
 }
 
 resource "aws_launch_template" "nodes" {
+  #checkov:skip=CKV_AWS_341:hop limit 2 is deliberate: containers on a bridge network must reach IMDSv2 (metadata_hop_limit = 1 confines it to the host)
   name_prefix            = "${var.name}-"
   description            = "spotguard spot training node for ${var.name}"
   image_id               = var.ami_id != null ? var.ami_id : data.aws_ami.selected[0].id

@@ -5,6 +5,7 @@ resource "aws_s3_bucket" "checkpoints" {
   #checkov:skip=CKV_AWS_18:access logging needs a separate log bucket; the caller's account-wide choice
   #checkov:skip=CKV_AWS_144:cross-region replication doubles the cost of large checkpoints; opt in outside the module
   #checkov:skip=CKV2_AWS_62:no consumer for object notifications; fleet events go through EventBridge
+  #checkov:skip=CKV_AWS_21:versioning is a variable (bucket_versioning): checkpoints are never overwritten in place, and versions of multi-GB files double the bill
   #checkov:skip=CKV_AWS_145:KMS is optional (kms_key_arn); SSE-S3 encrypts by default
   count         = var.create_bucket ? 1 : 0
   bucket        = local.bucket_name

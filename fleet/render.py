@@ -1,0 +1,213 @@
+"""``spotguard fleet render CONFIG.yaml``: a model/infrastructure config -> Terraform variables.
+
+The config has the shape of a ``model_config.yaml`` that describes a training job and where it
+runs; the output is JSON for ``examples/basic`` (``fleet.auto.tfvars.json``), whose variables
+pass through to the ``spot-training-fleet`` module::
+
+    model:
+      name: llama2-7b-finetune            # -> name (lower-cased, other characters -> "-")
+      command: python train.py --cfg 7b   # -> training_command
+    infrastructure:
+      region: us-east-1                   # -> region
+      network: {vpc_id: vpc-0abc, subnet_ids: [subnet-a, subnet-b]}
+      training:
+        instance_types: [g5.12xlarge, g6.12xlarge]
+        capacity_units: 2                 # -> target_capacity
+        on_demand_base_units: 0           # -> on_demand_base_capacity
+        spot_max_price: 4.10              # -> spot_max_price ("4.10")
+        ami_id: ami-0abc                  # optional
+        root_volume_gb: 300               # -> root_volume_size_gb
+        spotguard_version: 0.1.0
+      checkpoints: {bucket: my-ckpts, prefix: runs/llama, expiration_days: 30}
+    tags: {team: ml}
+
+Every key is checked: an unknown key or a value of the wrong kind is a one-line error naming
+the key (exit code 2), never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RenderError", "dumps", "render", "render_file"]
+
+
+class RenderError(ValueError):
+    """The config cannot become Terraform variables; the message names the key."""
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RenderError(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _name(key: str, value: Any) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", _text(key, value).lower()).strip("-")
+    if not 3 <= len(slug) <= 32:
+        raise RenderError(f"{key}: {value!r} makes the fleet name {slug!r}; use 3-32 characters")
+    return slug
+
+
+def _command(key: str, value: Any) -> str:
+    text = _text(key, value)
+    if "\n" in text:
+        raise RenderError(f"{key}: the training command must be one line")
+    return text
+
+
+def _whole(minimum: int) -> Callable[[str, Any], int]:
+    def convert(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise RenderError(f"{key}: expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _price(key: str, value: Any) -> str:
+    text = value.strip() if isinstance(value, str) else repr(value)
+    try:
+        valid = not isinstance(value, bool) and float(text) > 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise RenderError(f"{key}: expected a price in USD per hour above 0, got {value!r}")
+    return text
+
+
+def _strings(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise RenderError(f"{key}: expected a non-empty list of strings, got {value!r}")
+    return [_text(f"{key}[{index}]", item) for index, item in enumerate(value)]
+
+
+def _prefixed(prefix: str) -> Callable[[str, Any], str]:
+    def convert(key: str, value: Any) -> str:
+        text = _text(key, value)
+        if not text.startswith(prefix):
+            raise RenderError(f"{key}: expected an ID starting with {prefix!r}, got {value!r}")
+        return text
+
+    return convert
+
+
+def _tags(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise RenderError(f"{key}: expected a mapping of tag names to values")
+    return {tag: str(text) for tag, text in value.items()}
+
+
+def _version(key: str, value: Any) -> str:
+    text = _text(key, str(value) if isinstance(value, (int, float)) else value)
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+){1,2}[a-z0-9.+-]*", text):
+        raise RenderError(f"{key}: expected a version such as 0.1.0, got {value!r}")
+    return text
+
+
+#: Config key -> (Terraform variable, converter).
+FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "model.name": ("name", _name),
+    "model.command": ("training_command", _command),
+    "infrastructure.region": ("region", _text),
+    "infrastructure.network.vpc_id": ("vpc_id", _prefixed("vpc-")),
+    "infrastructure.network.subnet_ids": ("subnet_ids", _strings),
+    "infrastructure.training.instance_types": ("instance_types", _strings),
+    "infrastructure.training.capacity_units": ("target_capacity", _whole(1)),
+    "infrastructure.training.on_demand_base_units": ("on_demand_base_capacity", _whole(0)),
+    "infrastructure.training.spot_max_price": ("spot_max_price", _price),
+    "infrastructure.training.ami_id": ("ami_id", _prefixed("ami-")),
+    "infrastructure.training.root_volume_gb": ("root_volume_size_gb", _whole(8)),
+    "infrastructure.training.spotguard_version": ("spotguard_version", _version),
+    "infrastructure.checkpoints.bucket": ("bucket_name", _text),
+    "infrastructure.checkpoints.prefix": ("checkpoint_prefix", _text),
+    "infrastructure.checkpoints.expiration_days": ("checkpoint_expiration_days", _whole(1)),
+    "tags": ("tags", _tags),
+}
+REQUIRED = (
+    "model.name",
+    "model.command",
+    "infrastructure.network.vpc_id",
+    "infrastructure.network.subnet_ids",
+)
+_SECTIONS = {key.rsplit(".", 1)[0] for key in FIELDS if "." in key}
+_SECTIONS |= {section.rsplit(".", 1)[0] for section in list(_SECTIONS) if "." in section}
+
+
+def _walk(node: Mapping[str, Any], prefix: str, found: dict[str, Any]) -> None:
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise RenderError(f"{prefix or 'top level'}: keys must be strings, got {key!r}")
+        if path in FIELDS:
+            found[path] = value
+        elif path in _SECTIONS:
+            if not isinstance(value, dict):
+                raise RenderError(f"{path}: expected a mapping, got {value!r}")
+            _walk(value, f"{path}.", found)
+        else:
+            siblings = sorted(
+                k[len(prefix) :].split(".")[0] for k in FIELDS if k.startswith(prefix)
+            )
+            raise RenderError(
+                f"unknown key {path} (known here: {', '.join(sorted(set(siblings)))})"
+            )
+
+
+def render(config: Any) -> dict[str, Any]:
+    """Terraform variables for ``examples/basic`` from a parsed config."""
+    if not isinstance(config, dict):
+        raise RenderError("the config must be a mapping with model and infrastructure sections")
+    found: dict[str, Any] = {}
+    _walk(config, "", found)
+    missing = [key for key in REQUIRED if key not in found]
+    if missing:
+        raise RenderError(f"missing required key {missing[0]}")
+    variables = {}
+    for key, value in found.items():
+        variable, convert = FIELDS[key]
+        variables[variable] = convert(key, value)
+    on_demand = variables.get("on_demand_base_capacity", 0)
+    if on_demand > variables.get("target_capacity", 1):
+        raise RenderError(
+            "infrastructure.training.on_demand_base_units: more than capacity_units "
+            f"({on_demand} > {variables.get('target_capacity', 1)})"
+        )
+    types, subnets = variables.get("instance_types"), variables["subnet_ids"]
+    if types is not None and len(types) * len(subnets) > 50:
+        raise RenderError(
+            f"infrastructure.training.instance_types: {len(types)} types x {len(subnets)} "
+            "subnets is more than the 50 overrides EC2 Fleet accepts"
+        )
+    return dict(sorted(variables.items()))
+
+
+def render_file(path: Path) -> dict[str, Any]:
+    """Read ``path`` (YAML) and render it; errors name the file and the key."""
+    try:
+        import yaml
+    except ImportError:
+        raise RenderError("reading YAML needs PyYAML: pip install 'spotguard[fleet]'") from None
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RenderError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RenderError(f"{path}:{where} not valid YAML") from None
+    try:
+        return render(config)
+    except RenderError as exc:
+        raise RenderError(f"{path}: {exc}") from None
+
+
+def dumps(variables: Mapping[str, Any]) -> str:
+    """The variables as a ``.tfvars.json`` document."""
+    return json.dumps(variables, indent=2) + "\n"

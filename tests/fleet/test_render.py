@@ -1,0 +1,146 @@
+"""``spotguard fleet render``: model config YAML -> Terraform variables, strictly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spotguard.fleet.render import RenderError, render
+
+BASE = {
+    "model": {"name": "Llama2-7B finetune", "command": "python train.py --cfg 7b"},
+    "infrastructure": {
+        "region": "eu-west-1",
+        "network": {"vpc_id": "vpc-0abc", "subnet_ids": ["subnet-a", "subnet-b"]},
+        "training": {
+            "instance_types": ["g5.12xlarge", "g6.12xlarge"],
+            "capacity_units": 4,
+            "on_demand_base_units": 1,
+            "spot_max_price": 3.5,
+            "ami_id": "ami-0abc",
+            "root_volume_gb": 300,
+            "spotguard_version": "0.1.0",
+        },
+        "checkpoints": {"bucket": "my-ckpts", "prefix": "runs/llama", "expiration_days": 14},
+    },
+    "tags": {"team": "ml", "cost-center": 42},
+}
+
+
+def test_every_key_maps_to_a_module_variable():
+    assert render(BASE) == {
+        "ami_id": "ami-0abc",
+        "bucket_name": "my-ckpts",
+        "checkpoint_expiration_days": 14,
+        "checkpoint_prefix": "runs/llama",
+        "instance_types": ["g5.12xlarge", "g6.12xlarge"],
+        "name": "llama2-7b-finetune",
+        "on_demand_base_capacity": 1,
+        "region": "eu-west-1",
+        "root_volume_size_gb": 300,
+        "spot_max_price": "3.5",
+        "spotguard_version": "0.1.0",
+        "subnet_ids": ["subnet-a", "subnet-b"],
+        "tags": {"team": "ml", "cost-center": "42"},
+        "target_capacity": 4,
+        "training_command": "python train.py --cfg 7b",
+        "vpc_id": "vpc-0abc",
+    }
+
+
+def test_rendered_variables_are_all_declared_by_the_basic_example():
+    declared = (Path(__file__).parents[2] / "fleet/examples/basic/variables.tf").read_text()
+    for name in render(BASE):
+        assert f'variable "{name}"' in declared
+
+
+def _with(path: str, value: object) -> dict:
+    config = json.loads(json.dumps(BASE))
+    *parents, leaf = path.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("infrastructure.training.gpus", 8, "unknown key infrastructure.training.gpus"),
+        ("modle", {}, "unknown key modle"),
+        ("infrastructure.training.capacity_units", 0, "capacity_units: expected a whole number"),
+        ("infrastructure.training.capacity_units", "4", "capacity_units: expected a whole number"),
+        ("infrastructure.training.spot_max_price", "cheap", "spot_max_price: expected a price"),
+        ("infrastructure.training.spot_max_price", -1, "spot_max_price: expected a price"),
+        ("infrastructure.training.instance_types", [], "instance_types: expected a non-empty"),
+        ("infrastructure.training.instance_types", "g5.xlarge", "instance_types: expected a"),
+        ("infrastructure.network.vpc_id", "subnet-1", "vpc_id: expected an ID starting with"),
+        ("infrastructure.training.on_demand_base_units", 9, "more than capacity_units"),
+        ("model.command", "a\nb", "one line"),
+        ("model.name", "!!", "use 3-32 characters"),
+        ("infrastructure.training", [1], "infrastructure.training: expected a mapping"),
+        ("infrastructure.training.instance_types", [f"t{i}" for i in range(26)], "50 overrides"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(path, value, message):
+    with pytest.raises(RenderError, match=message.replace("(", r"\(")):
+        render(_with(path, value))
+
+
+def test_required_keys():
+    config = json.loads(json.dumps(BASE))
+    del config["infrastructure"]["network"]["subnet_ids"]
+    with pytest.raises(
+        RenderError, match=r"missing required key infrastructure\.network\.subnet_ids"
+    ):
+        render(config)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spotguard.agent", "fleet", "render", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_cli_writes_tfvars_json(tmp_path):
+    import yaml
+
+    config = tmp_path / "model_config.yaml"
+    config.write_text(yaml.safe_dump(BASE))
+    out = tmp_path / "fleet.auto.tfvars.json"
+    done = run_cli(str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == render(BASE)
+    printed = run_cli(str(config))
+    assert json.loads(printed.stdout) == render(BASE)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: [unclosed", "line 1 not valid YAML"),
+        ("- a list\n", "the config must be a mapping"),
+        ("model: {name: x1x, command: go}\nextra: 1\n", "unknown key extra"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    done = run_cli(str(config))
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert str(config) in done.stderr
+
+
+def test_cli_missing_file(tmp_path):
+    done = run_cli(str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2
+    assert "cannot read" in done.stderr
