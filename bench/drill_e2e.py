@@ -54,7 +54,7 @@ def main() -> None:
             rows["relaunch"].append(relaunch)
             rows["fresh"].append(report.fresh_start_seconds or 0.0)
         median = {key: statistics.median(values) for key, values in rows.items()}
-        label = size_text if size else "built-in (86 KiB)"
+        label = size_text if size else "built-in (28 KiB)"
         print(
             f"| {label} | {args.trials} | {median['detect']:.2f} s | {median['committed']:.2f} s "
             f"| {median['exited']:.2f} s | {median['margin']:.1f} s | {median['relaunch']:.2f} s "
