@@ -58,6 +58,8 @@ def test_drill_single_process_local_store_json():
     report = json.loads(out)
     assert code == 0, err
     assert_interruptions_held(report, ranks=1)
+    (interruption,) = report["interruptions"]
+    assert interruption["timeline"][-1]["event"] == "training finished (exit 0)"
     assert report["exit_codes"] == [75, 0]
     assert report["final_step"] == 128
     # The drill cleans up after itself: its temporary store is gone.

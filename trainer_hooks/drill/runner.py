@@ -390,14 +390,17 @@ class _Drill:
             self.say(f"replacement instance: resuming from step {resumes_from}")
             launch = self._launch("replacement", hooks=True, nodes=nodes, store=self.store_uri)
             code = self._wait_exit(launch, "replacement")
+            finished_at = time.time()
         self.report.exit_codes.append(code)
         if code != 0:
             raise DrillFailed("resume", f"the replacement run exited {code}: {launch.last_error()}")
         self.report.final_sha256 = self._digest(launch)
         self.report.final_step = launch.result(0).get("step")
-        self._relaunched(launch, resumes_from)
+        self._relaunched(launch, resumes_from, finished_at)
 
-    def _relaunched(self, launch: _Launch, resumes_from: int | None) -> None:
+    def _relaunched(
+        self, launch: _Launch, resumes_from: int | None, finished_at: float | None = None
+    ) -> None:
         """After a launch that replaced a preempted one: which step it resumed at, and when.
 
         A script does not report its resume step; it resumes from the newest verified
@@ -412,6 +415,8 @@ class _Drill:
         record.timeline.append(("replacement launched", launch.started_at - served))
         if rank0.get("first_step_at"):
             record.timeline.append(("first resumed step done", rank0["first_step_at"] - served))
+        if finished_at is not None:
+            record.timeline.append(("training finished (exit 0)", finished_at - served))
         if record.resumed_at_step != record.interrupted_at_step:
             raise DrillFailed(
                 "resume",

@@ -566,3 +566,13 @@ run "neither_types_nor_requirements" {
   }
   expect_failures = [aws_ec2_fleet.training]
 }
+
+run "attribute_based_selection_in_more_than_50_subnets" {
+  command = plan
+  variables {
+    instance_types        = []
+    instance_requirements = {}
+    subnet_ids            = [for i in range(51) : "subnet-${i}"]
+  }
+  expect_failures = [aws_ec2_fleet.training]
+}
