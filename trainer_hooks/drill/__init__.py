@@ -9,8 +9,9 @@ says what happened when; :func:`check_budget` says whether an emergency save of 
 fits in the two-minute notice.
 
 The modules: ``runner`` (the steps), ``_node`` (simulator + agent of one instance),
-``workload`` (the built-in Lightning training), ``report`` (text, JSON, HTML), ``budget``,
-``cli``; errors are :class:`~spotguard.trainer_hooks.drill.errors.DrillFailed`.
+``_launch`` (a training process and what it reports), ``workload`` (the built-in Lightning
+training), ``report`` (text, JSON, HTML), ``budget``, ``cli``; errors are
+:class:`~spotguard.trainer_hooks.drill.errors.DrillFailed`.
 """
 
 from __future__ import annotations

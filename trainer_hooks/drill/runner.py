@@ -10,10 +10,8 @@ forever: every wait has a limit and a sentence for when it runs out.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,8 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from spotguard.trainer_hooks.drill._launch import Launch
 from spotguard.trainer_hooks.drill._node import NOTICE_LEAD, Node
 from spotguard.trainer_hooks.drill.errors import DrillFailed
 from spotguard.trainer_hooks.drill.report import DrillReport, Interruption
@@ -82,39 +80,6 @@ class DrillOptions:
                 raise ValueError(f"{name} must be > 0")
 
 
-@dataclass
-class _Launch:
-    """One training launch (rank 0's process; other ranks are its children)."""
-
-    process: subprocess.Popen[bytes]
-    results: Path
-    log: Path
-    started_at: float
-
-    def progress(self) -> int:
-        path = self.results / "progress"
-        with suppress(OSError, ValueError, IndexError):
-            return int(path.read_text().split()[-1])
-        return 0
-
-    def result(self, rank: int) -> dict[str, Any]:
-        with suppress(OSError, ValueError):
-            loaded: dict[str, Any] = json.loads((self.results / f"rank-{rank}.json").read_text())
-            return loaded
-        return {}
-
-    def last_error(self) -> str:
-        lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines()]
-        errors = [line for line in lines if line and not line.startswith(("File ", "^", "~"))]
-        return errors[-1] if errors else "(no output)"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 class _Drill:
     def __init__(self, options: DrillOptions, folder: Path, say: Callable[[str], None]) -> None:
         self.options = options
@@ -130,11 +95,11 @@ class _Drill:
         self.reference_seconds = 10.0
         #: The last interruption and when its notice was served, until its replacement ran.
         self._previous: tuple[Interruption, float] | None = None
-        self._launched: list[_Launch] = []
+        self._launched: list[Launch] = []
 
     # -- launching ----------------------------------------------------------------------------
 
-    def _launch(self, role: str, *, hooks: bool, nodes: list[Node], store: str) -> _Launch:
+    def _launch(self, role: str, *, hooks: bool, nodes: list[Node], store: str) -> Launch:
         self.launches += 1
         results = self.folder / f"{self.launches:02d}-{role}"
         results.mkdir()
@@ -168,16 +133,7 @@ class _Drill:
                     command += ["--state-dir-template", template]
             else:
                 command.append("--no-hooks")
-        log = results / "training.log"
-        with log.open("wb") as handle:
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # one process group: the ranks go down together
-            )
-        launch = _Launch(process, results, log, time.time())
+        launch = Launch.start(command, env, results)
         self._launched.append(launch)
         return launch
 
@@ -203,7 +159,7 @@ class _Drill:
             for node in nodes:
                 node.stop()
 
-    def _wait_exit(self, launch: _Launch, what: str) -> int:
+    def _wait_exit(self, launch: Launch, what: str) -> int:
         try:
             return launch.process.wait(self.options.launch_timeout)
         except subprocess.TimeoutExpired:
@@ -239,7 +195,7 @@ class _Drill:
         if first_step:
             self.report.fresh_start_seconds = first_step - launch.started_at
 
-    def _digest(self, launch: _Launch) -> str | None:
+    def _digest(self, launch: Launch) -> str | None:
         if self.options.script is None:
             digest = launch.result(0).get("weights_sha256")
             return str(digest) if digest else None
@@ -252,7 +208,7 @@ class _Drill:
 
         return weights_digest(torch.load(output, weights_only=True))
 
-    def _wait_registered(self, launch: _Launch, node: Node) -> None:
+    def _wait_registered(self, launch: Launch, node: Node) -> None:
         give_up = time.monotonic() + self.options.launch_timeout
         while not any((node.state_dir / "targets").glob("*.json")):
             code = launch.process.poll()
@@ -272,7 +228,7 @@ class _Drill:
                 )
             time.sleep(0.05)
 
-    def _wait_for_trigger(self, launch: _Launch, target_step: int, delay: float) -> None:
+    def _wait_for_trigger(self, launch: Launch, target_step: int, delay: float) -> None:
         """Until the built-in run reaches ``target_step``, or ``delay`` s for a script."""
         give_up = time.monotonic() + self.options.launch_timeout
         ready = time.monotonic() + delay
@@ -399,7 +355,7 @@ class _Drill:
         self._relaunched(launch, resumes_from, finished_at)
 
     def _relaunched(
-        self, launch: _Launch, resumes_from: int | None, finished_at: float | None = None
+        self, launch: Launch, resumes_from: int | None, finished_at: float | None = None
     ) -> None:
         """After a launch that replaced a preempted one: which step it resumed at, and when.
 
