@@ -269,7 +269,10 @@ class _Drill:
             )
             for node in nodes:
                 self._wait_registered(launch, node)
-            delay = self.random.uniform(0.2, 0.5) * self.reference_seconds
+            # A script reports no steps: serve the notice a random share of the way through
+            # what is left of its run, split between the interruptions still to come.
+            share = self.reference_seconds / self.options.interruptions
+            delay = self.random.uniform(0.2, 0.5) * share
             self._wait_for_trigger(launch, target, delay)
             node = nodes[notified]
             served = node.interrupt()
