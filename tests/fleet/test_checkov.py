@@ -81,5 +81,4 @@ def test_skips_are_few(tmp_path: Path):
         "CKV_AWS_145",
         "CKV2_AWS_62",
         "CKV_AWS_341",
-        "CKV_AWS_382",
     }

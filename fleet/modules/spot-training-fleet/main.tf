@@ -64,16 +64,32 @@ locals {
 
 resource "aws_security_group" "nodes" {
   name_prefix = "${var.name}-nodes-"
-  description = "spotguard training nodes of ${var.name}: no inbound traffic, outbound for S3, package index and SSM"
+  description = "spotguard training nodes of ${var.name}: HTTPS out, and node-to-node traffic within the fleet"
   vpc_id      = var.vpc_id
   tags        = merge(local.tags, { Name = "${var.name}-nodes" })
 
   egress {
-    description = "Outbound HTTPS and the rest: S3, the package index, SSM, NCCL between nodes"
+    description = "HTTPS: S3, the package index, SSM (IMDS and the VPC resolver are not filtered by security groups)"
+    from_port   = 443
+    to_port     = 443
+    protocol    = "tcp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  egress {
+    description = "Anything between the nodes of this fleet: NCCL and torch.distributed rendezvous"
     from_port   = 0
     to_port     = 0
     protocol    = "-1"
-    cidr_blocks = ["0.0.0.0/0"] #checkov:skip=CKV_AWS_382:training nodes download packages and datasets; no inbound rule exists
+    self        = true
+  }
+
+  ingress {
+    description = "Anything between the nodes of this fleet: NCCL and torch.distributed rendezvous"
+    from_port   = 0
+    to_port     = 0
+    protocol    = "-1"
+    self        = true
   }
 
   lifecycle {

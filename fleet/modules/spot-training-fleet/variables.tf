@@ -13,7 +13,7 @@ variable "name" {
 }
 
 variable "vpc_id" {
-  description = "ID of the VPC the subnets belong to. The module creates a security group there that allows no inbound traffic."
+  description = "ID of the VPC the subnets belong to. The module creates a security group there that admits traffic only from the fleet's own nodes."
   type        = string
 }
 

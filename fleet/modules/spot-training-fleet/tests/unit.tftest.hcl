@@ -80,6 +80,19 @@ run "launch_template_imdsv2_encryption_monitoring" {
   }
 }
 
+run "security_group_lets_out_only_https_and_in_only_the_fleet" {
+  command = plan
+
+  assert {
+    condition     = toset([for rule in aws_security_group.nodes.egress : "${rule.protocol}/${rule.from_port}/${join(",", coalesce(rule.cidr_blocks, []))}/${coalesce(rule.self, false)}"]) == toset(["tcp/443/0.0.0.0/0/false", "-1/0//true"])
+    error_message = "Egress: HTTPS anywhere, anything to the fleet's own nodes; nothing else."
+  }
+  assert {
+    condition     = length(aws_security_group.nodes.ingress) == 1 && alltrue([for rule in aws_security_group.nodes.ingress : coalesce(rule.self, false) && length(coalesce(rule.cidr_blocks, [])) == 0])
+    error_message = "Ingress only from the fleet's own nodes."
+  }
+}
+
 run "hop_limit_and_kms_are_variables" {
   command = plan
   variables {
