@@ -252,9 +252,10 @@ class _Drill:
 
     def interrupt(self, number: int, previous_step: int) -> Interruption:
         segment_start = number * SEGMENT
-        target = self.random.randint(
-            max(segment_start, previous_step) + 4, segment_start + SEGMENT // 2
-        )
+        # In the first half of this interruption's segment, after the last stop; a slow machine
+        # that stopped late in the previous segment gets the next notice right away.
+        low = max(segment_start, previous_step) + 4
+        target = self.random.randint(low, max(low, segment_start + SEGMENT // 2))
         notified = self.random.randrange(self.options.ranks)
         record = Interruption(notified_rank=notified, scheduled_at_step=target)
         self.report.interruptions.append(record)
