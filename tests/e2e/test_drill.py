@@ -60,6 +60,10 @@ def test_drill_single_process_local_store_json():
     assert_interruptions_held(report, ranks=1)
     (interruption,) = report["interruptions"]
     assert interruption["timeline"][-1]["event"] == "training finished (exit 0)"
+    assert [{**entry, "interruption": 1} for entry in interruption["timeline"]] == [
+        {key: entry[key] for key in ("event", "seconds_since_notice", "interruption")}
+        for entry in report["timeline"]
+    ]
     assert report["exit_codes"] == [75, 0]
     assert report["final_step"] == 128
     # The drill cleans up after itself: its temporary store is gone.

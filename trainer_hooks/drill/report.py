@@ -57,6 +57,12 @@ class DrillReport:
         report["interrupted_at_step"] = [i.interrupted_at_step for i in self.interruptions]
         report["resumed_at_step"] = [i.resumed_at_step for i in self.interruptions]
         report["seconds"] = round(self.seconds, 3)
+        # Every interruption's events in one list, for tools that want a single timeline.
+        report["timeline"] = [
+            {"interruption": number, "event": name, "seconds_since_notice": round(at, 3)}
+            for number, interruption in enumerate(self.interruptions, 1)
+            for name, at in interruption.timeline
+        ]
         for entry, interruption in zip(report["interruptions"], self.interruptions, strict=True):
             entry["margin"] = None if interruption.margin is None else round(interruption.margin, 3)
             entry["timeline"] = [
