@@ -17,6 +17,9 @@ import pytest
 
 from spotguard.trainer_hooks import CheckpointStore
 
+# Each drill is several real training processes; a busy CI machine may take minutes.
+pytestmark = pytest.mark.timeout(420)
+
 EVENTS = [
     "notice served by IMDS",
     "agent detected it",

@@ -15,6 +15,10 @@ import pytest
 
 from tests.fleet.conftest import Terraform, basic_example_on_moto
 
+# The apply alone takes about a minute here (the provider's own S3 and SQS waiters), and the
+# module fixture's setup counts against the first test's limit.
+pytestmark = pytest.mark.timeout(480)
+
 CONFIG = """
 model:
   name: IT Fleet

@@ -26,6 +26,7 @@ def test_validates_with_the_real_provider(terraform: Terraform, tmp_path: Path, 
     assert "The configuration is valid" in done.stdout
 
 
+@pytest.mark.timeout(300)
 def test_module_unit_suite_with_the_mocked_provider(terraform: Terraform, tmp_path: Path):
     work = copy_config(MODULE, tmp_path)
     terraform("init", "-backend=false", cwd=work)
