@@ -17,6 +17,7 @@ pass through to the ``spot-training-fleet`` module::
         spot_max_price: 4.10              # -> spot_max_price ("4.10")
         ami_id: ami-0abc                  # optional
         root_volume_gb: 300               # -> root_volume_size_gb
+        python: /opt/pytorch/bin/python   # -> training_python (the AMI's PyTorch env)
         spotguard_version: 0.1.0
       checkpoints: {bucket: my-ckpts, prefix: runs/llama, expiration_days: 30}
     tags: {team: ml}
@@ -123,6 +124,7 @@ FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "infrastructure.training.ami_id": ("ami_id", _prefixed("ami-")),
     "infrastructure.training.root_volume_gb": ("root_volume_size_gb", _whole(8)),
     "infrastructure.training.spotguard_version": ("spotguard_version", _version),
+    "infrastructure.training.python": ("training_python", _prefixed("/")),
     "infrastructure.checkpoints.bucket": ("bucket_name", _text),
     "infrastructure.checkpoints.prefix": ("checkpoint_prefix", _text),
     "infrastructure.checkpoints.expiration_days": ("checkpoint_expiration_days", _whole(1)),

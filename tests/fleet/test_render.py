@@ -24,6 +24,7 @@ BASE = {
             "ami_id": "ami-0abc",
             "root_volume_gb": 300,
             "spotguard_version": "0.1.0",
+            "python": "/opt/conda/envs/train/bin/python",
         },
         "checkpoints": {"bucket": "my-ckpts", "prefix": "runs/llama", "expiration_days": 14},
     },
@@ -48,6 +49,7 @@ def test_every_key_maps_to_a_module_variable():
         "tags": {"team": "ml", "cost-center": "42"},
         "target_capacity": 4,
         "training_command": "python train.py --cfg 7b",
+        "training_python": "/opt/conda/envs/train/bin/python",
         "vpc_id": "vpc-0abc",
     }
 

@@ -4,7 +4,8 @@ The script is rendered by the real module (``terraform plan`` of ``examples/basi
 moto server, read from the plan), then run in a sandbox: ``SPOTGUARD_ROOT`` points every path
 into a temporary folder and stub ``curl``, ``python3``, ``pip``, ``aws`` and ``systemctl`` on
 ``PATH`` record what they were asked to do. The installed ``spotguard`` is the real one, so
-``spotguard install-units`` copies the real unit files.
+``spotguard install-units`` copies the real unit files; ``<root>/opt/pytorch/bin/python``
+stands in for the Deep Learning AMI's PyTorch environment.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from tests.fleet.conftest import Terraform, basic_example_on_moto
 FLEET_NAME = "sandbox"
 COMMAND = "python /opt/train/train.py --config 7b.yaml"
 
+#: An interpreter whose pip "installs" spotguard: the real console script of this venv.
+PIP_PYTHON = r"""#!/bin/bash
+echo "$0 $*" >> "$CALLS"
+[ "$1 $2 $3" = "-m pip install" ] || { echo "python stub: $*" >&2; exit 2; }
+ln -sfn "$REAL_SPOTGUARD" "$(dirname "$0")/spotguard"
+"""
+
 STUBS = {
     # IMDSv2: the token PUT first; metadata GETs must carry it.
     "curl": r"""#!/bin/bash
@@ -36,17 +44,12 @@ case "$*" in
   *) echo "curl stub: unexpected request: $*" >&2; exit 22 ;;
 esac
 """,
+    # `python3 -m venv DIR` makes DIR/bin/python, a stand-in for any pip-capable interpreter.
     "python3": r"""#!/bin/bash
 echo "python3 $*" >> "$CALLS"
-[ "$1 $2 $3" = "-m venv --system-site-packages" ] || { echo "python3 stub: $*" >&2; exit 2; }
-mkdir -p "$4/bin"
-printf '#!/bin/bash\nexit 0\n' > "$4/bin/python"
-cat > "$4/bin/pip" <<PIP
-#!/bin/bash
-echo "pip \$*" >> "\$CALLS"
-ln -sfn "$REAL_SPOTGUARD" "$4/bin/spotguard"
-PIP
-chmod +x "$4/bin/python" "$4/bin/pip"
+[ "$1 $2" = "-m venv" ] && [ $# -eq 3 ] || { echo "python3 stub: $*" >&2; exit 2; }
+mkdir -p "$3/bin"
+cp "$PIP_PYTHON" "$3/bin/python"
 """,
     "aws": r"""#!/bin/bash
 echo "aws $*" >> "$CALLS"
@@ -120,8 +123,15 @@ def _sandbox(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     for name, body in STUBS.items():
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
+    # The Deep Learning AMI's PyTorch environment, where the trainer hooks go.
+    (root / "opt" / "pytorch" / "bin").mkdir(parents=True)
+    (root / "opt" / "pytorch" / "bin" / "python").write_text(PIP_PYTHON)
+    (root / "opt" / "pytorch" / "bin" / "python").chmod(0o755)
+    (tmp_path / "pip-python").write_text(PIP_PYTHON)
+    (tmp_path / "pip-python").chmod(0o755)
     calls = tmp_path / "calls.log"
     env = {
+        "PIP_PYTHON": str(tmp_path / "pip-python"),
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "HOME": str(tmp_path),
         "SPOTGUARD_ROOT": str(root),
@@ -158,21 +168,25 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
     calls = _run(script, env)
     commands = [line.split(" [")[0] for line in calls if not line.startswith("curl")]
     venv = f"{root}/opt/spotguard/venv"
+    pip = "-m pip install --quiet --disable-pip-version-check"
+    torch_env = f"{root}/opt/pytorch/bin/python"
     if "WHEEL_URI='s3://" in rendered:
         wheel = f"{root}/opt/spotguard/spotguard-0.1.0-py3-none-any.whl"
         assert commands == [
-            f"python3 -m venv --system-site-packages {venv}",
             "aws s3 cp --only-show-errors --region us-east-1 "
             f"s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl {wheel}",
-            f"pip install --quiet --disable-pip-version-check {wheel}[s3,lightning]",
+            f"python3 -m venv {venv}",
+            f"{venv}/bin/python {pip} {wheel}",
+            f"{torch_env} {pip} {wheel}[s3,lightning]",
             "systemctl daemon-reload",
             "systemctl enable --now spotguard-agent.service",
             f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
         ]
     else:
         assert commands == [
-            f"python3 -m venv --system-site-packages {venv}",
-            "pip install --quiet --disable-pip-version-check spotguard[s3,lightning]==0.1.0",
+            f"python3 -m venv {venv}",
+            f"{venv}/bin/python {pip} spotguard==0.1.0",  # the agent: no torch, no boto3
+            f"{torch_env} {pip} spotguard[s3,lightning]==0.1.0",  # the hooks, beside torch
             "systemctl daemon-reload",
             "systemctl enable --now spotguard-agent.service",
             f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
@@ -192,6 +206,8 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
         environment
     )
     assert "AWS_DEFAULT_REGION=us-east-1" in environment
+    # The training command's `python` is the environment the hooks went into.
+    assert "PATH=/opt/pytorch/bin:/usr/local/bin:/usr/bin:/bin" in environment
     assert (
         (etc / "spotguard" / f"training-{FLEET_NAME}.sh").read_text().endswith(f"exec {COMMAND}\n")
     )

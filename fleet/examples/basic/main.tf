@@ -19,6 +19,7 @@ module "fleet" {
   ami_id                        = var.ami_id
   root_volume_size_gb           = var.root_volume_size_gb
   training_command              = var.training_command
+  training_python               = var.training_python
   spotguard_version             = var.spotguard_version
   bucket_name                   = var.bucket_name
   checkpoint_prefix             = var.checkpoint_prefix

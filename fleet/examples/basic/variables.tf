@@ -66,6 +66,12 @@ variable "training_command" {
   type        = string
 }
 
+variable "training_python" {
+  description = "Interpreter the training command runs with; the trainer hooks are installed into its environment."
+  type        = string
+  default     = "/opt/pytorch/bin/python"
+}
+
 variable "spotguard_version" {
   description = "spotguard version to install on the nodes."
   type        = string

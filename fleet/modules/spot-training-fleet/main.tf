@@ -38,9 +38,8 @@ locals {
   ]
   use_requirements = length(var.instance_types) == 0
 
-  spotguard_spec = var.spotguard_wheel_s3_uri == null ? (
-    "spotguard[${join(",", var.spotguard_extras)}]==${var.spotguard_version}"
-  ) : "[${join(",", var.spotguard_extras)}]"
+  # The agent needs no extras; the trainer hooks get them in the training environment.
+  extras = length(var.spotguard_extras) > 0 ? "[${join(",", var.spotguard_extras)}]" : ""
 
   agent_toml = join("\n", concat(
     [
@@ -52,13 +51,15 @@ locals {
   ))
 
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    fleet_name       = var.name
-    spotguard_spec   = local.spotguard_spec
-    wheel_s3_uri     = var.spotguard_wheel_s3_uri == null ? "" : var.spotguard_wheel_s3_uri
-    agent_toml       = local.agent_toml
-    checkpoint_uri   = local.checkpoint_uri
-    training_command = var.training_command
-    training_user    = var.training_user
+    fleet_name        = var.name
+    spotguard_version = var.spotguard_version
+    extras            = local.extras
+    wheel_s3_uri      = var.spotguard_wheel_s3_uri == null ? "" : var.spotguard_wheel_s3_uri
+    training_python   = var.training_python
+    agent_toml        = local.agent_toml
+    checkpoint_uri    = local.checkpoint_uri
+    training_command  = var.training_command
+    training_user     = var.training_user
   })
 }
 

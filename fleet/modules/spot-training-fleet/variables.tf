@@ -228,7 +228,7 @@ variable "spotguard_wheel_s3_uri" {
 }
 
 variable "spotguard_extras" {
-  description = "Extras to install with spotguard on the nodes: s3 for the checkpoint store, lightning or torch for the trainer hooks."
+  description = "Extras to install with spotguard into the training environment: s3 for the checkpoint store, lightning (or torch) for the trainer hooks. The agent is installed on its own, without extras."
   type        = list(string)
   default     = ["s3", "lightning"]
 }
@@ -240,6 +240,17 @@ variable "training_command" {
   validation {
     condition     = length(trimspace(var.training_command)) > 0 && !can(regex("[\n\r]", var.training_command))
     error_message = "training_command must be one non-empty line."
+  }
+}
+
+variable "training_python" {
+  description = "Python interpreter the training command runs with (first on its PATH); the trainer hooks and their extras are installed into its environment. The default is the Deep Learning AMI's PyTorch environment. With another AMI, name a venv or conda interpreter that has torch, not the system Python (current Ubuntu refuses pip installs there)."
+  type        = string
+  default     = "/opt/pytorch/bin/python"
+
+  validation {
+    condition     = can(regex("^/[A-Za-z0-9._+/-]+$", var.training_python))
+    error_message = "training_python must be an absolute path without spaces, such as /opt/pytorch/bin/python."
   }
 }
 

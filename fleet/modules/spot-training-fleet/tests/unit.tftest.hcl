@@ -336,8 +336,8 @@ run "user_data_installs_configures_and_starts" {
     error_message = "User data is strict bash."
   }
   assert {
-    condition     = strcontains(output.user_data, "SPEC='spotguard[s3,lightning]==0.1.0'")
-    error_message = "User data installs the pinned spotguard version with its extras."
+    condition     = strcontains(output.user_data, "VERSION='0.1.0'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'") && strcontains(output.user_data, "TRAINING_PYTHON='/opt/pytorch/bin/python'")
+    error_message = "User data installs the pinned spotguard version, with its extras into the Deep Learning AMI's PyTorch environment."
   }
   assert {
     condition     = strcontains(output.user_data, "SPOTGUARD_CHECKPOINT_URI=s3://unit-ckpt-123456789012-us-east-1/checkpoints")
@@ -364,7 +364,7 @@ run "wheel_from_s3" {
   }
 
   assert {
-    condition     = strcontains(output.user_data, "WHEEL_URI='s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "SPEC='[s3,lightning]'")
+    condition     = strcontains(output.user_data, "WHEEL_URI='s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'")
     error_message = "User data installs the wheel from S3 with the extras."
   }
 }
@@ -495,6 +495,14 @@ run "empty_training_command" {
     training_command = "  "
   }
   expect_failures = [var.training_command]
+}
+
+run "relative_training_python" {
+  command = plan
+  variables {
+    training_python = "python3"
+  }
+  expect_failures = [var.training_python]
 }
 
 run "bad_training_user" {
