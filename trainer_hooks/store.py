@@ -5,13 +5,13 @@ Layout and commit protocol (DESIGN.md)::
     <uri>/ckpt-000000001200/<payload files>
     <uri>/ckpt-000000001200/manifest.json      written last: the commit marker
 
-Payload files are serialized into a spool file while their SHA-256 is computed, uploaded, and
-only then is the manifest written, in one atomic PUT (S3) or rename (local). A checkpoint whose
-manifest is missing, unreadable, or lists a file that is absent or of another size does not
-exist for :meth:`list` and :meth:`latest`; a payload whose bytes do not match the manifest's
-checksum is refused by :meth:`fetch` and skipped by :meth:`load_state`, which falls back to the
-next older checkpoint. Loading uses ``torch.load(weights_only=True)``: a store is data, not
-trusted code.
+Payload files are serialized straight into the upload (S3) or a spool file renamed into place
+(local) while their SHA-256 is computed, and only then is the manifest written, in one atomic
+PUT (S3) or rename (local). A checkpoint whose manifest is missing, unreadable, or lists a
+file that is absent or of another size does not exist for :meth:`list` and :meth:`latest`; a
+payload whose bytes do not match the manifest's checksum is refused by :meth:`fetch` and
+skipped by :meth:`load_state`, which falls back to the next older checkpoint. Loading uses
+``torch.load(weights_only=True)``: a store is data, not trusted code.
 """
 
 from __future__ import annotations
@@ -256,19 +256,22 @@ class CheckpointStore:
         Several processes (ranks) may each put their own files; one of them then commits.
         """
         check_name(name)
-        with self._backend.spool() as spool:
-            path = spool / "payload.part"
-            with open(path, "wb") as handle:
-                writer = HashingWriter(handle)
-                if isinstance(payload, (bytes, bytearray, memoryview)):
-                    writer.write(payload)
-                else:
-                    # Buffered: torch.save issues many small writes.
-                    buffered = io.BufferedWriter(writer, buffer_size=8 * 2**20)
-                    payload(buffered)
-                    buffered.flush()
-                    buffered.detach()
-            self._backend.upload(f"{step_dir(step)}/{name}", path)
+        hashed: list[HashingWriter] = []
+
+        def produce(sink: Sink) -> None:
+            writer = HashingWriter(sink)
+            hashed.append(writer)
+            if isinstance(payload, (bytes, bytearray, memoryview)):
+                writer.write(payload)
+            else:
+                # Buffered: torch.save issues many small writes.
+                buffered = io.BufferedWriter(writer, buffer_size=8 * 2**20)
+                payload(buffered)
+                buffered.flush()
+                buffered.detach()
+
+        self._backend.write(f"{step_dir(step)}/{name}", produce)
+        (writer,) = hashed
         return FileEntry(writer.size, writer.hexdigest())
 
     def commit(

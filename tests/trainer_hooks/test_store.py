@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ from spotguard.trainer_hooks import (
     CorruptCheckpoint,
     StoreError,
     TransferSettings,
+    VerifyResult,
 )
 
 MiB = 2**20
@@ -85,8 +87,6 @@ def test_save_commit_list_and_load_round_trip(store_uri):
 
 
 def test_manifest_records_size_and_sha256(store_uri):
-    import hashlib
-
     store = CheckpointStore(store_uri)
     manifest = store.save(7, {"a.bin": b"hello", "sub/b.bin": b"world!"})
     raw = json.loads(Raw(store_uri).get("ckpt-000000000007/manifest.json"))
@@ -234,3 +234,28 @@ def test_missing_bucket_and_missing_credentials(s3, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StoreError, match="no AWS credentials"):
         CheckpointStore(f"s3://{s3}/x").latest()
+
+
+def test_a_payload_that_fails_midway_leaves_nothing_on_s3(s3):
+    """Serialization streams into the multipart upload: a failure aborts it, nothing lands."""
+    store = CheckpointStore(f"s3://{s3}/run", transfer=TransferSettings(part_size=5 * MiB))
+
+    def payload(handle):
+        handle.write(b"x" * (12 * MiB))  # two parts already on their way
+        raise ValueError("cannot pickle this")
+
+    with pytest.raises(ValueError, match="cannot pickle this"):
+        store.put(3, "state.pt", payload)
+    client = boto3.client("s3")
+    assert "Contents" not in client.list_objects_v2(Bucket=s3)
+    assert client.list_multipart_uploads(Bucket=s3).get("Uploads", []) == []
+
+
+def test_a_streamed_multipart_payload_round_trips_with_its_checksum(s3):
+    store = CheckpointStore(f"s3://{s3}/run", transfer=TransferSettings(part_size=5 * MiB))
+    data = bytes(range(256)) * (70 * 1024)  # 17.5 MiB: four parts
+    entry = store.put(1, "blob.bin", lambda handle: handle.write(data))
+    assert entry.size == len(data)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    store.commit(1, {"blob.bin": entry})
+    assert store.verify() == [VerifyResult(1, True)]

@@ -11,12 +11,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from spotguard.trainer_hooks._internals.streams import Sink
+from spotguard.trainer_hooks._internals.streams import Pipe, Sink
 from spotguard.trainer_hooks.errors import StoreError
 
 MiB = 2**20
@@ -57,10 +58,8 @@ class Backend(Protocol):
     def write_small(self, key: str, data: bytes) -> None:
         """An atomic write of a small object: readers see all of it or nothing."""
 
-    def spool(self) -> contextlib.AbstractContextManager[Path]:
-        """A scratch directory from which :meth:`upload` is cheapest."""
-
-    def upload(self, key: str, path: Path) -> None: ...
+    def write(self, key: str, produce: Callable[[Sink], None]) -> None:
+        """Store what ``produce`` writes as ``key``; nothing is left under ``key`` if it fails."""
 
     def download(self, key: str, sink: Sink) -> None:
         """Stream the object into ``sink`` in order."""
@@ -105,22 +104,21 @@ class LocalBackend:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
 
-    @contextlib.contextmanager
-    def spool(self) -> Iterator[Path]:
+    def write(self, key: str, produce: Callable[[Sink], None]) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}") from None
-        # Same filesystem as the store: "upload" is a rename.
+        # A spool on the same filesystem as the store: publishing it is a rename.
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".spool-") as name:
-            yield Path(name)
-
-    def upload(self, key: str, path: Path) -> None:
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(path, target)
+            spool = Path(name) / "payload.part"
+            with open(spool, "wb") as handle:
+                produce(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            target = self.root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(spool, target)
 
     def download(self, key: str, sink: Sink) -> None:
         with open(self.root / key, "rb") as source:
@@ -230,16 +228,42 @@ class S3Backend:
         with self._errors(f"write {key}"):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    @contextlib.contextmanager
-    def spool(self) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="spotguard-spool-") as name:
-            yield Path(name)
+    def write(self, key: str, produce: Callable[[Sink], None]) -> None:
+        """Serialize and upload at once: ``produce`` runs in a thread of its own and writes into
+        a bounded pipe that the transfer manager reads part by part (parallel multipart upload,
+        retries per part), so no spool file and no second pass over the data.
 
-    def upload(self, key: str, path: Path) -> None:
-        # A failed multipart upload is aborted by the transfer manager; one cut short by a
-        # killed process stays invisible (and is cleaned by the bucket's lifecycle rule).
-        with self._errors(f"upload {key}"):
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+        A failed upload is aborted by the transfer manager; one cut short by a killed process
+        stays invisible (and is cleaned by the bucket's lifecycle rule).
+        """
+        pipe = Pipe()
+        failures: list[BaseException] = []
+
+        def run_producer() -> None:
+            try:
+                produce(pipe.writer)
+                pipe.finish()
+            except BaseException as exc:  # handed to the upload, then re-raised below
+                failures.append(exc)
+                pipe.fail(exc)
+
+        producer = threading.Thread(target=run_producer, name="spotguard-serialize", daemon=True)
+        producer.start()
+        try:
+            with self._errors(f"upload {key}"):
+                self.client.upload_fileobj(
+                    pipe.reader, self.bucket, self._key(key), Config=self.transfer
+                )
+        except BaseException:
+            # The producer failed first (the pipe made the upload abort): its error is the news.
+            if failures and not isinstance(failures[0], BrokenPipeError):
+                raise failures[0] from None
+            raise
+        finally:
+            pipe.close_reader()  # a producer still writing after a failed upload stops
+            producer.join()
+        if failures:
+            raise failures[0]
 
     def download(self, key: str, sink: Sink) -> None:
         with self._errors(f"download {key}"):
