@@ -116,7 +116,8 @@ class _PipeReader(io.RawIOBase):
     def __init__(self, pipe: Pipe) -> None:
         super().__init__()
         self._pipe = pipe
-        self._pending = bytearray()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._at_end = False
 
     def readable(self) -> bool:
@@ -127,7 +128,7 @@ class _PipeReader(io.RawIOBase):
 
     def read(self, size: int | None = -1, /) -> bytes:
         wanted = None if size is None or size < 0 else size
-        while not self._at_end and (wanted is None or len(self._pending) < wanted):
+        while not self._at_end and (wanted is None or self._buffered < wanted):
             item = self._pipe._queue.get()
             if item is _EOF:
                 self._at_end = True
@@ -136,8 +137,13 @@ class _PipeReader(io.RawIOBase):
                     item.error
                 )
             else:
-                self._pending += cast(bytes, item)
-        count = len(self._pending) if wanted is None else min(wanted, len(self._pending))
-        out = bytes(self._pending[:count])
-        del self._pending[:count]
-        return out
+                chunk = cast(bytes, item)
+                self._chunks.append(chunk)
+                self._buffered += len(chunk)
+        # One join per read (parts are whole multiples of the writes, so usually no remainder).
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        if wanted is None or len(data) <= wanted:
+            self._chunks, self._buffered = [], 0
+            return data
+        self._chunks, self._buffered = [data[wanted:]], len(data) - wanted
+        return data[:wanted]
