@@ -18,19 +18,12 @@ from pathlib import Path
 from typing import TextIO
 
 from spotguard.trainer_hooks._internals.manifest import Manifest, step_dir
+from spotguard.trainer_hooks._internals.sizes import human_size
 from spotguard.trainer_hooks._internals.streams import Sink
 from spotguard.trainer_hooks.errors import CheckpointError, CorruptCheckpoint
 from spotguard.trainer_hooks.store import CheckpointStore
 
 __all__ = ["run_ckpt"]
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns at GiB
 
 
 def _describe(manifest: Manifest) -> dict[str, object]:
@@ -54,7 +47,7 @@ def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
         return 0
     print(f"{'step':>12} {'epoch':>6} {'kind':10} {'size':>10}  created", file=out)
     for row in rows:
-        size = _human(float(row["bytes"]))  # type: ignore[arg-type]
+        size = human_size(float(row["bytes"]))  # type: ignore[arg-type]
         print(
             f"{row['step']:>12} {row['epoch']:>6} {row['kind']!s:10} {size:>10}  "
             f"{row['created_at']}",
@@ -94,7 +87,7 @@ class _Progress:
             share = self.done / max(self.total, 1)
             rate = self.done / max(time.monotonic() - self.started, 1e-6)
             bar = "#" * int(30 * share)
-            self.stream.write(f"\r[{bar:30}] {share:6.1%} {_human(rate)}/s")
+            self.stream.write(f"\r[{bar:30}] {share:6.1%} {human_size(rate)}/s")
             self.stream.flush()
 
     def close(self) -> None:

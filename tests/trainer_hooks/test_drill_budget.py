@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from spotguard.trainer_hooks import CheckpointStore
-from spotguard.trainer_hooks.drill.budget import parse_size
+from spotguard.trainer_hooks._internals.sizes import human_size, parse_size
 
 
 def budget(*args: str) -> tuple[int, str, str]:
@@ -28,6 +28,22 @@ def budget(*args: str) -> tuple[int, str, str]:
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (64 * 2**20, "64.0 MiB"),
+        (3 * 2**30, "3.0 GiB"),
+        (2 * 2**40, "2.0 TiB"),
+        (5 * 2**50, "5120.0 TiB"),
+    ],
+)
+def test_human_size(size, text):
+    assert human_size(size) == text
 
 
 @pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1GiB", "0"])

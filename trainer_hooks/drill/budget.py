@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 
+from spotguard.trainer_hooks._internals.sizes import human_size
 from spotguard.trainer_hooks.errors import StoreError
 from spotguard.trainer_hooks.store import CheckpointStore
 
-__all__ = ["Budget", "check_budget", "parse_size"]
+__all__ = ["Budget", "check_budget"]
 
 NOTICE_SECONDS = 120.0
 #: Kept free by the hooks before the deadline (GuardSettings.safety_margin's default).
@@ -30,38 +30,6 @@ DETECTION = 1.5
 PROBE_STEP = 999_999_999_999
 #: A save fits when it would take at most this share of the time left.
 HEADROOM = 0.8
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str) -> int:
-    """``"20GiB"``, ``"1.5 GB"``, ``"1048576"`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"size {text!r}: use a number with an optional unit, e.g. 20GiB or 500MB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise ValueError(f"size {text!r} must be more than 0 bytes")
-    return size
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 @dataclass(frozen=True)
@@ -81,10 +49,12 @@ class Budget:
         return json.dumps(asdict(self), indent=2)
 
     def render_text(self) -> str:
+        rate, probe = human_size(self.bytes_per_second), human_size(self.probe_bytes)
+        save = f"~{self.estimated_save_seconds:.1f} s"
         lines = [
-            f"store {self.store}: {_human(self.bytes_per_second)}/s (a {_human(self.probe_bytes)}"
-            f" save took {self.probe_seconds:.2f} s, serialize + checksum + upload)",
-            f"emergency save of {_human(self.state_bytes)}: ~{self.estimated_save_seconds:.1f} s",
+            f"store {self.store}: {rate}/s (a {probe} save took {self.probe_seconds:.2f} s, "
+            "serialize + checksum + upload)",
+            f"emergency save of {human_size(self.state_bytes)}: {save}",
             f"time for it: {self.available_seconds:.1f} s of the {NOTICE_SECONDS:.0f} s notice "
             f"(after {DETECTION} s detection, a {self.step_seconds:g} s step, "
             f"{SAFETY_MARGIN:g} s margin)",
@@ -106,7 +76,7 @@ def _advice(estimate: float, available: float, state_bytes: int) -> tuple[str, .
     return (
         f"shard the save: with {shards} ranks each saving its share (e.g. FSDP/DCP sharded "
         "state), every rank writes in parallel",
-        f"save less: about {_human(fitting)} fits (drop what can be rebuilt, keep optimizer "
+        f"save less: about {human_size(fitting)} fits (drop what can be rebuilt, keep optimizer "
         "state in a smaller dtype)",
         "save more often: periodic saves bound the work lost when the emergency save is "
         "skipped (the hooks then keep the last verified checkpoint)",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spotguard.trainer_hooks.drill.budget import check_budget, parse_size
+from spotguard.trainer_hooks._internals.sizes import parse_size
+from spotguard.trainer_hooks.drill.budget import check_budget
 from spotguard.trainer_hooks.drill.runner import DrillOptions, run_drill
 from spotguard.trainer_hooks.errors import CheckpointError
 
