@@ -50,6 +50,7 @@ drill: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/agent_latency.py
 	$(BIN)/python bench/checkpoint_io.py
+	$(BIN)/python bench/upload_parts.py
 	$(BIN)/python bench/drill_e2e.py
 
 clean:

@@ -250,10 +250,14 @@ class CheckpointStore:
         entries = {name: self.put(step, name, payload) for name, payload in files.items()}
         return self.commit(step, entries, epoch=epoch, kind=kind, extra=extra)
 
-    def put(self, step: int, name: str, payload: Payload) -> FileEntry:
+    def put(
+        self, step: int, name: str, payload: Payload, *, size_hint: int | None = None
+    ) -> FileEntry:
         """Write one payload file of a checkpoint that is not committed yet.
 
         Several processes (ranks) may each put their own files; one of them then commits.
+        ``size_hint`` (about how many bytes a callable payload writes) lets an S3 upload size
+        its parts for a file beyond ``10,000 x part_size``.
         """
         check_name(name)
         hashed: list[HashingWriter] = []
@@ -270,7 +274,9 @@ class CheckpointStore:
                 buffered.flush()
                 buffered.detach()
 
-        self._backend.write(f"{step_dir(step)}/{name}", produce)
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            size_hint = memoryview(payload).nbytes
+        self._backend.write(f"{step_dir(step)}/{name}", produce, size_hint)
         (writer,) = hashed
         return FileEntry(writer.size, writer.hexdigest())
 

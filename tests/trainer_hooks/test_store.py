@@ -195,7 +195,8 @@ def test_prune_keeps_the_newest_and_clears_abandoned_uploads(store_uri):
 
 def test_multipart_upload_and_ranged_download(s3):
     store = CheckpointStore(
-        f"s3://{s3}/big", transfer=TransferSettings(part_size=5 * MiB, threads=4)
+        f"s3://{s3}/big",
+        transfer=TransferSettings(part_size=5 * MiB, download_part_size=4 * MiB, threads=4),
     )
     payload = bytes(range(256)) * (12 * MiB // 256)
     manifest = store.save(1, {"blob.bin": payload})
@@ -234,6 +235,30 @@ def test_missing_bucket_and_missing_credentials(s3, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StoreError, match="no AWS credentials"):
         CheckpointStore(f"s3://{s3}/x").latest()
+
+
+def test_a_size_hint_grows_the_parts_to_stay_within_s3s_10000(s3):
+    store = CheckpointStore(f"s3://{s3}/run", transfer=TransferSettings(part_size=5 * MiB))
+    data = bytes(range(256)) * (12 * MiB // 256)
+    client = boto3.client("s3")
+
+    def parts(step: int) -> int:
+        head = client.head_object(Bucket=s3, Key=f"run/ckpt-{step:012d}/blob.bin")
+        return int(head["ETag"].strip('"').rpartition("-")[2])
+
+    store.put(1, "blob.bin", lambda handle: handle.write(data))
+    # What a 90,000 MiB file needs: 10 MiB parts (with room to spare below 10,000 of them).
+    store.put(2, "blob.bin", lambda handle: handle.write(data), size_hint=90_000 * MiB)
+    assert (parts(1), parts(2)) == (3, 2)
+
+
+def test_transfer_settings_name_what_is_wrong():
+    with pytest.raises(StoreError, match="part_size must be >= 5 MiB"):
+        TransferSettings(part_size=MiB)
+    with pytest.raises(StoreError, match="download_part_size must be >= 1 MiB"):
+        TransferSettings(download_part_size=1000)
+    with pytest.raises(StoreError, match=r"threads must be 1\.\.128"):
+        TransferSettings(threads=0)
 
 
 def test_a_payload_that_fails_midway_leaves_nothing_on_s3(s3):

@@ -25,7 +25,7 @@ def _produce(pipe: Pipe, chunks: list[bytes]) -> threading.Thread:
 def test_reads_of_any_size_return_the_bytes_in_order(read_size):
     rng = random.Random(read_size)
     chunks = [rng.randbytes(rng.randint(0, 5000)) for _ in range(40)]
-    pipe = Pipe(chunks=2)  # a small pipe: the producer blocks and resumes many times
+    pipe = Pipe()
     producer = _produce(pipe, chunks)
     received = bytearray()
     while True:
@@ -38,29 +38,57 @@ def test_reads_of_any_size_return_the_bytes_in_order(read_size):
     assert bytes(received) == b"".join(chunks)
 
 
+def test_a_write_returns_only_once_its_bytes_are_copied():
+    # torch.save hands each write a view it may overwrite as soon as the call returns (its
+    # write buffer) or that belongs to a live tensor: the pipe must not keep a reference.
+    reused = bytearray(b"a" * 1000)
+
+    def run() -> None:
+        for fill in b"abc":
+            reused[:] = bytes([fill]) * 1000
+            pipe.writer.write(reused)
+        pipe.finish()
+
+    pipe = Pipe()
+    producer = threading.Thread(target=run)
+    producer.start()
+    parts = [pipe.reader.read(600) for _ in range(6)]
+    producer.join()
+    assert b"".join(parts) == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
+    assert [len(part) for part in parts] == [600, 600, 600, 600, 600, 0]
+
+
 def test_a_failed_producer_makes_the_reader_raise_not_end():
     pipe = Pipe()
-    pipe.writer.write(b"partial")
-    pipe.fail(ValueError("cannot pickle"))
+
+    def run() -> None:
+        pipe.writer.write(b"partial")
+        pipe.fail(ValueError("cannot pickle"))
+
+    producer = threading.Thread(target=run)
+    producer.start()
     with pytest.raises(RuntimeError, match="cannot pickle") as caught:
         pipe.reader.read(100)
+    producer.join(5)
     assert isinstance(caught.value.__cause__, ValueError)
 
 
 def test_a_reader_that_stops_unblocks_the_producer():
-    pipe = Pipe(chunks=1)
-    pipe.writer.write(b"fills the pipe")
+    pipe = Pipe()
     errors: list[BaseException] = []
 
-    def write_more() -> None:
+    def write() -> None:
         try:
-            pipe.writer.write(b"blocks until the reader is gone")
+            pipe.writer.write(b"blocks until the reader has copied it, or is gone")
         except BaseException as exc:
             errors.append(exc)
 
-    producer = threading.Thread(target=write_more)
+    producer = threading.Thread(target=write)
     producer.start()
+    assert pipe.reader.read(6) == b"blocks"  # the rest of the write is never read
     pipe.close_reader()
     producer.join(5)
     assert not producer.is_alive()
     assert isinstance(errors[0], BrokenPipeError)
+    with pytest.raises(BrokenPipeError):
+        pipe.writer.write(b"later writes fail at once")

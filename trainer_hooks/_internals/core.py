@@ -411,7 +411,12 @@ class GuardCore:
 
     def _put(self, step: int, tree: Any) -> FileEntry:
         started = time.monotonic()
-        entry = self.store.put(step, self.my_file, lambda handle: torch.save(tree, handle))
+        entry = self.store.put(
+            step,
+            self.my_file,
+            lambda handle: torch.save(tree, handle),
+            size_hint=tree_nbytes(tree),
+        )
         rate = entry.size / max(time.monotonic() - started, 1e-6)
         self._throughput = rate if self._throughput is None else 0.5 * (self._throughput + rate)
         return entry

@@ -8,12 +8,10 @@ makes a running SHA-256 correct.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import queue
 import threading
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -52,49 +50,86 @@ class HashingWriter(io.RawIOBase):
         return self._hash.hexdigest()
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-_EOF = object()
-
-
 class Pipe:
-    """A bounded in-memory pipe: a producer thread writes (``torch.save``), the upload reads.
+    """An in-memory rendezvous pipe: a producer thread writes (``torch.save``), the upload reads.
 
-    It lets the serialization and the multipart upload overlap with no spool file in between
-    (at most ``chunks`` writes are buffered). Either end can give up: a producer that fails is
-    re-raised to the reader (so the upload aborts instead of committing a truncated object),
-    and a reader that stops makes the producer's next write raise ``BrokenPipeError``.
+    It lets the serialization and the multipart upload overlap with no spool file in between,
+    and copies every byte once. ``torch.save`` hands each write a view of memory it owns only
+    for the duration of the call (a tensor's storage, or a reused write buffer), so a write
+    returns only after the reader has copied all of it; a part that lies inside one write (the
+    bulk of a large tensor) is that one copy, a part spanning writes is joined from their
+    copies. The producer runs ahead of the upload by as many parts as the transfer manager
+    buffers, no more.
+
+    Either end can give up: a producer that fails is re-raised to the reader (so the upload
+    aborts instead of committing a truncated object), and a reader that stops makes the
+    producer's write raise ``BrokenPipeError``.
     """
 
-    def __init__(self, chunks: int = 8) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=chunks)
-        self._reader_gone = threading.Event()
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._pending: memoryview | None = None  # the write being consumed
+        self._offset = 0  # how much of it the reader has copied
+        self._ended = False
+        self._failure: BaseException | None = None
+        self._reader_gone = False
         self.writer = _PipeWriter(self)
         self.reader = _PipeReader(self)
 
-    def _put(self, item: object) -> None:
-        while not self._reader_gone.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise BrokenPipeError("the upload stopped reading")
+    def _write(self, data: ReadableBuffer) -> int:
+        view = memoryview(data).cast("B")
+        with self._changed:
+            if self._reader_gone:
+                raise BrokenPipeError("the upload stopped reading")
+            if not view.nbytes:
+                return 0
+            self._pending, self._offset = view, 0
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._pending is not view or self._reader_gone)
+            if self._pending is view:  # not all copied, and the reader is gone
+                self._pending = None
+                raise BrokenPipeError("the upload stopped reading")
+        return view.nbytes
+
+    def _read(self, wanted: int | None) -> bytes:
+        copies: list[bytes] = []
+        copied = 0
+        with self._changed:
+            while wanted is None or copied < wanted:
+                self._changed.wait_for(
+                    lambda: self._pending is not None or self._ended or self._failure is not None
+                )
+                if self._failure is not None:
+                    error = self._failure
+                    raise RuntimeError(f"the payload could not be written: {error}") from error
+                if self._pending is None:
+                    break  # the end of the stream
+                end = self._pending.nbytes if wanted is None else self._offset + wanted - copied
+                copies.append(bytes(self._pending[self._offset : end]))
+                copied += len(copies[-1])
+                self._offset += len(copies[-1])
+                if self._offset == self._pending.nbytes:
+                    self._pending = None  # all of the write copied: the producer goes on
+                    self._changed.notify_all()
+        return copies[0] if len(copies) == 1 else b"".join(copies)
 
     def finish(self) -> None:
         """The producer is done: the reader sees the end of the stream."""
-        self._put(_EOF)
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
     def fail(self, error: BaseException) -> None:
         """The producer failed: the reader raises instead of seeing a (truncated) end."""
-        with contextlib.suppress(BrokenPipeError):
-            self._put(_Failed(error))
+        with self._changed:
+            self._failure = error
+            self._changed.notify_all()
 
     def close_reader(self) -> None:
-        self._reader_gone.set()
+        """The reader is gone: a blocked or later write raises ``BrokenPipeError``."""
+        with self._changed:
+            self._reader_gone = True
+            self._changed.notify_all()
 
 
 class _PipeWriter(io.RawIOBase):
@@ -106,19 +141,13 @@ class _PipeWriter(io.RawIOBase):
         return True
 
     def write(self, data: ReadableBuffer, /) -> int:
-        chunk = bytes(data)
-        if chunk:
-            self._pipe._put(chunk)
-        return len(chunk)
+        return self._pipe._write(data)
 
 
 class _PipeReader(io.RawIOBase):
     def __init__(self, pipe: Pipe) -> None:
         super().__init__()
         self._pipe = pipe
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._at_end = False
 
     def readable(self) -> bool:
         return True
@@ -127,23 +156,4 @@ class _PipeReader(io.RawIOBase):
         return False
 
     def read(self, size: int | None = -1, /) -> bytes:
-        wanted = None if size is None or size < 0 else size
-        while not self._at_end and (wanted is None or self._buffered < wanted):
-            item = self._pipe._queue.get()
-            if item is _EOF:
-                self._at_end = True
-            elif isinstance(item, _Failed):
-                raise RuntimeError(f"the payload could not be written: {item.error}") from (
-                    item.error
-                )
-            else:
-                chunk = cast(bytes, item)
-                self._chunks.append(chunk)
-                self._buffered += len(chunk)
-        # One join per read (parts are whole multiples of the writes, so usually no remainder).
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        if wanted is None or len(data) <= wanted:
-            self._chunks, self._buffered = [], 0
-            return data
-        self._chunks, self._buffered = [data[wanted:]], len(data) - wanted
-        return data[:wanted]
+        return self._pipe._read(None if size is None or size < 0 else size)
