@@ -264,7 +264,7 @@ class S3Backend:
         self, key: str, produce: Callable[[Sink], None], size_hint: int | None = None
     ) -> None:
         """Serialize and upload at once: ``produce`` runs in a thread of its own and writes into
-        a bounded pipe that the transfer manager reads part by part (parallel multipart upload,
+        a pipe that the transfer manager reads part by part (parallel multipart upload,
         retries per part), so no spool file and no second pass over the data.
 
         A failed upload is aborted by the transfer manager; one cut short by a killed process
