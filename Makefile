@@ -31,12 +31,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	@# mypy cannot follow setuptools' editable finder, and the import names differ from the
 	@# folder names (DESIGN.md); a link tree gives it the installed layout.
-	mkdir -p build/typecheck/spotguard
-	ln -sfn ../../../agent build/typecheck/spotguard/agent
-	ln -sfn ../../../trainer_hooks build/typecheck/spotguard/trainer_hooks
-	ln -sfn ../../../fleet build/typecheck/spotguard/fleet
-	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard.agent -p spotguard.trainer_hooks \
-		-p spotguard.fleet
+	rm -rf build/typecheck && mkdir -p build/typecheck/spotguard
+	for entry in spotguard/*; do ln -s "../../../$$entry" build/typecheck/spotguard/; done
+	ln -s ../../../agent build/typecheck/spotguard/agent
+	ln -s ../../../trainer_hooks build/typecheck/spotguard/trainer_hooks
+	ln -s ../../../fleet build/typecheck/spotguard/fleet
+	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard
 
 unit: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/pytest

@@ -19,7 +19,7 @@ import urllib3
 from urllib3.util.retry import Retry
 
 from spotguard.agent.config import AgentConfig, redact_url
-from spotguard.agent.protocol import Notice
+from spotguard.protocol import Notice
 
 __all__ = ["NoticeActions", "notice_environment"]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from spotguard.agent.errors import ConfigError
-from spotguard.agent.protocol import ALLOWED_SIGNALS, DEFAULT_STATE_DIR, NOTICE_KINDS
+from spotguard.errors import ConfigError
+from spotguard.protocol import ALLOWED_SIGNALS, DEFAULT_STATE_DIR, NOTICE_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib

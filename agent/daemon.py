@@ -27,10 +27,13 @@ import psutil
 
 from spotguard.agent.actions import NoticeActions
 from spotguard.agent.config import AgentConfig
-from spotguard.agent.errors import ConfigError, ImdsError, ImdsUnreachable, ProtocolError
-from spotguard.agent.imds import ImdsClient
 from spotguard.agent.metrics import Metrics, MetricsServer
-from spotguard.agent.protocol import (
+from spotguard.agent.sd_notify import SystemdNotifier
+from spotguard.agent.targets import Target, TargetFinder, is_running, send_signal
+from spotguard.agent.watches import watches_from_config
+from spotguard.errors import ConfigError, ImdsError, ImdsUnreachable, ProtocolError
+from spotguard.imds.client import ImdsClient
+from spotguard.protocol import (
     Notice,
     format_time,
     parse_time,
@@ -38,9 +41,6 @@ from spotguard.agent.protocol import (
     write_json_atomic,
     write_notice,
 )
-from spotguard.agent.sd_notify import SystemdNotifier
-from spotguard.agent.targets import Target, TargetFinder, is_running, send_signal
-from spotguard.agent.watches import watches_from_config
 
 __all__ = ["Agent", "prepare_state_dir"]
 

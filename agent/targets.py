@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from spotguard.agent.protocol import read_registrations
+from spotguard.protocol import read_registrations
 
 __all__ = ["Target", "TargetFinder", "is_running", "send_signal"]
 

@@ -1,38 +1,27 @@
-"""What the agent watches in IMDS, and how each answer becomes a notice (or does not).
+"""What the agent watches in IMDS, and how often: one :class:`Watch` per metadata path.
 
-A :class:`Watch` pairs a metadata path with a pure function ``(body, now) -> Notice | None``;
-``body`` is ``None`` when IMDS answered 404. The functions raise only
-:class:`~spotguard.agent.errors.ImdsBadAnswer`, whatever bytes they are fed (the property tests
-hold them to that), so a garbled answer is "unknown" and never "no notice".
+The parsing lives in :mod:`spotguard.imds.parsers` (shared with the trainer hooks' agentless
+mode); this module pairs each parser with its path and the interval the config asks for.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from spotguard.agent.config import AgentConfig
-from spotguard.agent.errors import ImdsBadAnswer
-from spotguard.agent.protocol import Notice, format_time, parse_time
+from spotguard.imds.parsers import (
+    LIFECYCLE_PATH,
+    MAINTENANCE_PATH,
+    REBALANCE_PATH,
+    SPOT_ACTION_PATH,
+    Evaluate,
+    evaluate_lifecycle_state,
+    evaluate_rebalance,
+    evaluate_spot_action,
+    scheduled_maintenance_evaluator,
+)
 
-__all__ = [
-    "Watch",
-    "evaluate_lifecycle_state",
-    "evaluate_rebalance",
-    "evaluate_spot_action",
-    "scheduled_maintenance_evaluator",
-    "watches_from_config",
-]
-
-SPOT_ACTIONS = frozenset({"terminate", "stop", "hibernate"})
-MAINTENANCE_TIME_FORMAT = "%d %b %Y %H:%M:%S %Z"
-LIFECYCLE_STATE = re.compile(r"^[A-Za-z]+(?::[A-Za-z]+)?$")
-
-Evaluate = Callable[[str | None, datetime], Notice | None]
+__all__ = ["Watch", "watches_from_config"]
 
 
 @dataclass(frozen=True)
@@ -45,122 +34,6 @@ class Watch:
     evaluate: Evaluate
 
 
-def _json_object(body: str, what: str) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise ImdsBadAnswer(f"{what}: answer is not JSON: {body[:80]!r}") from None
-    if not isinstance(payload, dict):
-        raise ImdsBadAnswer(f"{what}: expected a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def _iso_time(value: Any, what: str) -> datetime:
-    try:
-        return parse_time(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ImdsBadAnswer(f"{what}: not an ISO-8601 time: {str(value)[:80]!r}") from None
-
-
-def evaluate_spot_action(body: str | None, now: datetime) -> Notice | None:
-    """``spot/instance-action``: 404 until the instance is marked, then action and time."""
-    if body is None:
-        return None
-    payload = _json_object(body, "spot/instance-action")
-    action = payload.get("action")
-    if not isinstance(action, str) or action not in SPOT_ACTIONS:
-        raise ImdsBadAnswer(f"spot/instance-action: unknown action {str(action)[:40]!r}")
-    deadline = _iso_time(payload.get("time"), "spot/instance-action time")
-    return Notice(
-        kind="spot-interruption",
-        action=action,
-        deadline=deadline,
-        noticed_at=now,
-        key=format_time(deadline),
-    )
-
-
-def evaluate_rebalance(body: str | None, now: datetime) -> Notice | None:
-    """``events/recommendations/rebalance``: "checkpoint soon", never "stop"."""
-    if body is None:
-        return None
-    payload = _json_object(body, "rebalance recommendation")
-    notice_time = _iso_time(payload.get("noticeTime"), "rebalance noticeTime")
-    return Notice(
-        kind="rebalance-recommendation",
-        action="rebalance",
-        deadline=None,
-        noticed_at=now,
-        key=format_time(notice_time),
-    )
-
-
-def _maintenance_time(value: Any, what: str) -> datetime:
-    if not isinstance(value, str):
-        raise ImdsBadAnswer(f"scheduled event {what}: expected a date string, got {value!r}")
-    try:
-        moment = datetime.strptime(value.strip(), MAINTENANCE_TIME_FORMAT)
-    except ValueError:
-        raise ImdsBadAnswer(f"scheduled event {what}: unreadable date {value[:40]!r}") from None
-    return moment.replace(tzinfo=timezone.utc)
-
-
-def scheduled_maintenance_evaluator(lead: float) -> Evaluate:
-    """``events/maintenance/scheduled``, acted on ``lead`` seconds before ``NotBefore``.
-
-    Maintenance is announced days ahead; stopping training the moment it is announced would
-    waste those days. ``[]`` and 404 both mean "none"; ``NotAfter`` may be missing; events that
-    are not active (completed, canceled) are ignored.
-    """
-
-    def evaluate(body: str | None, now: datetime) -> Notice | None:
-        if body is None or not body.strip():
-            return None
-        try:
-            events = json.loads(body)
-        except ValueError:
-            raise ImdsBadAnswer(f"scheduled events: answer is not JSON: {body[:80]!r}") from None
-        if not isinstance(events, list):
-            raise ImdsBadAnswer("scheduled events: expected a JSON array")
-        due: list[Notice] = []
-        for event in events:
-            if not isinstance(event, dict):
-                raise ImdsBadAnswer("scheduled events: an entry is not a JSON object")
-            event_id, code = event.get("EventId"), event.get("Code")
-            if not isinstance(event_id, str) or not event_id or not isinstance(code, str):
-                raise ImdsBadAnswer("scheduled events: an entry lacks EventId or Code")
-            not_before = _maintenance_time(event.get("NotBefore"), "NotBefore")
-            if str(event.get("State", "active")).lower() != "active":
-                continue
-            if now >= not_before - timedelta(seconds=lead):
-                due.append(
-                    Notice(
-                        kind="scheduled-maintenance",
-                        action=code,
-                        deadline=not_before,
-                        noticed_at=now,
-                        key=event_id,
-                    )
-                )
-        return min(due, key=lambda notice: notice.deadline or now, default=None)
-
-    return evaluate
-
-
-def evaluate_lifecycle_state(body: str | None, now: datetime) -> Notice | None:
-    """``autoscaling/target-lifecycle-state``: only ``Terminated`` is a notice."""
-    if body is None:
-        return None
-    state = body.strip()
-    if not LIFECYCLE_STATE.match(state):
-        raise ImdsBadAnswer(f"target-lifecycle-state: not a lifecycle state: {state[:40]!r}")
-    if state != "Terminated":
-        return None
-    return Notice(
-        kind="asg-termination", action="terminate", deadline=None, noticed_at=now, key=state
-    )
-
-
 def watches_from_config(config: AgentConfig) -> list[Watch]:
     """The enabled watches, the spot notice (the most urgent) first."""
     candidates = [
@@ -168,7 +41,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
             config.watch_spot_interruption,
             Watch(
                 "spot-interruption",
-                "latest/meta-data/spot/instance-action",
+                SPOT_ACTION_PATH,
                 config.poll_interval,
                 evaluate_spot_action,
             ),
@@ -177,7 +50,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
             config.watch_asg_termination,
             Watch(
                 "asg-termination",
-                "latest/meta-data/autoscaling/target-lifecycle-state",
+                LIFECYCLE_PATH,
                 max(config.asg_interval, config.poll_interval),
                 evaluate_lifecycle_state,
             ),
@@ -186,7 +59,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
             config.watch_scheduled_maintenance,
             Watch(
                 "scheduled-maintenance",
-                "latest/meta-data/events/maintenance/scheduled",
+                MAINTENANCE_PATH,
                 max(config.maintenance_interval, config.poll_interval),
                 scheduled_maintenance_evaluator(config.maintenance_lead),
             ),
@@ -195,7 +68,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
             config.watch_rebalance,
             Watch(
                 "rebalance-recommendation",
-                "latest/meta-data/events/recommendations/rebalance",
+                REBALANCE_PATH,
                 max(config.rebalance_interval, config.poll_interval),
                 evaluate_rebalance,
             ),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from spotguard.agent.imds_sim import SimControl
+from spotguard.imds.sim_control import SimControl
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "tests" / "agent" / "target_proc.py"
@@ -33,7 +33,7 @@ TARGET = ROOT / "tests" / "agent" / "target_proc.py"
 
 def start_sim() -> tuple[subprocess.Popen[str], SimControl]:
     sim = subprocess.Popen(
-        [sys.executable, "-m", "spotguard.agent", "imds-sim", "--port", "0"],
+        [sys.executable, "-m", "spotguard", "imds-sim", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -56,7 +56,7 @@ def start_agent(
         f'poll_interval = {interval}\nmetrics_address = ""\nlog_level = "warning"\n{extra}'
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "spotguard.agent", "agent", "--config", str(config),
+        [sys.executable, "-m", "spotguard", "agent", "--config", str(config),
          "--imds-endpoint", url, "--state-dir", str(state_dir)],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from spotguard.trainer_hooks._internals.sizes import parse_size
-from spotguard.trainer_hooks.drill import DrillOptions, run_drill
+from spotguard.drill import DrillOptions, run_drill
+from spotguard.sizes import parse_size
 
 
 def _at(timeline: list[tuple[str, float]], event: str) -> float:

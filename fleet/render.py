@@ -34,11 +34,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spotguard.errors import RenderError
+
 __all__ = ["RenderError", "dumps", "render", "render_file"]
-
-
-class RenderError(ValueError):
-    """The config cannot become Terraform variables; the message names the key."""
 
 
 def _text(key: str, value: Any) -> str:

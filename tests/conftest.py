@@ -12,9 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import sim
+
 # Nothing a test starts may reach the internet or pick up a developer's AWS setup.
 for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_PROFILE"):
     os.environ.pop(variable, None)
+
+
+__all__ = ["free_port", "sim"]
 
 
 def free_port() -> int:

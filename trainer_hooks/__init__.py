@@ -1,25 +1,37 @@
 """What training code imports: verified checkpoints, emergency saves, automatic resume.
 
-The errors raised here are drawn in :mod:`spotguard.trainer_hooks.errors`. ``SpotGuard``,
-``Preempted`` and ``ResumableDataLoader`` need torch and are imported on first use, so that
-``spotguard ckpt`` works where only the store is needed.
+::
+
+    SpotGuard            a hand-written loop: restore(state) -> step, step(...), finish(...)
+    SpotCheckpoint       the Lightning callback (spotguard.trainer_hooks.lightning)
+    ResumableDataLoader  a DataLoader that resumes mid-epoch, bit-exact
+    CheckpointStore      list, save, verify, load and prune checkpoints under one URI
+    GuardSettings, TransferSettings   the settings, with their defaults and checks
+    Manifest             a committed checkpoint's description (the commit marker)
+    backends             where the bytes live: LocalBackend, S3Backend, MemoryBackend
+
+The errors are drawn in :mod:`spotguard.errors`. ``SpotGuard`` and ``ResumableDataLoader``
+need torch and are imported on first use, so that ``spotguard ckpt`` works where only the
+store is needed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from spotguard.trainer_hooks._internals.manifest import Manifest
-from spotguard.trainer_hooks.errors import (
+from spotguard.errors import (
     CheckpointError,
     CorruptCheckpoint,
+    Preempted,
     StoreError,
     UploadFailed,
 )
-from spotguard.trainer_hooks.store import CheckpointStore, TransferSettings, VerifyResult
+from spotguard.lazy import lazy_exports
+from spotguard.trainer_hooks.manifest import Manifest
+from spotguard.trainer_hooks.settings import GuardSettings, TransferSettings
+from spotguard.trainer_hooks.store import CheckpointStore, VerifyResult
 
 if TYPE_CHECKING:
-    from spotguard.trainer_hooks._internals.core import Preempted
     from spotguard.trainer_hooks.data import ResumableDataLoader
     from spotguard.trainer_hooks.guard import SpotGuard
 
@@ -27,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointStore",
     "CorruptCheckpoint",
+    "GuardSettings",
     "Manifest",
     "Preempted",
     "ResumableDataLoader",
@@ -39,14 +52,8 @@ __all__ = [
 
 _LAZY = {
     "SpotGuard": "spotguard.trainer_hooks.guard",
-    "Preempted": "spotguard.trainer_hooks._internals.core",
     "ResumableDataLoader": "spotguard.trainer_hooks.data",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from spotguard.errors import ConfigError
+
 __all__ = ["ResumableBatchSampler", "ResumableDataLoader"]
 
 
@@ -38,7 +40,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
     ) -> None:  # fmt: skip
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.length, self.batch_size = length, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
@@ -137,7 +139,7 @@ class ResumableDataLoader(DataLoader[Any]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self._resumable.seed) != self._resumable.seed:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint was taken with loader seed {state['seed']}, this loader has seed "
                 f"{self._resumable.seed}: resuming would change the sample order"
             )

@@ -29,57 +29,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import MutableMapping
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotguard.trainer_hooks._internals import rng
-from spotguard.trainer_hooks._internals.core import GuardCore, GuardSettings
-from spotguard.trainer_hooks.store import TransferSettings
+from spotguard.trainer_hooks._internals.core import GuardCore
+from spotguard.trainer_hooks._internals.files import META_KEY, load_newest, meta
+from spotguard.trainer_hooks.settings import GuardSettings
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from spotguard.trainer_hooks.settings import GuardOptions
+    from spotguard.trainer_hooks.store import CheckpointStore
 
 __all__ = ["SpotGuard"]
 
-META_KEY = "__spotguard__"
 log = logging.getLogger("spotguard.trainer_hooks")
 
 
 class SpotGuard:
-    """Periodic async checkpoints, an emergency save on preemption, automatic resume."""
+    """Periodic async checkpoints, an emergency save on preemption, automatic resume.
 
-    def __init__(
-        self,
-        uri: str,
-        *,
-        every_n_steps: int | None = None,
-        every_seconds: float | None = None,
-        keep_last: int | None = 3,
-        state_dir: str | Path | None = None,
-        signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
-        exit_code: int = 75,
-        default_budget: float = 30.0,
-        safety_margin: float = 5.0,
-        imds_endpoint: str | None = None,
-        transfer: TransferSettings | None = None,
-    ) -> None:
-        settings = GuardSettings(
-            uri=uri,
-            every_n_steps=every_n_steps,
-            every_seconds=every_seconds,
-            keep_last=keep_last,
-            state_dir=Path(state_dir) if state_dir is not None else None,
-            signals=signals,
-            exit_code=exit_code,
-            default_budget=default_budget,
-            safety_margin=safety_margin,
-            imds_endpoint=imds_endpoint,
-            transfer=transfer,
-        )
-        self._core = GuardCore(settings)
+    ``uri`` is the checkpoint store; the keyword arguments are :class:`GuardSettings`' fields
+    (``every_n_steps``, ``every_seconds``, ``keep_last``, ``imds_endpoint``, ``transfer``, ...),
+    with its defaults; a bad value raises :class:`~spotguard.errors.ConfigError`.
+    """
+
+    def __init__(self, uri: str, **options: Unpack[GuardOptions]) -> None:
+        self._core = GuardCore(GuardSettings(uri=uri, **options))
         self._installed = False
         self.epoch = 0
 
     @property
-    def store(self) -> Any:
+    def store(self) -> CheckpointStore:
         return self._core.store
 
     @property
@@ -95,45 +78,40 @@ class SpotGuard:
 
     def restore(self, state: MutableMapping[str, Any]) -> int:
         """Load the newest verified checkpoint into ``state``; returns the step to start at."""
-        if not self._installed:
-            self._core.install()
-            self._installed = True
+        self._install()
         core = self._core
-        if core.store.latest() is None:
+        restored = load_newest(core.store, core.ranks)
+        if restored is None:
             return 0
-        manifest, saved = core.store.load_state()
-        for name, value in saved["state"].items():
+        for name, value in restored.whole["state"].items():
             target = state.get(name)
             if target is not None and hasattr(target, "load_state_dict"):
                 target.load_state_dict(value)
             else:
                 state[name] = value
-        meta = saved[META_KEY]
-        if core.ranks.rank != 0:
-            # The state is replicated (rank 0's); the random streams are each rank's own.
-            meta = core.store.load_state(step=manifest.step, name=core.my_file)[1][META_KEY]
-        self.epoch = int(meta["epoch"])
-        core.last_committed_step = manifest.step
-        rng.restore(meta["rng"])  # last: nothing above may draw random numbers after it
-        return int(meta["step"])
+        self.epoch = int(restored.meta["epoch"])
+        core.last_committed_step = restored.manifest.step
+        rng.restore(restored.meta["rng"])  # last: nothing above may draw random numbers after it
+        return int(restored.meta["step"])
 
-    def _tree(self, step: int, state: MutableMapping[str, Any]) -> dict[str, Any]:
-        meta = {"step": step, "epoch": self.epoch, "rng": rng.capture()}
-        if self._core.ranks.rank != 0:
-            return {META_KEY: meta}  # replicated state is saved once, by rank 0
-        return {
-            "state": {
-                name: value.state_dict() if hasattr(value, "state_dict") else value
-                for name, value in state.items()
-            },
-            META_KEY: meta,
-        }
-
-    def step(self, step: int, state: MutableMapping[str, Any], *, epoch: int | None = None) -> None:
-        """Call at every step boundary with the number of steps completed."""
+    def _install(self) -> None:
         if not self._installed:
             self._core.install()
             self._installed = True
+
+    def _tree(self, step: int, state: MutableMapping[str, Any]) -> dict[str, Any]:
+        own = {META_KEY: meta(step, self.epoch)}
+        if self._core.ranks.rank != 0:
+            return own  # replicated state is saved once, by rank 0
+        whole = {
+            name: value.state_dict() if hasattr(value, "state_dict") else value
+            for name, value in state.items()
+        }
+        return {"state": whole, **own}
+
+    def step(self, step: int, state: MutableMapping[str, Any], *, epoch: int | None = None) -> None:
+        """Call at every step boundary with the number of steps completed."""
+        self._install()
         if epoch is not None:
             self.epoch = epoch
         self._core.at_step_boundary(step, self.epoch, lambda: self._tree(step, state))

@@ -26,28 +26,38 @@ How it fits Lightning 2.x (checked against 2.6.6):
 * **The stop decision** is reduced over all ranks in ``on_train_batch_end``
   (``strategy.reduce_boolean_decision``): if any rank was notified, every rank stops after the
   same step and exits 75.
-* Checkpoints are Lightning's own checkpoint dict (``dump_checkpoint``), copied into CPU
-  buffers at the step boundary and uploaded in the background; they load with
+* Checkpoints are Lightning's own checkpoint dict (``dump_checkpoint``), with spotguard's
+  ``__spotguard__`` entry (step, epoch, RNG states) added in ``on_save_checkpoint``, copied
+  into CPU buffers at the step boundary and uploaded in the background; they load with
   ``torch.load(weights_only=True)``, so hyperparameters must be plain data (or registered
-  with ``torch.serialization.add_safe_globals``).
+  with ``torch.serialization.add_safe_globals``). Other ranks save their own RNG states only
+  (the file format is shared with ``SpotGuard``: :mod:`spotguard.trainer_hooks._internals.files`).
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from typing_extensions import override
+
+from spotguard.errors import Preempted
 from spotguard.trainer_hooks._internals import rng
-from spotguard.trainer_hooks._internals.core import GuardCore, GuardSettings, Preempted
-from spotguard.trainer_hooks.store import TransferSettings
+from spotguard.trainer_hooks._internals.core import GuardCore
+from spotguard.trainer_hooks._internals.files import META_KEY, load_newest, meta
+from spotguard.trainer_hooks.settings import GuardSettings
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from spotguard.trainer_hooks.settings import CommonOptions
 
 __all__ = ["SpotCheckpoint"]
 
-CHECKPOINT_FILE = "lightning.ckpt"
-
 
 def _callback_bases() -> tuple[type, ...]:
+    """Lightning's ``Callback`` of each Lightning package installed (either Trainer then
+    accepts the callback)."""
     bases = []
     for module in ("pytorch_lightning", "lightning.pytorch"):
         try:
@@ -61,8 +71,14 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-class _SpotCheckpoint:
-    """Periodic async checkpoints, emergency save on preemption, automatic resume."""
+class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
+    """Periodic async checkpoints, emergency save on preemption, automatic resume.
+
+    ``uri`` is the checkpoint store; ``every_n_train_steps`` / ``every_n_seconds`` set the
+    periodic saves (Lightning's names for :class:`GuardSettings`' ``every_n_steps`` /
+    ``every_seconds``); the other keyword arguments are :class:`GuardSettings`' fields, with
+    its defaults.
+    """
 
     def __init__(
         self,
@@ -70,27 +86,11 @@ class _SpotCheckpoint:
         *,
         every_n_train_steps: int | None = None,
         every_n_seconds: float | None = None,
-        keep_last: int | None = 3,
-        state_dir: str | Path | None = None,
-        signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
-        exit_code: int = 75,
-        default_budget: float = 30.0,
-        safety_margin: float = 5.0,
-        imds_endpoint: str | None = None,
-        transfer: TransferSettings | None = None,
+        **options: Unpack[CommonOptions],
     ) -> None:
+        super().__init__()
         self.settings = GuardSettings(
-            uri=uri,
-            every_n_steps=every_n_train_steps,
-            every_seconds=every_n_seconds,
-            keep_last=keep_last,
-            state_dir=Path(state_dir) if state_dir is not None else None,
-            signals=signals,
-            exit_code=exit_code,
-            default_budget=default_budget,
-            safety_margin=safety_margin,
-            imds_endpoint=imds_endpoint,
-            transfer=transfer,
+            uri=uri, every_n_steps=every_n_train_steps, every_seconds=every_n_seconds, **options
         )
         self._core: GuardCore | None = None
         self._pending_rng: dict[str, Any] | None = None
@@ -102,37 +102,42 @@ class _SpotCheckpoint:
         self.events: dict[str, float] = {}
 
     @property
+    @override
     def state_key(self) -> str:
         return f"SpotCheckpoint[{self.settings.uri}]"
 
-    # -- state kept inside Lightning's checkpoint -------------------------------------------
+    # -- spotguard's entry in Lightning's checkpoint ------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng.capture()}
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = meta(trainer.global_step, trainer.current_epoch)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict.get("rng")
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        own = checkpoint.get(META_KEY)
+        self._pending_rng = own["rng"] if isinstance(own, dict) else None
 
     # -- hooks ------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        core = GuardCore(self.settings, file_name=CHECKPOINT_FILE)
+        core = GuardCore(self.settings)
         self._core = core
         self.events = core.events
         core.install()
-        if core.store.latest() is None:
+        restored = load_newest(core.store, core.ranks)
+        if restored is None:
             return
-        manifest, checkpoint = core.store.load_state(name=CHECKPOINT_FILE)
         # Lightning restores from this pre-loaded dict when fit() was given no ckpt_path.
-        trainer._checkpoint_connector._loaded_checkpoint = checkpoint
+        trainer._checkpoint_connector._loaded_checkpoint = restored.whole
         if core.ranks.rank != 0:
-            # Rank 0's checkpoint carries rank 0's random streams; this rank's are its own.
-            self._rank_rng = core.store.load_state(step=manifest.step, name=core.my_file)[1]["rng"]
-        core.last_committed_step = manifest.step
-        self.resumed_from = manifest.step
+            self._rank_rng = restored.meta["rng"]
+        core.last_committed_step = restored.manifest.step
+        self.resumed_from = restored.manifest.step
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._core is not None:
             self._core.reinstall_signal_handlers()
@@ -141,6 +146,7 @@ class _SpotCheckpoint:
             rng.restore(pending)
         self._rank_rng = self._pending_rng = None
 
+    @override
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -150,11 +156,13 @@ class _SpotCheckpoint:
         core.at_step_boundary(trainer.global_step, trainer.current_epoch, self._tree_fn(trainer))
 
     def _tree_fn(self, trainer: Any) -> Any:
-        """What this rank saves: Lightning's whole checkpoint on rank 0, its RNG elsewhere."""
+        """What this rank saves: Lightning's whole checkpoint on rank 0 (our entry added by
+        :meth:`on_save_checkpoint`), its own step and RNG states elsewhere."""
         if trainer.global_rank == 0:
             return trainer._checkpoint_connector.dump_checkpoint
-        return lambda: {"rng": rng.capture()}
+        return lambda: {META_KEY: meta(trainer.global_step, trainer.current_epoch)}
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         core = self._core
         if core is None:
@@ -162,11 +170,13 @@ class _SpotCheckpoint:
         tree = self._tree_fn(trainer)()
         core.save_sync(trainer.global_step, trainer.current_epoch, tree, "final")
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._core is not None and not isinstance(exception, Preempted):
             self._core.wait()
             self._core.close()
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         core = self._core
         if core is None or stage != "fit":
@@ -175,8 +185,3 @@ class _SpotCheckpoint:
         core.wait()
         core.close()
         core.raise_if_failed()
-
-
-SpotCheckpoint = type("SpotCheckpoint", (_SpotCheckpoint, *_callback_bases()), {})
-SpotCheckpoint.__doc__ = _SpotCheckpoint.__doc__
-SpotCheckpoint.__module__ = __name__

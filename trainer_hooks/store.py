@@ -24,17 +24,12 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
-from spotguard.trainer_hooks._internals.backends import (
-    Backend,
-    LocalBackend,
-    S3Backend,
-    TransferSettings,
-)
-from spotguard.trainer_hooks._internals.manifest import (
+from spotguard.errors import CorruptCheckpoint, StoreError
+from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
+from spotguard.trainer_hooks.backends import Backend, backend_for_uri
+from spotguard.trainer_hooks.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
@@ -42,10 +37,9 @@ from spotguard.trainer_hooks._internals.manifest import (
     parse_step_dir,
     step_dir,
 )
-from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
-from spotguard.trainer_hooks.errors import CorruptCheckpoint, StoreError
+from spotguard.trainer_hooks.settings import TransferSettings
 
-__all__ = ["CheckpointStore", "Payload", "TransferSettings", "VerifyResult"]
+__all__ = ["CheckpointStore", "Payload", "Sink", "TransferSettings", "VerifyResult"]
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +55,23 @@ class VerifyResult:
     problem: str = ""
 
 
-def _backend_for(uri: str, settings: TransferSettings, s3_client: Any) -> Backend:
-    if not isinstance(uri, str) or not uri:
-        raise StoreError("store URI is empty; use a local path, file:///path or s3://bucket/prefix")
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise StoreError(f"store URI {uri!r} names no bucket: use s3://bucket/prefix")
-        return S3Backend(parts.netloc, parts.path, settings, s3_client)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise StoreError(f"store URI {uri!r}: file:// URIs take no host, use file:///path")
-        return LocalBackend(Path(parts.path))
-    if parts.scheme == "" or len(parts.scheme) == 1:  # a path (or a Windows drive letter)
-        return LocalBackend(Path(uri).expanduser().absolute())
-    raise StoreError(
-        f"store URI {uri!r}: unsupported scheme {parts.scheme!r}; "
-        "use a local path, file:///path or s3://bucket/prefix"
-    )
-
-
 class CheckpointStore:
     """List, save, verify, load and prune checkpoints under one URI."""
 
     def __init__(
-        self, uri: str, *, transfer: TransferSettings | None = None, s3_client: Any = None
+        self,
+        where: str | Backend,
+        *,
+        transfer: TransferSettings | None = None,
+        s3_client: Any = None,
     ) -> None:
-        self._backend = _backend_for(uri, transfer or TransferSettings(), s3_client)
+        """``where`` is a URI (a local path, ``file:///path``, ``s3://bucket/prefix``) or a
+        :mod:`~spotguard.trainer_hooks.backends` object; ``transfer`` and ``s3_client`` apply
+        to an ``s3://`` URI (a client of your own: other credentials, endpoint or retries)."""
+        if isinstance(where, str):
+            self._backend = backend_for_uri(where, transfer, s3_client)
+        else:
+            self._backend = where
 
     @property
     def uri(self) -> str:

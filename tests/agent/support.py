@@ -1,4 +1,4 @@
-"""Agent fixtures: the IMDS simulator over HTTP, the agent as a real process, real targets."""
+"""Agent fixtures: the agent as a real process, real targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,41 +14,9 @@ from typing import Any
 
 import pytest
 
-from spotguard.agent.imds_sim import ImdsSimulator, SimControl
+from tests.support import wait_for
 
 TARGET_SCRIPT = Path(__file__).with_name("target_proc.py")
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-@dataclass
-class Sim:
-    server: ImdsSimulator
-    control: SimControl
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def spot_polls(self) -> list[dict[str, Any]]:
-        return [r for r in self.control.requests() if r["path"].endswith("spot/instance-action")]
-
-
-@pytest.fixture
-def sim() -> Iterator[Sim]:
-    with ImdsSimulator() as server:
-        control = SimControl(server.url)
-        yield Sim(server, control)
-        control.close()
 
 
 @dataclass
@@ -103,7 +70,7 @@ class AgentRunner:
                 [
                     sys.executable,
                     "-m",
-                    "spotguard.agent",
+                    "spotguard",
                     "agent",
                     "--config",
                     str(config_path),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from spotguard.agent.protocol import (
+from spotguard.protocol import (
     ExitRecord,
     Registration,
     register,

@@ -16,10 +16,10 @@ from typing import ClassVar
 import psutil
 import pytest
 
-from spotguard.agent.imds_sim import ImdsSimulator
-from spotguard.agent.protocol import Registration, register
-from tests.agent.support import wait_for
+from spotguard.imds.simulator import ImdsSimulator
+from spotguard.protocol import Registration, register
 from tests.conftest import free_port
+from tests.support import wait_for
 
 
 def notice_kind(agent) -> str | None:
@@ -173,7 +173,7 @@ def test_imds_unreachable_at_start_up(agents, targets, port):
     assert agent.process.poll() is None
     assert "IMDS gave no usable answer" in agent.log()
     with ImdsSimulator(port=port) as late_sim:
-        from spotguard.agent.imds_sim import SimControl
+        from spotguard.imds.sim_control import SimControl
 
         SimControl(late_sim.url).spot()
         wait_for(lambda: target.signals(), what="the signal once IMDS is up")
@@ -322,7 +322,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path):
     bad = tmp_path / "agent.toml"
     bad.write_text("poll_interval = -1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "spotguard.agent", "agent", "--config", str(bad)],
+        [sys.executable, "-m", "spotguard", "agent", "--config", str(bad)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2

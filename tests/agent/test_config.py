@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spotguard.agent.config import AgentConfig, load_config
-from spotguard.agent.errors import ConfigError
+from spotguard.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "agent.toml.example"
 

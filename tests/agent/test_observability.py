@@ -15,7 +15,7 @@ import requests
 from spotguard.agent.logs import configure_logging
 from spotguard.agent.metrics import Metrics, MetricsServer
 from spotguard.agent.sd_notify import SystemdNotifier
-from tests.agent.support import wait_for
+from tests.support import wait_for
 
 
 class Clock:
@@ -77,7 +77,7 @@ def test_agent_speaks_sd_notify(sim, tmp_path: Path):
            "SPOTGUARD_METRICS_ADDRESS": "", "SPOTGUARD_POLL_INTERVAL": "5",
            "SPOTGUARD_MAX_BACKOFF": "5"}  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "spotguard.agent", "agent", "--config", "/dev/null",
+        [sys.executable, "-m", "spotguard", "agent", "--config", "/dev/null",
          "--imds-endpoint", sim.url, "--state-dir", str(tmp_path / "state")],
         env=env, stdout=subprocess.DEVNULL,
     )  # fmt: skip

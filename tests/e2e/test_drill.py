@@ -33,7 +33,7 @@ EVENTS = [
 
 def drill(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "spotguard.agent", "drill", *args],
+        [sys.executable, "-m", "spotguard", "drill", *args],
         env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return done.returncode, done.stdout, done.stderr
@@ -111,7 +111,7 @@ def test_drill_runs_a_users_script_and_compares_its_weights(tmp_path):
 
 
 def test_failure_agent_cannot_reach_imds(port):
-    from spotguard.trainer_hooks.drill import DrillOptions, run_drill
+    from spotguard.drill import DrillOptions, run_drill
 
     options = DrillOptions(agent_imds_endpoint=f"http://127.0.0.1:{port}", seed=1)
     report = run_drill(options)

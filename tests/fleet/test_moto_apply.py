@@ -70,7 +70,7 @@ def applied(terraform: Terraform, tmp_path_factory, moto_server):
         [
             sys.executable,
             "-m",
-            "spotguard.agent",
+            "spotguard",
             "fleet",
             "render",
             str(config),

@@ -105,7 +105,7 @@ def test_required_keys():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "spotguard.agent", "fleet", "render", *args],
+        [sys.executable, "-m", "spotguard", "fleet", "render", *args],
         capture_output=True,
         text=True,
     )

@@ -64,7 +64,7 @@ def test_training_unit_is_hardened_as_far_as_a_gpu_job_allows(instance):
 
 def install_units(dest: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "spotguard.agent", "install-units", "--dest", str(dest)],
+        [sys.executable, "-m", "spotguard", "install-units", "--dest", str(dest)],
         capture_output=True,
         text=True,
     )

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import torch
 
-from spotguard.agent.protocol import Notice, write_notice
+from spotguard.protocol import Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore, Preempted, SpotGuard
 
 

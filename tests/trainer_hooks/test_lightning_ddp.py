@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spotguard.trainer_hooks import CheckpointStore
-from tests.agent.support import wait_for
+from tests.support import wait_for
 from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
 
 SCRIPT = Path(__file__).with_name("train_lightning.py")
@@ -58,7 +58,7 @@ def test_only_rank_1_signalled_all_ranks_stop_save_and_exit_75(tmp_path, referen
     latest = CheckpointStore(str(tmp_path / "store")).latest()
     assert latest.step == 8
     assert latest.kind == "emergency"
-    assert sorted(latest.files) == ["lightning.ckpt", "rank-1.pt"]
+    assert sorted(latest.files) == ["rank-1.pt", "state.pt"]
 
     out = tmp_path / "final.pt"
     resumed = fit(tmp_path, out, "--progress", str(progress), env=env)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from spotguard.trainer_hooks import CheckpointStore
-from tests.agent.support import wait_for
 from tests.conftest import free_port
+from tests.support import wait_for
 from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
 
 SCRIPT = Path(__file__).with_name("train_plain.py")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from spotguard.trainer_hooks import CheckpointStore
-from tests.agent.support import wait_for
+from tests.support import wait_for
 
 SCRIPT = Path(__file__).with_name("train_plain.py")
 

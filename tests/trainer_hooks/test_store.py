@@ -252,15 +252,6 @@ def test_a_size_hint_grows_the_parts_to_stay_within_s3s_10000(s3):
     assert (parts(1), parts(2)) == (3, 2)
 
 
-def test_transfer_settings_name_what_is_wrong():
-    with pytest.raises(StoreError, match="part_size must be >= 5 MiB"):
-        TransferSettings(part_size=MiB)
-    with pytest.raises(StoreError, match="download_part_size must be >= 1 MiB"):
-        TransferSettings(download_part_size=1000)
-    with pytest.raises(StoreError, match=r"threads must be 1\.\.128"):
-        TransferSettings(threads=0)
-
-
 def test_a_payload_that_fails_midway_leaves_nothing_on_s3(s3):
     """Serialization streams into the multipart upload: a failure aborts it, nothing lands."""
     store = CheckpointStore(f"s3://{s3}/run", transfer=TransferSettings(part_size=5 * MiB))

@@ -1,0 +1,175 @@
+"""``spotguard ckpt list|verify|prune|pull``: inspect and manage a checkpoint store.
+
+The trainer hooks' store is imported when a subcommand runs, never when the parser is built:
+the agent's command line must not load them. Exit codes: 0 ok, 1 a checkpoint failed
+verification, 2 the store cannot be used (bad URI, missing bucket, no credentials), reported as
+one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from spotguard.errors import CheckpointError, CorruptCheckpoint
+from spotguard.sizes import human_size
+
+if TYPE_CHECKING:
+    from spotguard.trainer_hooks import CheckpointStore, Manifest
+    from spotguard.trainer_hooks.store import Sink
+
+__all__ = ["register", "run_ckpt"]
+
+
+def register(commands: Any) -> None:
+    ckpt = commands.add_parser("ckpt", help="inspect and manage a checkpoint store")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=type(ckpt))
+    listing = ckpt_commands.add_parser("list", help="committed checkpoints, oldest first")
+    listing.add_argument("uri", help="local path, file:///path or s3://bucket/prefix")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = ckpt_commands.add_parser("verify", help="re-read every byte against the manifests")
+    verify.add_argument("uri")
+    verify.add_argument("--step", type=int, help="only this checkpoint")
+    prune = ckpt_commands.add_parser("prune", help="delete all but the newest checkpoints")
+    prune.add_argument("uri")
+    prune.add_argument("--keep-last", type=int, required=True)
+    pull = ckpt_commands.add_parser("pull", help="download a verified checkpoint")
+    pull.add_argument("uri")
+    pull.add_argument("dest", help="local directory")
+    pull.add_argument("--step", type=int, help="default: the newest")
+    ckpt.set_defaults(handler=run_ckpt)
+
+
+def _describe(manifest: Manifest) -> dict[str, object]:
+    return {
+        "step": manifest.step,
+        "epoch": manifest.epoch,
+        "kind": manifest.kind,
+        "created_at": manifest.created_at.isoformat(),
+        "bytes": sum(entry.size for entry in manifest.files.values()),
+        "files": sorted(manifest.files),
+    }
+
+
+def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
+    rows = [_describe(manifest) for manifest in store.list()]
+    if as_json:
+        print(json.dumps(rows, indent=2), file=out)
+        return 0
+    if not rows:
+        print(f"{store.uri}: no committed checkpoints", file=out)
+        return 0
+    print(f"{'step':>12} {'epoch':>6} {'kind':10} {'size':>10}  created", file=out)
+    for row in rows:
+        size = human_size(float(row["bytes"]))  # type: ignore[arg-type]
+        print(
+            f"{row['step']:>12} {row['epoch']:>6} {row['kind']!s:10} {size:>10}  "
+            f"{row['created_at']}",
+            file=out,
+        )
+    return 0
+
+
+def _verify(store: CheckpointStore, step: int | None, out: TextIO) -> int:
+    results = store.verify(step)
+    if not results:
+        print(f"{store.uri}: no checkpoints", file=out)
+        return 0
+    for result in results:
+        verdict = "ok" if result.ok else f"FAILED: {result.problem}"
+        print(f"{result.step:>12}  {verdict}", file=out)
+    return 0 if all(result.ok for result in results) else 1
+
+
+def _prune(store: CheckpointStore, keep_last: int, out: TextIO) -> int:
+    deleted = store.prune(keep_last)
+    print(f"deleted steps: {', '.join(map(str, deleted)) or 'none'}", file=out)
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        if self.enabled:
+            share = self.done / max(self.total, 1)
+            rate = self.done / max(time.monotonic() - self.started, 1e-6)
+            bar = "#" * int(30 * share)
+            self.stream.write(f"\r[{bar:30}] {share:6.1%} {human_size(rate)}/s")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+class _Tee:
+    def __init__(self, sink: Sink, progress: _Progress) -> None:
+        self.sink, self.progress = sink, progress
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        self.progress.advance(len(data))
+        return self.sink.write(data) or len(data)
+
+
+def _pull(store: CheckpointStore, dest: Path, step: int | None, out: TextIO) -> int:
+    from spotguard.trainer_hooks.manifest import step_dir
+
+    manifest = store.get(step) if step is not None else store.latest()
+    if manifest is None:
+        print(f"{store.uri}: no committed checkpoint to pull", file=sys.stderr)
+        return 1
+    target = dest / step_dir(manifest.step)
+    partial = dest / f".{step_dir(manifest.step)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    progress = _Progress(sum(e.size for e in manifest.files.values()), sys.stderr)
+    try:
+        for name in sorted(manifest.files):
+            path = partial / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as handle:
+                store.fetch(manifest, name, _Tee(handle, progress))
+        (partial / "manifest.json").write_bytes(manifest.to_bytes())
+    except CorruptCheckpoint:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    print(f"pulled step {manifest.step} (verified) to {target}", file=out)
+    return 0
+
+
+def run_ckpt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run one ``spotguard ckpt`` subcommand; the exit code is returned."""
+    from spotguard.trainer_hooks import CheckpointStore
+
+    try:
+        store = CheckpointStore(args.uri)
+        if args.ckpt_command == "list":
+            return _list(store, args.json, out)
+        if args.ckpt_command == "verify":
+            return _verify(store, args.step, out)
+        if args.ckpt_command == "prune":
+            return _prune(store, args.keep_last, out)
+        return _pull(store, Path(args.dest), args.step, out)
+    except CorruptCheckpoint as exc:
+        print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError) as exc:
+        print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
+        return 2

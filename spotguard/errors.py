@@ -1,0 +1,125 @@
+"""spotguard's one exception tree, for every part: core, agent, trainer hooks, drill, fleet.
+
+Every error spotguard raises on purpose derives from :class:`SpotguardError`, so callers can
+tell "we understood what went wrong" (a one-line message naming the culprit) from a bug::
+
+    SpotguardError
+    ├── ConfigError              a bad setting, config key or flag; the message names it
+    │   │                        (the CLI exits 2 with it; settings objects raise it too)
+    │   └── RenderError          a fleet config that cannot become Terraform variables
+    ├── ProtocolError            a notice, registration or state file that is not what we wrote
+    ├── ImdsError                the metadata service gave no usable answer: "unknown", not "none"
+    │   ├── ImdsUnreachable      connection refused or dropped, timeout, 5xx
+    │   ├── ImdsDisabled         403: the metadata endpoint is turned off for this instance
+    │   └── ImdsBadAnswer        an answer we cannot parse, or a status that makes no sense
+    ├── CheckpointError          anything about a checkpoint store
+    │   ├── StoreError           the store cannot be used: bad URI, missing bucket, no
+    │   │                        credentials, access denied, unreachable endpoint
+    │   ├── CorruptCheckpoint    a manifest or payload that fails verification
+    │   └── UploadFailed         a background save failed (raised at the next step or exit)
+    └── DrillFailed              a step of ``spotguard drill`` did not hold (``.step`` names it)
+
+    SystemExit
+    └── Preempted                not an error: the emergency checkpoint is done (or could not
+                                 be), the process leaves with exit code 75, "resume me"
+
+This module imports nothing; every other module may import it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpoint",
+    "DrillFailed",
+    "ImdsBadAnswer",
+    "ImdsDisabled",
+    "ImdsError",
+    "ImdsUnreachable",
+    "Preempted",
+    "ProtocolError",
+    "RenderError",
+    "SpotguardError",
+    "StoreError",
+    "UploadFailed",
+]
+
+
+class SpotguardError(Exception):
+    """Base of every error spotguard raises deliberately."""
+
+
+class ConfigError(SpotguardError, ValueError):
+    """A setting, configuration key or command-line flag is wrong; the message names it.
+
+    Also a :class:`ValueError`: a bad value passed to a settings object is one.
+    """
+
+
+class RenderError(ConfigError):
+    """A fleet config cannot become Terraform variables; the message names the key."""
+
+
+class ProtocolError(SpotguardError):
+    """A file of the agent/trainer protocol is malformed."""
+
+
+class ImdsError(SpotguardError):
+    """IMDS gave no usable answer. The state of the instance is unknown."""
+
+    #: Short machine-friendly reason, used as a metrics label.
+    reason = "error"
+
+
+class ImdsUnreachable(ImdsError):
+    """IMDS could not be reached, timed out, or answered 5xx."""
+
+    reason = "unreachable"
+
+
+class ImdsDisabled(ImdsError):
+    """IMDS answered 403: the endpoint is disabled for this instance."""
+
+    reason = "disabled"
+
+
+class ImdsBadAnswer(ImdsError):
+    """IMDS answered with a status or body that cannot be understood."""
+
+    reason = "bad_answer"
+
+
+class CheckpointError(SpotguardError):
+    """Base of every checkpoint store error."""
+
+
+class StoreError(CheckpointError):
+    """The store cannot be used as configured; the message says what to fix."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint failed verification: it is skipped, never loaded."""
+
+
+class UploadFailed(CheckpointError):
+    """A save running in the background failed."""
+
+
+class DrillFailed(SpotguardError):
+    """A drill step failed; ``step`` names it ("store", "agent", "reference",
+    "interruption", "resume", "bit-exact", ...), the message says what happened."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class Preempted(SystemExit):
+    """Raised after the emergency checkpoint: the process exits with ``code`` (75 by default,
+    :data:`spotguard.protocol.EXIT_PREEMPTED`) unless someone catches it. ``saved`` says
+    whether the emergency checkpoint was committed; ``step`` is the step it was taken at."""
+
+    def __init__(self, step: int, saved: bool, code: int) -> None:
+        super().__init__(code)
+        self.step, self.saved = step, saved

@@ -1,0 +1,97 @@
+"""The store's backend seam: a URI picks the backend, an object is taken as given, and the
+in-memory twin keeps the rules the real backends keep (unit tests of one module only)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotguard.errors import CorruptCheckpoint, StoreError
+from spotguard.trainer_hooks import CheckpointStore
+from spotguard.trainer_hooks.backends import (
+    LocalBackend,
+    MemoryBackend,
+    S3Backend,
+    backend_for_uri,
+)
+
+
+def test_uris_pick_their_backend(tmp_path):
+    assert isinstance(backend_for_uri(str(tmp_path)), LocalBackend)
+    assert isinstance(backend_for_uri(f"file://{tmp_path}"), LocalBackend)
+    s3 = backend_for_uri("s3://bucket/runs/run-1/")
+    assert isinstance(s3, S3Backend)
+    assert s3.uri == "s3://bucket/runs/run-1"
+    for bad in ("", "s3:///prefix", "gs://bucket/x", "file://host/path"):
+        with pytest.raises(StoreError):
+            backend_for_uri(bad)
+
+
+def test_a_backend_object_is_used_as_given():
+    backend = MemoryBackend("memory://unit/")
+    store = CheckpointStore(backend)
+    assert store.uri == "memory://unit/"
+    store.save(3, {"a.bin": b"abc"})
+    assert set(backend.objects) == {"ckpt-000000000003/a.bin", "ckpt-000000000003/manifest.json"}
+
+
+def test_round_trip_through_memory():
+    store = CheckpointStore(MemoryBackend())
+    state = {"weight": torch.arange(12.0).reshape(3, 4), "step": 10}
+    store.save(10, {"state.pt": lambda handle: torch.save(state, handle)}, epoch=2)
+    manifest, loaded = store.load_state()
+    assert (manifest.step, manifest.epoch) == (10, 2)
+    assert torch.equal(loaded["weight"], state["weight"])
+
+
+def test_a_failing_payload_leaves_nothing_under_its_key():
+    backend = MemoryBackend()
+    store = CheckpointStore(backend)
+
+    def half_then_fail(handle: io.BufferedIOBase) -> None:
+        handle.write(b"x" * 100)
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        store.put(5, "state.pt", half_then_fail)
+    assert backend.objects == {}
+    assert store.latest() is None
+
+
+def test_bytes_changed_behind_the_store_are_caught_and_the_older_checkpoint_used():
+    backend = MemoryBackend()
+    store = CheckpointStore(backend)
+    for step in (1, 2):
+        store.save(step, {"state.pt": lambda handle, s=step: torch.save({"step": s}, handle)})
+    key = "ckpt-000000000002/state.pt"
+    data = bytearray(backend.objects[key])
+    data[-10] ^= 0xFF  # same size, one byte flipped
+    backend.objects[key] = bytes(data)
+    with pytest.raises(CorruptCheckpoint):
+        store.fetch(store.get(2), "state.pt", io.BytesIO())
+    manifest, loaded = store.load_state()
+    assert (manifest.step, loaded["step"]) == (1, 1)
+
+
+def test_requests_are_counted_so_tests_can_price_an_operation():
+    backend = MemoryBackend()
+    store = CheckpointStore(backend)
+    store.save(1, {"a.bin": b"a"})
+    backend.requests.clear()
+    assert store.latest() is not None
+    assert backend.requests == {"listing": 1, "read_small": 1}
+
+
+def test_reading_a_missing_object_is_a_store_error():
+    with pytest.raises(StoreError, match="no such object"):
+        MemoryBackend().download("ckpt-000000000001/a.bin", io.BytesIO())
+
+
+def test_local_backend_writes_small_objects_atomically(tmp_path: Path):
+    backend = LocalBackend(tmp_path)
+    backend.write_small("ckpt-000000000001/manifest.json", b"{}")
+    assert (tmp_path / "ckpt-000000000001" / "manifest.json").read_bytes() == b"{}"
+    assert [p.name for p in (tmp_path / "ckpt-000000000001").iterdir()] == ["manifest.json"]

@@ -1,0 +1,79 @@
+"""The emergency path: save within the notice window if it fits, or keep the last verified
+checkpoint and say so.
+
+Called at the same step on every rank; every decision below is agreed on by all ranks. It waits
+for an in-flight periodic save while that leaves time (a finished one is committed, unpruned, as
+the fallback), estimates from the measured throughput whether the emergency save fits in what
+is left before the deadline, and only then saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from spotguard.trainer_hooks._internals.ranks import Ranks
+from spotguard.trainer_hooks._internals.saver import Saver
+from spotguard.trainer_hooks._internals.snapshot import tree_nbytes
+from spotguard.trainer_hooks._internals.stops import StopIntake
+from spotguard.trainer_hooks.manifest import FileEntry
+
+__all__ = ["emergency_save"]
+
+log = logging.getLogger("spotguard.trainer_hooks")
+
+
+def emergency_save(
+    stops: StopIntake,
+    saver: Saver,
+    ranks: Ranks,
+    step: int,
+    epoch: int,
+    tree_fn: Callable[[], Any],
+) -> bool:
+    """Save ``step`` as the emergency checkpoint if it fits; ``True`` when it is committed."""
+    stops.events["save_started"] = time.time()
+    left = stops.seconds_left() - stops.settings.safety_margin
+    log.warning("stop requested (%s) at step %d; %.1f s left before the deadline",
+                stops.reason or "request", step, left)  # fmt: skip
+    started = time.monotonic()
+    if saver.saving and not saver.wait(max(left / 2, 0.0)):
+        log.warning("the periodic save in flight did not finish in time; saving anyway")
+    (busy,) = ranks.any(saver.saving)
+    if saver.pending is not None and not busy:
+        saver.commit_pending(prune=False)  # a finished periodic save: keep it as fallback
+    if saver.failure is not None:
+        log.error("an earlier background save had failed: %s", saver.failure)
+        saver.failure = None
+    left -= time.monotonic() - started
+    if saver.last_committed_step == step:
+        log.warning("step %d is already checkpointed; nothing more to save", step)
+        return True
+    tree = tree_fn()
+    estimate = tree_nbytes(tree) / saver.throughput if saver.throughput else None
+    (too_slow,) = ranks.any(estimate is not None and estimate > left)
+    if too_slow:
+        log.error(
+            "emergency save would take ~%.1f s but only %.1f s are left: keeping the "
+            "last verified checkpoint (step %s)", estimate or 0.0, left,
+            saver.last_committed_step,
+        )  # fmt: skip
+        return False
+    return _put_and_commit(saver, ranks, step, epoch, tree)
+
+
+def _put_and_commit(saver: Saver, ranks: Ranks, step: int, epoch: int, tree: Any) -> bool:
+    try:
+        entry: FileEntry | None = saver.put(step, tree)
+    except Exception as exc:
+        log.error("emergency save at step %d failed: %s", step, exc)
+        entry = None
+    (failed,) = ranks.any(entry is None)
+    if failed or entry is None:
+        return False
+    # Not pruning: a periodic save may still be uploading into its directory.
+    saver.pending = (step, epoch, "emergency", entry)
+    saver.commit_pending(prune=False)
+    return True

@@ -1,0 +1,148 @@
+"""Save scheduling: periodic saves copied at a step boundary and uploaded in the background.
+
+A periodic save copies the state into reused CPU buffers (the only stall training sees) and
+serializes, checksums and uploads it in one background thread. One save is in flight at a
+time: a periodic save that comes due meanwhile is deferred to the first step boundary after
+the running one finished. A failed background save is logged at once and raised at the next
+step boundary or at exit.
+
+With several ranks each rank puts its own file (:mod:`~spotguard.trainer_hooks._internals.files`)
+and, once every rank is done, rank 0 commits the manifest with the entries gathered from all:
+the commit is a collective, run at a step boundary on every rank alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from spotguard.errors import UploadFailed
+from spotguard.trainer_hooks._internals.files import rank_file
+from spotguard.trainer_hooks._internals.ranks import Ranks
+from spotguard.trainer_hooks._internals.snapshot import Snapshotter, tree_nbytes
+from spotguard.trainer_hooks.manifest import FileEntry
+from spotguard.trainer_hooks.settings import GuardSettings
+from spotguard.trainer_hooks.store import CheckpointStore
+
+__all__ = ["Saver"]
+
+log = logging.getLogger("spotguard.trainer_hooks")
+
+
+class Saver:
+    """This rank's saves: when they are due, the one in flight, and their commits."""
+
+    def __init__(self, settings: GuardSettings, store: CheckpointStore, ranks: Ranks) -> None:
+        self.settings = settings
+        self.store = store
+        self.ranks = ranks
+        self.my_file = rank_file(ranks.rank)
+        self._snapshots = Snapshotter()
+        self._worker: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self.failed_saves = 0
+        #: Bytes per second of serialize + upload, measured by the saves so far.
+        self.throughput: float | None = None
+        self._last_save_step = -1
+        self._last_save_time = time.monotonic()
+        #: A save whose file this rank has put but that is not committed yet.
+        self.pending: tuple[int, int, str, FileEntry] | None = None
+        self.last_committed_step: int | None = None
+
+    def periodic_due(self, step: int, early: bool) -> bool:
+        """Whether a periodic save is due at ``step`` (``early``: a rebalance asked for one)."""
+        if step <= self._last_save_step:
+            return False
+        if early:
+            return True
+        settings = self.settings
+        if settings.every_n_steps and step % settings.every_n_steps == 0:
+            return True
+        return bool(
+            settings.every_seconds
+            and time.monotonic() - self._last_save_time >= settings.every_seconds
+        )
+
+    @property
+    def saving(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise UploadFailed(f"a background checkpoint save failed: {failure}") from failure
+
+    def save_async(self, step: int, epoch: int, tree: Any) -> None:
+        """Copy ``tree`` now, upload the copy in the background."""
+        started = time.monotonic()
+        snapshot = self._snapshots.copy(tree)
+        log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
+        self._last_save_step, self._last_save_time = step, started
+        self._worker = threading.Thread(
+            target=self._background_put, args=(step, epoch, snapshot), name="spotguard-save",
+            daemon=True,
+        )  # fmt: skip
+        self._worker.start()
+
+    def _background_put(self, step: int, epoch: int, snapshot: Any) -> None:
+        try:
+            entry = self.put(step, snapshot)
+        except BaseException as exc:  # surfaced at the next step boundary or at exit
+            self.failed_saves += 1
+            self.failure = exc
+            log.error("checkpoint save at step %d failed: %s", step, exc)
+            return
+        self.pending = (step, epoch, "periodic", entry)
+        if not self.ranks.active:  # nobody to wait for: commit from here
+            self.commit_pending()
+
+    def put(self, step: int, tree: Any) -> FileEntry:
+        """Serialize and store this rank's file of ``step``; measures the throughput."""
+        started = time.monotonic()
+        entry = self.store.put(
+            step,
+            self.my_file,
+            lambda handle: torch.save(tree, handle),
+            size_hint=tree_nbytes(tree),
+        )
+        rate = entry.size / max(time.monotonic() - started, 1e-6)
+        self.throughput = rate if self.throughput is None else 0.5 * (self.throughput + rate)
+        return entry
+
+    def commit_pending(self, *, prune: bool = True) -> None:
+        """Commit the save whose files every rank has put (collective with several ranks)."""
+        assert self.pending is not None
+        step, epoch, kind, entry = self.pending
+        self.pending = None
+        entries = self.ranks.gather((self.my_file, entry))
+        if self.ranks.rank == 0:  # rank 0 owns the manifest
+            files = dict(entries)
+            self.store.commit(step, files, epoch=epoch, kind=kind)
+            log.info("checkpoint %s at step %d committed (%d bytes)", kind, step,
+                     sum(e.size for e in files.values()))  # fmt: skip
+            if prune and self.settings.keep_last:
+                self.store.prune(self.settings.keep_last)
+        self.last_committed_step = step
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the upload in flight; ``True`` when none is left running."""
+        if self._worker is not None:
+            self._worker.join(timeout)
+        return not self.saving
+
+    def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> None:
+        """Save in the foreground on every rank (the final checkpoint)."""
+        self.wait()
+        self.ranks.any(False)  # every rank finished its upload before anyone commits
+        if self.pending is not None:
+            self.commit_pending()
+        self.raise_if_failed()
+        if self.last_committed_step == step:
+            return  # e.g. a final save right after a periodic one at the same step
+        self._last_save_step = step
+        self.pending = (step, epoch, kind, self.put(step, tree))
+        self.commit_pending()

@@ -1,0 +1,184 @@
+"""A checkpoint store under an S3 prefix, through boto3 (imported only when one is used)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from spotguard.errors import StoreError
+from spotguard.trainer_hooks._internals.streams import Pipe, Sink
+from spotguard.trainer_hooks.settings import TransferSettings
+
+__all__ = ["S3Backend"]
+
+MiB = 2**20
+#: S3's limit on the parts of one multipart upload.
+_MAX_PARTS = 10_000
+
+
+class S3Backend:
+    """An ``s3://bucket/prefix``, through boto3's standard credential chain and endpoint
+    settings (``AWS_ENDPOINT_URL`` reaches a local S3 such as moto)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        settings: TransferSettings | None = None,
+        client: Any = None,
+    ) -> None:
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config
+        except ImportError:
+            raise StoreError("s3:// stores need boto3: pip install 'spotguard[s3]'") from None
+        settings = settings or TransferSettings()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        # A session of its own: the shared default session caches credentials across stores.
+        self.client = client or boto3.session.Session().client(
+            "s3",
+            config=Config(
+                retries={"mode": "standard", "max_attempts": settings.max_attempts},
+                max_pool_connections=settings.threads + 4,
+                tcp_keepalive=True,
+            ),
+        )
+        self.settings = settings
+        self.download_config = TransferConfig(
+            multipart_threshold=settings.download_part_size,
+            multipart_chunksize=settings.download_part_size,
+            max_concurrency=settings.threads,
+            max_io_queue=1000,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn botocore's exceptions into one-line :class:`StoreError` messages."""
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise StoreError(
+                f"{self.uri}: no AWS credentials found (instance profile, AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID)"
+            ) from None
+        except ClientError as exc:
+            raise self._client_error(exc, action) from None
+        except (S3UploadFailedError, S3TransferFailedError) as exc:
+            # The transfer manager wraps the client's error; the code is in the original.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ClientError):
+                raise self._client_error(cause, action) from None
+            raise StoreError(f"{self.uri}: {action} failed: {exc}") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"{self.uri}: {action} failed: {exc}") from None
+
+    def _client_error(self, exc: Any, action: str) -> StoreError:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StoreError(f"{self.uri}: access denied while trying to {action}")
+        return StoreError(f"{self.uri}: {action} failed: {code or exc}")
+
+    def listing(self) -> dict[str, dict[str, int]]:
+        found: dict[str, dict[str, int]] = {}
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._errors("list the store"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    directory, _, name = item["Key"][len(root) :].partition("/")
+                    if directory.startswith("ckpt-") and name:
+                        found.setdefault(directory, {})[name] = int(item["Size"])
+        return found
+
+    def read_small(self, key: str) -> bytes | None:
+        with self._errors(f"read {key}"):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None  # deleted between listing and reading (a prune)
+            data: bytes = answer["Body"].read()
+            return data
+
+    def write_small(self, key: str, data: bytes) -> None:
+        with self._errors(f"write {key}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _upload_config(self, size_hint: int | None) -> Any:
+        """The transfer settings for one upload: parts grown to stay within S3's 10,000 (with
+        room for the pickle's overhead over the tensors' bytes)."""
+        from boto3.s3.transfer import TransferConfig
+
+        part_size = self.settings.part_size
+        if size_hint is not None:
+            part_size = max(part_size, -(-size_hint // (_MAX_PARTS * 9 // 10) // MiB) * MiB)
+        return TransferConfig(
+            multipart_threshold=part_size,
+            multipart_chunksize=part_size,
+            max_concurrency=self.settings.threads,
+        )
+
+    def write(
+        self, key: str, produce: Callable[[Sink], None], size_hint: int | None = None
+    ) -> None:
+        """Serialize and upload at once: ``produce`` runs in a thread of its own and writes into
+        a pipe that the transfer manager reads part by part (parallel multipart upload,
+        retries per part), so no spool file and no second pass over the data.
+
+        A failed upload is aborted by the transfer manager; one cut short by a killed process
+        stays invisible (and is cleaned by the bucket's lifecycle rule).
+        """
+        pipe = Pipe()
+        failures: list[BaseException] = []
+
+        def run_producer() -> None:
+            try:
+                produce(pipe.writer)
+                pipe.finish()
+            except BaseException as exc:  # handed to the upload, then re-raised below
+                failures.append(exc)
+                pipe.fail(exc)
+
+        producer = threading.Thread(target=run_producer, name="spotguard-serialize", daemon=True)
+        producer.start()
+        try:
+            with self._errors(f"upload {key}"):
+                self.client.upload_fileobj(
+                    pipe.reader, self.bucket, self._key(key), Config=self._upload_config(size_hint)
+                )
+        except BaseException:
+            # The producer failed first (the pipe made the upload abort): its error is the news.
+            if failures and not isinstance(failures[0], BrokenPipeError):
+                raise failures[0] from None
+            raise
+        finally:
+            pipe.close_reader()  # a producer still writing after a failed upload stops
+            producer.join()
+        if failures:
+            raise failures[0]
+
+    def download(self, key: str, sink: Sink) -> None:
+        with self._errors(f"download {key}"):
+            self.client.download_fileobj(
+                self.bucket, self._key(key), sink, Config=self.download_config
+            )
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            with self._errors("delete old checkpoints"):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
