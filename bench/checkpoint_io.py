@@ -1,26 +1,40 @@
 """Checkpoint benchmark: training stall, emergency save, restore, for 256 MiB and 1 GiB states.
 
 Everything goes to one moto S3 server over HTTP (started here), so every contender faces the
-same server. Figures, per state size:
+same server. Every comparison runs its contenders in alternation (A, B, A, B, ...: moto's
+throughput drifts, it is CPU-bound and shares the cores) and reports medians of ``--trials``.
+
+The boto3 baseline (a training loop without spotguard) gets the same S3 tuning as spotguard,
+taken from the one ``TransferSettings()`` both use: uploads in ``part_size`` parts with
+``threads`` threads, downloads in ``download_part_size`` ranges with ``threads`` threads, and
+a client whose connection pool and retry policy are configured as spotguard's S3 backend
+configures its own. What differs is only the product: streaming serialization, SHA-256 of
+every byte, the manifest commit, verification on restore.
+
+Figures, per state size:
 
 * stall per periodic checkpoint: what the training loop waits for.
   - spotguard: ``SpotGuard.step`` at a save step (copy into reused CPU buffers; the upload
-    runs in the background), measured at steady state (second save);
-  - baseline: synchronous ``torch.save`` to a buffer + boto3 ``upload_fileobj`` (what a
-    training loop without spotguard does);
-  - the bare tensor copy (``torch.Tensor.copy_`` into preallocated buffers): the floor.
+    runs in the background), at steady state (saves 2 .. trials + 1);
+  - the bare tensor copy (``torch.Tensor.copy_`` into preallocated buffers): the floor,
+    measured idle and right before each of spotguard's saves (under the same load);
+  - baseline: synchronous ``torch.save`` to a buffer + boto3 ``upload_fileobj`` (tuned as
+    above), i.e. the baseline's emergency save below.
   Goal: stall <= 1.5 x copy and >= 10 x less than the synchronous save.
 * emergency save (wall time and client CPU-seconds per GiB): spotguard's foreground save
-  vs ``torch.save`` to a buffer + ``upload_fileobj`` with boto3 defaults.
+  (``CheckpointStore.save``) vs ``torch.save`` to a buffer + ``upload_fileobj``.
 * restore: ``CheckpointStore.load_state`` (verified while downloading) vs boto3
-  ``download_fileobj`` with defaults + ``torch.load``.
-
+  ``download_fileobj`` + ``torch.load``.
 * Lightning, per checkpoint inside ``fit`` (time spent in the checkpointing callback's
-  ``on_train_batch_end``, median of steps 2-4), both writing to local disk (an ``s3://``
-  dirpath for ModelCheckpoint needs s3fs, which downgrades boto3): ``SpotCheckpoint`` vs
-  ``ModelCheckpoint(every_n_train_steps=1)`` with ``AsyncCheckpointIO`` vs the same without.
+  ``on_train_batch_end`` at steps 2-3 of each fit; the median over all trials), both writing to
+  local disk (an ``s3://`` dirpath for ModelCheckpoint needs s3fs, which downgrades boto3):
+  ``SpotCheckpoint`` vs ``ModelCheckpoint(every_n_train_steps=1)`` with ``AsyncCheckpointIO``
+  vs the same without. No S3 tuning is involved.
 
-Usage: python bench/checkpoint_io.py [--sizes 256 1024] (MiB)
+At the end the figures are printed again as the Markdown tables of bench/README.md.
+
+Usage: python bench/checkpoint_io.py [--sizes 256 1024] (MiB) [--trials 3]
+Smoke test (seconds): python bench/checkpoint_io.py --sizes 8 --trials 1
 """
 
 from __future__ import annotations
@@ -37,13 +51,19 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import boto3
 import torch
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
 
-from spotguard.trainer_hooks import CheckpointStore, SpotGuard
+from spotguard.trainer_hooks import CheckpointStore, SpotGuard, TransferSettings
 
 MiB = 2**20
+
+#: The one set of S3 tuning that spotguard and the boto3 baseline share (spotguard's defaults).
+SETTINGS = TransferSettings()
 
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
@@ -78,6 +98,39 @@ def start_moto_bucket() -> tuple[subprocess.Popen[bytes], str]:
     return moto, bucket
 
 
+def baseline_client(settings: TransferSettings) -> Any:
+    """A boto3 client configured as spotguard's S3 backend configures its own: a connection
+    pool sized to the threads (botocore's default of 10 would cap 16 threads), same retries."""
+    return boto3.session.Session().client(
+        "s3",
+        config=Config(
+            retries={"mode": "standard", "max_attempts": settings.max_attempts},
+            max_pool_connections=settings.threads + 4,
+            tcp_keepalive=True,
+        ),
+    )
+
+
+def upload_config(settings: TransferSettings) -> TransferConfig:
+    """spotguard's upload tuning. (spotguard grows the part for files beyond ~9,000 parts;
+    at the sizes benchmarked here the part is ``part_size``.)"""
+    return TransferConfig(
+        multipart_threshold=settings.part_size,
+        multipart_chunksize=settings.part_size,
+        max_concurrency=settings.threads,
+    )
+
+
+def download_config(settings: TransferSettings) -> TransferConfig:
+    """spotguard's download tuning: ``download_part_size`` ranges, ``threads`` threads."""
+    return TransferConfig(
+        multipart_threshold=settings.download_part_size,
+        multipart_chunksize=settings.download_part_size,
+        max_concurrency=settings.threads,
+        max_io_queue=1000,
+    )
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -90,77 +143,109 @@ def timed(work: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def alternate(
+    contenders: dict[str, Callable[[int], object]], trials: int
+) -> dict[str, list[tuple[float, float]]]:
+    """Run the contenders in turn (A, B, A, B, ...), ``trials`` rounds; ``timed`` of each run.
+    Each contender gets the round's index (0-based)."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for trial in range(trials):
+        for name, work in contenders.items():
+            runs[name].append(timed(lambda work=work, trial=trial: work(trial)))
+    return runs
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of ``timed`` results."""
+    walls, cpus = zip(*runs, strict=True)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def make_state(size_mib: int) -> dict[str, torch.Tensor]:
     tensors = max(1, size_mib // 64)
     per = size_mib * MiB // 4 // tensors
     return {f"layer{i}.weight": torch.randn(per) for i in range(tensors)}
 
 
-def bench_size(size_mib: int, bucket: str) -> dict[str, float]:
+def bench_size(size_mib: int, bucket: str, trials: int) -> dict[str, float]:
     state = make_state(size_mib)
     gib = size_mib / 1024
-    client = boto3.client("s3")
+    client = baseline_client(SETTINGS)
+    baseline_key = f"baseline/{size_mib}/state.pt"
     results: dict[str, float] = {}
 
     buffers = {name: torch.empty_like(t) for name, t in state.items()}
-    for name, tensor in state.items():  # first touch: page faults are not the copy's cost
-        buffers[name].copy_(tensor)
-    results["copy"], _ = timed(lambda: [buffers[n].copy_(t) for n, t in state.items()])
+
+    def copy() -> None:
+        for name, tensor in state.items():
+            buffers[name].copy_(tensor)
+
+    copy()  # first touch: page faults are not the copy's cost
+    results["copy"] = statistics.median(timed(copy)[0] for _ in range(trials))
 
     def sync_save() -> None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
-        client.upload_fileobj(buffer, bucket, f"baseline/{size_mib}/state.pt")
+        client.upload_fileobj(buffer, bucket, baseline_key, Config=upload_config(SETTINGS))
 
     prefix = f"s3://{bucket}/guard-{size_mib}"
-    guard = SpotGuard(prefix, every_n_steps=1, keep_last=2, state_dir="/nonexistent")
+    guard = SpotGuard(
+        prefix, every_n_steps=1, keep_last=2, state_dir="/nonexistent", transfer=SETTINGS
+    )
     holder = {"model": state}
     guard.restore(holder)
     guard.step(1, holder)  # first save allocates the buffers
     guard._core.wait()
     stalls, loaded_copies = [], []
-    for step in (2, 3, 4):  # steady state: the median of three saves
+    for step in range(2, 2 + trials):  # steady state
         # The floor again, under the same conditions as the stall right after it (moto is
         # still digesting the last upload and prune): the ratio is then spotguard's own cost.
-        loaded_copies.append(timed(lambda: [buffers[n].copy_(t) for n, t in state.items()])[0])
+        loaded_copies.append(timed(copy)[0])
         stalls.append(timed(lambda step=step: guard.step(step, holder))[0])
         guard._core.wait()
     results["guard_stall"] = statistics.median(stalls)
     results["copy_loaded"] = statistics.median(loaded_copies)
     guard.close()
 
-    # Emergency save vs the baseline, alternating three times each: the server's throughput
-    # drifts (it is CPU-bound and shares the cores), so single runs are too noisy to compare.
-    store = CheckpointStore(prefix)
-    trials: dict[str, list[tuple[float, float]]] = {"sync": [], "emergency": []}
-    for trial in range(3):
-        trials["sync"].append(timed(sync_save))
-        trials["emergency"].append(timed(
-            lambda step=5 + trial: store.save(
-                step, {"state.pt": lambda handle: torch.save(state, handle)}
-            )
-        ))  # fmt: skip
-    for name in ("sync", "emergency"):
-        walls, cpus = zip(*trials[name], strict=True)
-        results[f"{name}_wall"] = statistics.median(walls)
-        results[f"{name}_cpu"] = statistics.median(cpus)
+    # Emergency save vs the baseline, alternating.
+    store = CheckpointStore(prefix, transfer=SETTINGS)
+    first_step = 2 + trials
+    saves = alternate(
+        {
+            "sync": lambda trial: sync_save(),
+            "emergency": lambda trial: store.save(
+                first_step + trial, {"state.pt": lambda handle: torch.save(state, handle)}
+            ),
+        },
+        trials,
+    )
+    for name, runs in saves.items():
+        results[f"{name}_wall"], results[f"{name}_cpu"] = medians(runs)
     results["sync_stall"] = results["sync_wall"]
-    results["restore_wall"], results["restore_cpu"] = timed(lambda: store.load_state(step=7))
 
     def baseline_restore() -> None:
         buffer = io.BytesIO()
-        client.download_fileobj(bucket, f"baseline/{size_mib}/state.pt", buffer)
+        client.download_fileobj(bucket, baseline_key, buffer, Config=download_config(SETTINGS))
         buffer.seek(0)
         torch.load(buffer, weights_only=True)
 
-    results["baseline_restore_wall"], results["baseline_restore_cpu"] = timed(baseline_restore)
+    last_step = first_step + trials - 1
+    restores = alternate(
+        {
+            "restore": lambda trial: store.load_state(step=last_step),
+            "baseline_restore": lambda trial: baseline_restore(),
+        },
+        trials,
+    )
+    for name, runs in restores.items():
+        results[f"{name}_wall"], results[f"{name}_cpu"] = medians(runs)
     for key in ("sync_cpu", "emergency_cpu", "restore_cpu", "baseline_restore_cpu"):
         results[key] /= gib
     return results
 
 
-def lightning_stalls(size_mib: int) -> dict[str, float]:
+def lightning_stalls(size_mib: int, trials: int) -> dict[str, float]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.plugins.io import AsyncCheckpointIO
@@ -188,7 +273,9 @@ def lightning_stalls(size_mib: int) -> dict[str, float]:
         def on_train_batch_start(self, *args: object) -> None:
             time.sleep(size_mib / 100)
 
-    def stall(checkpointer: pl.Callback, plugins: list[object]) -> float:
+    def stall(checkpointer: pl.Callback, plugins: list[object]) -> list[float]:
+        """Seconds spent in the callback per checkpoint at steady state (the first save
+        allocates), for one fit of 3 steps."""
         stalls: list[float] = []
         hook = checkpointer.on_train_batch_end
 
@@ -204,50 +291,101 @@ def lightning_stalls(size_mib: int) -> dict[str, float]:
                 default_root_dir=root, plugins=plugins, callbacks=[Breather(), checkpointer],
             )  # fmt: skip
             trainer.fit(Big())
-        return statistics.mean(stalls[1:])  # steady state: the first save allocates
+        return stalls[1:]
 
-    with tempfile.TemporaryDirectory() as store:
-        spot = stall(SpotCheckpoint(store, every_n_train_steps=1, keep_last=1), [])
+    def spot() -> list[float]:
+        with tempfile.TemporaryDirectory() as store:
+            return stall(SpotCheckpoint(store, every_n_train_steps=1, keep_last=1), [])
+
     model_checkpoint = {"every_n_train_steps": 1, "save_top_k": -1}
-    return {
+    contenders: dict[str, Callable[[], list[float]]] = {
         "spot": spot,
-        "async": stall(ModelCheckpoint(**model_checkpoint), [AsyncCheckpointIO()]),
-        "sync": stall(ModelCheckpoint(**model_checkpoint), []),
+        "async": lambda: stall(ModelCheckpoint(**model_checkpoint), [AsyncCheckpointIO()]),
+        "sync": lambda: stall(ModelCheckpoint(**model_checkpoint), []),
     }
+    pooled: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(trials):  # alternating: one fit of each per round
+        for name, fit in contenders.items():
+            pooled[name].extend(fit())
+    return {name: statistics.median(values) for name, values in pooled.items()}
+
+
+def print_tables(rows: dict[int, dict[str, float]], trials: int) -> None:
+    def label(size: int) -> str:
+        return f"{size // 1024} GiB" if size % 1024 == 0 else f"{size} MiB"
+
+    print(f"\nMarkdown for bench/README.md (medians of {trials} alternating trials):\n")
+    print("| state | copy idle | copy between saves | spotguard stall | stall / copy between "
+          "saves | sync save + upload | sync / stall |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for size, r in rows.items():
+        print(f"| {label(size)} | {r['copy']:.3f} s | {r['copy_loaded']:.3f} s | "
+              f"{r['guard_stall']:.3f} s | {r['guard_stall'] / r['copy_loaded']:.2f} x | "
+              f"{r['sync_stall']:.2f} s | "
+              f"{r['sync_stall'] / r['guard_stall']:.0f} x |")  # fmt: skip
+    print("\n| state | emergency save: spotguard | boto3 baseline | speed-up | "
+          "client CPU-s/GiB (spotguard / baseline) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for size, r in rows.items():
+        print(f"| {label(size)} | {r['emergency_wall']:.2f} s | {r['sync_wall']:.2f} s | "
+              f"{r['sync_wall'] / r['emergency_wall']:.2f} x | "
+              f"{r['emergency_cpu']:.2f} / {r['sync_cpu']:.2f} |")  # fmt: skip
+    print("\n| state | restore: spotguard (verified) | boto3 baseline | speed-up | "
+          "client CPU-s/GiB (spotguard / baseline) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for size, r in rows.items():
+        print(f"| {label(size)} | {r['restore_wall']:.2f} s | {r['baseline_restore_wall']:.2f} s "
+              f"| {r['baseline_restore_wall'] / r['restore_wall']:.2f} x | "
+              f"{r['restore_cpu']:.2f} / {r['baseline_restore_cpu']:.2f} |")  # fmt: skip
+    print("\n| state | SpotCheckpoint | ModelCheckpoint + AsyncCheckpointIO | ModelCheckpoint |")
+    print("|---|---|---|---|")
+    for size, r in rows.items():
+        print(f"| {label(size)} | {r['lightning_spot']:.3f} s | {r['lightning_async']:.3f} s | "
+              f"{r['lightning_sync']:.3f} s |")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="MiB")
+    parser.add_argument(
+        "--trials", type=int, default=3, help="alternating rounds per comparison (default 3)"
+    )
     args = parser.parse_args()
+    print(f"S3 tuning of spotguard and of the boto3 baseline alike: {SETTINGS}")
     moto, bucket = start_moto_bucket()
+    rows: dict[int, dict[str, float]] = {}
     try:
         for size in args.sizes:
-            r = bench_size(size, bucket)
-            print(f"\nstate {size} MiB (moto S3 over HTTP)")
+            r = bench_size(size, bucket, args.trials)
+            print(f"\nstate {size} MiB (moto S3 over HTTP), medians of {args.trials} trials")
             print(f"  stall: copy {r['copy']:.3f} s idle, {r['copy_loaded']:.3f} s between saves "
                       f"| spotguard {r['guard_stall']:.3f} s ({r['guard_stall'] / r['copy']:.2f} x "
                       f"idle copy, {r['guard_stall'] / r['copy_loaded']:.2f} x copy between saves) "
                       "| sync torch.save+upload "
                       f"{r['sync_stall']:.3f} s ({r['sync_stall'] / r['guard_stall']:.0f} x "
-                      "spotguard)")  # fmt: skip
-            print(f"  emergency save (median of 3, alternating): spotguard "
+                      "spotguard)", flush=True)  # fmt: skip
+            print(f"  emergency save (alternating): spotguard "
                       f"{r['emergency_wall']:.2f} s, {r['emergency_cpu']:.2f} CPU-s/GiB | "
                       f"baseline {r['sync_wall']:.2f} s, {r['sync_cpu']:.2f} CPU-s/GiB | "
-                      f"speed-up {r['sync_wall'] / r['emergency_wall']:.2f} x")  # fmt: skip
-            print(f"  restore: spotguard (verified) {r['restore_wall']:.2f} s, "
+                      f"speed-up {r['sync_wall'] / r['emergency_wall']:.2f} x",
+                      flush=True)  # fmt: skip
+            print(f"  restore (alternating): spotguard (verified) {r['restore_wall']:.2f} s, "
                       f"{r['restore_cpu']:.2f} CPU-s/GiB | baseline "
                       f"{r['baseline_restore_wall']:.2f} s, {r['baseline_restore_cpu']:.2f} "
                       f"CPU-s/GiB | speed-up "
-                      f"{r['baseline_restore_wall'] / r['restore_wall']:.2f} x")  # fmt: skip
-            lightning = lightning_stalls(size)
-            print(f"  Lightning, per checkpoint (local disk): SpotCheckpoint "
+                      f"{r['baseline_restore_wall'] / r['restore_wall']:.2f} x",
+                      flush=True)  # fmt: skip
+            lightning = lightning_stalls(size, args.trials)
+            r.update({f"lightning_{name}": value for name, value in lightning.items()})
+            print(f"  Lightning, per checkpoint (local disk, alternating): SpotCheckpoint "
                   f"{lightning['spot']:.3f} s | ModelCheckpoint + AsyncCheckpointIO "
                   f"{lightning['async']:.3f} s | ModelCheckpoint "
-                  f"{lightning['sync']:.3f} s")  # fmt: skip
+                  f"{lightning['sync']:.3f} s", flush=True)  # fmt: skip
+            rows[size] = r
     finally:
         moto.terminate()
         moto.wait(10)
+    print_tables(rows, args.trials)
 
 
 if __name__ == "__main__":

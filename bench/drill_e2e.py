@@ -5,8 +5,12 @@ Each trial is a whole ``spotguard drill`` (real agent process polling the simula
 0.5 s, real Lightning training process, local store). The baseline measured in the same run is
 the reference launch's time to its first step (a fresh start, nothing to load): the relaunch's
 excess over it is what resuming costs. The agent's poll interval is the floor of detection.
+The two contenders (fresh start, resumed relaunch) alternate: every drill runs one of each, in
+that order, so trial after trial they go A, B, A, B; each figure is the median over trials.
 
     python bench/drill_e2e.py [--trials 3] [--sizes 0,1GiB] [--store URI]
+
+Smoke test (about a minute): python bench/drill_e2e.py --trials 1 --sizes 0
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def _at(timeline: list[tuple[str, float]], event: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--sizes", default="0,1GiB")
     parser.add_argument("--store")
