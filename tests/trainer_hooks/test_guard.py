@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import torch
 
 from spotguard.protocol import Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore, Preempted, SpotGuard
+from tests.support import wait_for
 
 
 def notice(kind: str, deadline_in: float | None) -> Notice:
@@ -41,7 +43,8 @@ def test_rebalance_triggers_an_early_save_and_training_goes_on(tmp_path, state_d
         guard.step(1, state)
         assert CheckpointStore(uri).latest() is None
         write_notice(state_dir, notice("rebalance-recommendation", None))
-        time.sleep(0.8)  # the notice watcher looks twice a second
+        # An event, not a guess at the watcher's timing: it has seen the recommendation.
+        wait_for(lambda: guard._core.stops.early_save, what="the watcher to see the rebalance")
         guard.step(2, state)  # not a multiple of 1000: saved because of the rebalance
         guard._core.wait()
         assert CheckpointStore(uri).latest().step == 2
@@ -113,16 +116,38 @@ def test_registration_lives_exactly_as_long_as_the_guard(tmp_path, state_dir):
 
 
 def test_time_based_saves(tmp_path):
+    """``every_seconds`` alone makes saves (no step is a multiple of anything), never more
+    often than that: lower bounds on time only, nothing assumed about how fast a step runs.
+
+    The guard is stepped until three saves are committed. The first save's step returned at
+    least ``every_seconds`` after the guard was built (a save at once fails), and each
+    save's step returned at least ``every_seconds`` after the previous save's step began
+    (saving at every step, 20 ms apart, fails).
+    """
+    every = 0.3
     uri = str(tmp_path / "store")
+    store = CheckpointStore(uri)
     state = model_state()
-    with SpotGuard(uri, every_seconds=0.3, state_dir="/nonexistent") as guard:
+    built = time.monotonic()
+    with SpotGuard(uri, every_seconds=every, state_dir="/nonexistent") as guard:
         guard.restore(state)
-        guard.step(1, state)
-        assert CheckpointStore(uri).latest() is None
-        time.sleep(0.35)
-        guard.step(2, state)
-        guard._core.wait()
-        assert CheckpointStore(uri).latest().step == 2
+        saves: list[tuple[int, float, float]] = []  # (step, step began, step returned)
+        step = 0
+        deadline = time.monotonic() + 60  # only a no-hang bound
+        while len(saves) < 3:
+            assert time.monotonic() < deadline, f"only {len(saves)} time-based saves in 60 s"
+            step += 1
+            began = time.monotonic()
+            guard.step(step, state)
+            returned = time.monotonic()
+            guard._core.wait()
+            latest = store.latest()
+            if latest is not None and latest.step == step:
+                saves.append((step, began, returned))
+            time.sleep(0.02)
+    assert saves[0][2] - built >= every, saves
+    for (_, began, _), (_, _, returned) in itertools.pairwise(saves):
+        assert returned - began >= every, saves
 
 
 def test_settings_are_validated():

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import platform
+from importlib import metadata
 from pathlib import Path
 
 import boto3
@@ -76,7 +78,13 @@ def test_save_commit_list_and_load_round_trip(store_uri):
     assert latest == manifest
     assert latest.kind == "emergency"
     assert latest.extra == {"note": "x"}
-    assert latest.versions["torch"] == torch.__version__.split("+")[0] or latest.versions["torch"]
+    # The manifest records the versions that wrote it, read back from storage: exactly what
+    # the installed distributions report (a missing or wrong version fails here).
+    assert latest.versions == {
+        "spotguard": metadata.version("spotguard"),
+        "torch": metadata.version("torch"),
+        "python": platform.python_version(),
+    }
     loaded_manifest, loaded = store.load_state()
     assert loaded_manifest.step == 200
     assert torch.equal(loaded["weight"], state["weight"])

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from spotguard.trainer_hooks import (
     TransferSettings,
     UploadFailed,
 )
+from tests.support import wait_for
 
 MiB = 2**20
 SMALL_PARTS = TransferSettings(part_size=5 * MiB, threads=2)
@@ -81,30 +84,104 @@ def test_background_failure_surfaces_at_the_next_save_and_at_exit(faulty_s3):
         guard.close()  # a run never ends green with its last save missing
 
 
-def test_sigkill_mid_upload_leaves_only_complete_checkpoints(faulty_s3, tmp_path):
-    bucket, proxy = faulty_s3
-    proxy.latency = 0.02  # a few hundred ms per checkpoint: kills land mid-upload
-    uri = f"s3://{bucket}/killed"
-    rng = random.Random(42)
-    committed_before = 0
-    for trial in range(4):
-        process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("save_loop.py")), "--store", uri],
+class SaveLoop:
+    """``save_loop.py`` in a process of its own, its stdout read line by line without hanging."""
+
+    def __init__(self, uri: str, hold_after: int, hold_mib: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("save_loop.py")), "--store", uri,
+             "--hold-after", str(hold_after), "--hold-mib", str(hold_mib)],
             stdout=subprocess.PIPE, text=True, env=dict(os.environ),
         )  # fmt: skip
-        time.sleep(rng.uniform(0.8, 2.0))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+
+    def expect(self, word: str) -> int:
+        """The step of the next line, which must be ``word STEP``."""
+        try:
+            line = self.lines.get(timeout=120)  # only a no-hang bound
+        except queue.Empty:
+            pytest.fail(f"save_loop.py said nothing for 120 s (waiting for {word!r})")
+        said, _, step = line.partition(" ")
+        assert said == word, f"expected {word!r}, save_loop.py said {line!r}"
+        return int(step)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+def open_upload_with_parts(client, bucket: str, key: str) -> str | None:
+    """The id of an unfinished multipart upload of ``key`` with at least one part stored."""
+    for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", []):
+        if upload["Key"] == key:
+            listed = client.list_parts(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+            if listed.get("Parts"):
+                return upload["UploadId"]
+    return None
+
+
+def test_sigkill_mid_upload_leaves_only_complete_checkpoints(s3):
+    """A process SIGKILLed in the middle of a checkpoint's upload leaves the store with exactly
+    the checkpoints committed before, all verifying, and the next process resumes after the
+    newest of them.
+
+    Each trial proves its fault happened: the helper commits 1-3 checkpoints, starts the next
+    one (step N), streams part of ``state.bin`` into a multipart upload and stops there; it
+    is killed only once S3 holds N's ``small.bin`` and a part of N's open multipart upload.
+    After the kill N is not a checkpoint (``verify`` calls it never committed) while its
+    upload is still open, and ``latest`` is N - 1, whose payload really is step N - 1's. The
+    next trial's process must start at N: resume picks the newest committed checkpoint, which
+    climbs above step 1 from the second trial on.
+    """
+    uri = f"s3://{s3}/killed"
+    client = boto3.client("s3")
+    rng = random.Random(42)
+    committed = 0  # the newest committed step so far
+    held_steps = []
+    for trial in range(4):
+        hold_after, hold_mib = rng.randint(1, 3), rng.randint(6, 11)
+        helper = SaveLoop(uri, hold_after, hold_mib)
+        try:
+            for _ in range(hold_after):
+                assert helper.expect("begin") == committed + 1, f"trial {trial}: bad resume"
+                assert helper.expect("committed") == committed + 1
+                committed += 1
+            assert helper.expect("begin") == committed + 1
+            held = helper.expect("holding")
+            assert held == committed + 1
+            key = f"killed/ckpt-{held:012d}/state.bin"
+            upload_id = wait_for(
+                lambda key=key: open_upload_with_parts(client, s3, key),
+                timeout=60,
+                what=f"a part of step {held}'s upload on S3",
+            )
+        finally:
+            helper.kill()
+        held_steps.append(held)
+
         store = CheckpointStore(uri)
-        listed = store.list()
-        assert [r.ok for r in store.verify() if r.step in {m.step for m in listed}] == [True] * len(
-            listed
+        assert [m.step for m in store.list()] == list(range(1, committed + 1)), (
+            f"trial {trial}: a committed checkpoint vanished or a half one appeared"
         )
-        assert len(listed) >= committed_before, f"trial {trial}: a committed checkpoint vanished"
-        committed_before = len(listed)
-        if listed:
-            sink = io.BytesIO()
-            store.fetch(store.latest(), "state.bin", sink)  # the newest complete one loads
-    assert committed_before >= 1
-    uncommitted = [r for r in CheckpointStore(uri).verify() if not r.ok]
-    assert all("never committed" in r.problem for r in uncommitted)
+        assert all(r.ok for r in store.verify() if r.step <= committed)
+        (killed,) = store.verify(step=held)
+        assert not killed.ok
+        assert "never committed" in killed.problem
+        assert open_upload_with_parts(client, s3, key) == upload_id, "the upload was mid-way"
+        latest = store.latest()
+        assert latest.step == committed
+        sink = io.BytesIO()
+        store.fetch(latest, "state.bin", sink)  # checksums verified on the way
+        assert int.from_bytes(sink.getvalue()[:8], "big") == committed
+
+    assert committed > 1
+    assert held_steps == sorted(set(held_steps))
+    # Every step held before was saved again, and committed, by the next trial's process.
+    uncommitted = [r.step for r in CheckpointStore(uri).verify() if not r.ok]
+    assert uncommitted == [held_steps[-1]]
