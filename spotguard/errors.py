@@ -16,7 +16,12 @@ tell "we understood what went wrong" (a one-line message naming the culprit) fro
     │   ├── StoreError           the store cannot be used: bad URI, missing bucket, no
     │   │                        credentials, access denied, unreachable endpoint
     │   ├── CorruptCheckpoint    a manifest or payload that fails verification
-    │   └── UploadFailed         a background save failed (raised at the next step or exit)
+    │   │   └── ResumeRefused    the store holds checkpoint data but none of it verifies:
+    │   │                        no silent start from step 0 (``allow_fresh_start`` to start)
+    │   ├── WriterConflict       another writer committed this step, or a newer one: two
+    │   │                        writers on one prefix, stop instead of overwriting
+    │   └── UploadFailed         a background save or commit failed (raised at the next step
+    │                            boundary on every rank, or at exit)
     └── DrillFailed              a step of ``spotguard drill`` did not hold (``.step`` names it)
 
     SystemExit
@@ -40,9 +45,11 @@ __all__ = [
     "Preempted",
     "ProtocolError",
     "RenderError",
+    "ResumeRefused",
     "SpotguardError",
     "StoreError",
     "UploadFailed",
+    "WriterConflict",
 ]
 
 
@@ -102,8 +109,20 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint failed verification: it is skipped, never loaded."""
 
 
+class ResumeRefused(CorruptCheckpoint):
+    """The store holds checkpoint data (committed or quarantined checkpoints, unreadable
+    manifests) but nothing verifies; the message lists what failed and why. Starting over from
+    step 0 would lose the run silently: it takes ``allow_fresh_start=True``."""
+
+
+class WriterConflict(CheckpointError):
+    """Another writer committed this step or a newer one under the same prefix (a duplicated
+    launch, or a replacement racing the interrupted instance): this one stops instead of
+    overwriting or pruning someone else's work."""
+
+
 class UploadFailed(CheckpointError):
-    """A save running in the background failed."""
+    """A save or commit running in the background failed."""
 
 
 class DrillFailed(SpotguardError):

@@ -80,7 +80,9 @@ class SpotGuard:
         """Load the newest verified checkpoint into ``state``; returns the step to start at."""
         self._install()
         core = self._core
-        restored = load_newest(core.store, core.ranks)
+        restored = load_newest(
+            core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start
+        )
         if restored is None:
             return 0
         for name, value in restored.whole["state"].items():
@@ -90,7 +92,7 @@ class SpotGuard:
             else:
                 state[name] = value
         self.epoch = int(restored.meta["epoch"])
-        core.last_committed_step = restored.manifest.step
+        core.resumed_from(restored.manifest.step)
         rng.restore(restored.meta["rng"])  # last: nothing above may draw random numbers after it
         return int(restored.meta["step"])
 

@@ -127,14 +127,16 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
         self._core = core
         self.events = core.events
         core.install()
-        restored = load_newest(core.store, core.ranks)
+        restored = load_newest(
+            core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start
+        )
         if restored is None:
             return
         # Lightning restores from this pre-loaded dict when fit() was given no ckpt_path.
         trainer._checkpoint_connector._loaded_checkpoint = restored.whole
         if core.ranks.rank != 0:
             self._rank_rng = restored.meta["rng"]
-        core.last_committed_step = restored.manifest.step
+        core.resumed_from(restored.manifest.step)
         self.resumed_from = restored.manifest.step
 
     @override

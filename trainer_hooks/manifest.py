@@ -19,8 +19,13 @@ from spotguard.errors import CorruptCheckpoint
 from spotguard.protocol import format_time, parse_time
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = 1
+#: Put beside the payload of a checkpoint that failed verification, in place of its manifest.
+QUARANTINE_NAME = "quarantined.json"
+#: The manifest's own schema version.
+VERSION = 2
 KINDS = ("periodic", "emergency", "final")
+#: How the payload is laid out: one ``torch.save`` file per rank.
+FORMATS = ("torch",)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -31,7 +36,7 @@ def check_name(name: str) -> str:
         not isinstance(name, str)
         or not SAFE_NAME.match(name)
         or any(part in (".", "..") for part in name.split("/"))
-        or name == MANIFEST_NAME
+        or name in (MANIFEST_NAME, QUARANTINE_NAME)
     ):
         raise CorruptCheckpoint(f"unsafe checkpoint file name {name!r}")
     return name
@@ -50,6 +55,32 @@ def parse_step_dir(name: str) -> int | None:
 class FileEntry:
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who wrote a checkpoint: one process's session on one host. ``id`` is new for every
+    process that writes, so two launches of the same job on one prefix tell each other apart."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+
+    def describe(self) -> str:
+        return f"{self.host} pid {self.pid} (writer {self.id[:8]})"
+
+    @classmethod
+    def from_json(cls, payload: Any) -> Writer:
+        return cls(
+            id=str(payload["id"]),
+            host=str(payload["host"]),
+            pid=int(payload["pid"]),
+            started_at=float(payload["started_at"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "host": self.host, "pid": self.pid, "started_at": self.started_at}
 
 
 def _versions() -> dict[str, str | None]:
@@ -73,6 +104,11 @@ class Manifest:
     kind: str
     created_at: datetime
     files: dict[str, FileEntry]
+    writer: Writer | None = None
+    #: The step the writing run resumed from (``None``: it started fresh).
+    resumed_from: int | None = None
+    world_size: int = 1
+    format: str = "torch"
     versions: dict[str, str | None] = field(default_factory=_versions)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,12 +117,20 @@ class Manifest:
             raise CorruptCheckpoint(f"checkpoint kind {self.kind!r} is not one of {KINDS}")
         if self.step < 0 or self.epoch < 0:
             raise CorruptCheckpoint("checkpoint step and epoch must be >= 0")
+        if self.format not in FORMATS:
+            raise CorruptCheckpoint(f"checkpoint format {self.format!r} is not one of {FORMATS}")
+        if self.world_size < 1:
+            raise CorruptCheckpoint("checkpoint world size must be >= 1")
         for name in self.files:
             check_name(name)
 
     def to_bytes(self) -> bytes:
         payload = {
-            "format": FORMAT,
+            "version": VERSION,
+            "format": self.format,
+            "world_size": self.world_size,
+            "writer": self.writer.to_json() if self.writer else None,
+            "resumed_from": self.resumed_from,
             "step": self.step,
             "epoch": self.epoch,
             "kind": self.kind,
@@ -104,8 +148,8 @@ class Manifest:
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             payload = json.loads(data)
-            if payload.get("format") != FORMAT:
-                raise ValueError(f"unknown manifest format {payload.get('format')!r}")
+            if payload.get("version") != VERSION:
+                raise ValueError(f"unknown manifest version {payload.get('version')!r}")
             files = {}
             for name, entry in payload["files"].items():
                 size, digest = entry["size"], entry["sha256"]
@@ -118,6 +162,14 @@ class Manifest:
                 kind=str(payload["kind"]),
                 created_at=parse_time(payload["created_at"]),
                 files=files,
+                writer=Writer.from_json(payload["writer"]) if payload.get("writer") else None,
+                resumed_from=(
+                    int(payload["resumed_from"])
+                    if payload.get("resumed_from") is not None
+                    else None
+                ),
+                world_size=int(payload.get("world_size", 1)),
+                format=str(payload.get("format", "torch")),
                 versions=dict(payload.get("versions") or {}),
                 extra=dict(payload.get("extra") or {}),
             )

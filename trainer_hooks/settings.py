@@ -69,6 +69,9 @@ class GuardSettings:
     every_seconds: float | None = None
     #: Committed checkpoints kept after each periodic save (``None``: keep all).
     keep_last: int | None = 3
+    #: Start from step 0 even when the store holds checkpoints of which none verifies
+    #: (otherwise :class:`~spotguard.errors.ResumeRefused`: never a silent fresh start).
+    allow_fresh_start: bool = False
     #: The agent's state dir (default ``SPOTGUARD_STATE_DIR``, else ``/run/spotguard``).
     state_dir: str | Path | None = None
     #: Signals that mean "save now, then exit"; the first is the one the agent is asked for.
@@ -113,6 +116,7 @@ class CommonOptions(TypedDict, total=False):
     """Keyword arguments both front ends take, with :class:`GuardSettings`' meaning."""
 
     keep_last: int | None
+    allow_fresh_start: bool
     state_dir: str | Path | None
     signals: tuple[str, ...]
     exit_code: int

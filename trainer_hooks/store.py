@@ -3,43 +3,61 @@
 Layout and commit protocol (DESIGN.md)::
 
     <uri>/ckpt-000000001200/<payload files>
-    <uri>/ckpt-000000001200/manifest.json      written last: the commit marker
+    <uri>/ckpt-000000001200/manifest.json      written last, only if absent: the commit
+    <uri>/ckpt-000000001100/quarantined.json   in place of the manifest: failed verification
 
 Payload files are serialized straight into the upload (S3) or a spool file renamed into place
-(local) while their SHA-256 is computed, and only then is the manifest written, in one atomic
-PUT (S3) or rename (local). A checkpoint whose manifest is missing, unreadable, or lists a
-file that is absent or of another size does not exist for :meth:`list` and :meth:`latest`; a
-payload whose bytes do not match the manifest's checksum is refused by :meth:`fetch` and
-skipped by :meth:`load_state`, which falls back to the next older checkpoint. Loading uses
-``torch.load(weights_only=True)``: a store is data, not trusted code.
+(local) while their SHA-256 is computed; then the manifest is created *only if absent* (S3
+``If-None-Match: *``, locally an exclusive link), so of two writers on one prefix exactly one
+commits a step, and a writer that finds a newer checkpoint of another writer stops
+(:class:`~spotguard.errors.WriterConflict`). A commit is read back before it counts (sizes and
+the manifest; the first periodic commit of a store in full), so a store that keeps other bytes
+than it was sent is caught at the first save, not at the next resume.
+
+Reading walks the checkpoints newest first and reads one manifest in the common case, however
+long the history. :meth:`resume` is the writer's way back in: a checkpoint that fails
+verification (an unreadable manifest, a missing or resized file, a wrong checksum, a payload
+that is not weights-only data) is *quarantined*: its manifest is replaced by
+``quarantined.json`` with the reason, so it never counts as newest again, never takes a slot
+of the retention, and stays for inspection (``spotguard ckpt list``) until ``ckpt prune
+--quarantined`` removes it. When the store holds checkpoint data and nothing verifies,
+:meth:`resume` raises :class:`~spotguard.errors.ResumeRefused` instead of reporting an empty
+store, on every later attempt too. Loading uses ``torch.load(weights_only=True)``: a store is
+data, not trusted code.
 """
 
 from __future__ import annotations
 
 import builtins
 import io
+import json
 import logging
-import pickle
-import tempfile
+import os
+import socket
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
-from spotguard.errors import CorruptCheckpoint, StoreError
+from spotguard.errors import CorruptCheckpoint, ResumeRefused, WriterConflict
+from spotguard.protocol import format_time
+from spotguard.trainer_hooks._internals.readback import read_back
+from spotguard.trainer_hooks._internals.reader import Quarantined, StoreReader, VerifyResult
 from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
 from spotguard.trainer_hooks.backends import Backend, backend_for_uri
 from spotguard.trainer_hooks.manifest import (
     MANIFEST_NAME,
+    QUARANTINE_NAME,
     FileEntry,
     Manifest,
+    Writer,
     check_name,
     parse_step_dir,
     step_dir,
 )
 from spotguard.trainer_hooks.settings import TransferSettings
 
-__all__ = ["CheckpointStore", "Payload", "Sink", "TransferSettings", "VerifyResult"]
+__all__ = ["CheckpointStore", "Payload", "Quarantined", "Sink", "TransferSettings", "VerifyResult"]
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +66,18 @@ log = logging.getLogger(__name__)
 Payload = bytes | Callable[[BinaryIO], None]
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    step: int
-    ok: bool
-    problem: str = ""
+def _this_writer() -> Writer:
+    import psutil
+
+    return Writer(
+        id=uuid.uuid4().hex,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started_at=psutil.Process().create_time(),
+    )
 
 
-class CheckpointStore:
+class CheckpointStore(StoreReader):
     """List, save, verify, load and prune checkpoints under one URI."""
 
     def __init__(
@@ -68,151 +90,48 @@ class CheckpointStore:
         """``where`` is a URI (a local path, ``file:///path``, ``s3://bucket/prefix``) or a
         :mod:`~spotguard.trainer_hooks.backends` object; ``transfer`` and ``s3_client`` apply
         to an ``s3://`` URI (a client of your own: other credentials, endpoint or retries)."""
-        if isinstance(where, str):
-            self._backend = backend_for_uri(where, transfer, s3_client)
-        else:
-            self._backend = where
-
-    @property
-    def uri(self) -> str:
-        return self._backend.uri
+        super().__init__(
+            backend_for_uri(where, transfer, s3_client) if isinstance(where, str) else where
+        )
+        #: This process's identity in the manifests it commits.
+        self.writer = _this_writer()
+        self._fully_read_back = False
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.uri!r})"
 
-    # -- reading ------------------------------------------------------------------------
+    def resume(
+        self, name: str = "state.pt", *, quarantine: bool = True
+    ) -> tuple[Manifest, Any] | None:
+        """The writer's way back in: load ``name`` from the newest checkpoint that verifies.
 
-    def list(self) -> list[Manifest]:
-        """Committed checkpoints (manifest present, every file present with its size),
-        oldest first. Broken ones are skipped with a warning."""
-        listing = self._backend.listing()
-        committed = []
-        for directory in sorted(listing):
-            manifest = self._committed(directory, listing[directory])
-            if manifest is not None:
-                committed.append(manifest)
-        return committed
-
-    def latest(self) -> Manifest | None:
-        """The newest committed checkpoint, or ``None`` for an empty store."""
-        listing = self._backend.listing()
-        for directory in sorted(listing, reverse=True):
-            manifest = self._committed(directory, listing[directory])
-            if manifest is not None:
-                return manifest
-        return None
-
-    def _committed(self, directory: str, sizes: dict[str, int]) -> Manifest | None:
-        step = parse_step_dir(directory)
-        if step is None or MANIFEST_NAME not in sizes:
-            return None  # not ours, or an upload that never committed: invisible
-        where = f"{self.uri}/{directory}"
-        data = self._backend.read_small(f"{directory}/{MANIFEST_NAME}")
-        if data is None:
-            return None
-        try:
-            manifest = Manifest.from_bytes(data, where)
-            if manifest.step != step:
-                raise CorruptCheckpoint(f"{where}: manifest says step {manifest.step}")
-            for name, entry in manifest.files.items():
-                if sizes.get(name) != entry.size:
-                    raise CorruptCheckpoint(
-                        f"{where}: {name} is {sizes.get(name, 'missing')}, "
-                        f"manifest says {entry.size} bytes"
-                    )
-        except CorruptCheckpoint as exc:
-            log.warning("skipping checkpoint: %s", exc)
-            return None
-        return manifest
-
-    def get(self, step: int) -> Manifest:
-        """The committed checkpoint at ``step``; :class:`StoreError` when there is none."""
-        directory = step_dir(step)
-        sizes = self._backend.listing().get(directory, {})
-        manifest = self._committed(directory, sizes)
-        if manifest is None:
-            raise StoreError(f"{self.uri}: no committed checkpoint at step {step}")
-        return manifest
-
-    def fetch(self, manifest: Manifest, name: str, sink: Sink) -> None:
-        """Stream one payload file into ``sink``, checking size and SHA-256 on the way.
-
-        Raises :class:`CorruptCheckpoint` after the last byte when they do not match: the
-        caller must then discard what it received.
+        Those above it that fail are quarantined (with ``quarantine``; a rank other than the
+        committing one passes ``False``). ``None`` when the store holds no checkpoint data at
+        all (uploads that never committed do not count); :class:`ResumeRefused`, listing what
+        failed and why, when it holds some and nothing verifies.
         """
-        entry = manifest.files.get(check_name(name))
-        if entry is None:
-            raise CorruptCheckpoint(f"checkpoint {manifest.step} has no file {name!r}")
-        writer = HashingWriter(sink)
-        self._backend.download(f"{step_dir(manifest.step)}/{name}", writer)
-        if writer.size != entry.size or writer.hexdigest() != entry.sha256:
-            raise CorruptCheckpoint(
-                f"{self.uri}/{step_dir(manifest.step)}/{name}: content does not match its "
-                "manifest (size or SHA-256); the checkpoint is corrupt or was tampered with"
-            )
-
-    def verify(self, step: int | None = None) -> builtins.list[VerifyResult]:
-        """Re-read every byte of one checkpoint (or all) and compare with the manifests.
-
-        Unlike :meth:`list`, this reports broken checkpoints instead of hiding them.
-        """
-        listing = self._backend.listing()
-        results = []
-        for directory in sorted(listing):
-            found = parse_step_dir(directory)
-            if found is None or (step is not None and found != step):
+        failed: builtins.list[str] = []
+        for step, directory in self._newest_first():
+            sizes = self._backend.files(directory)
+            if MANIFEST_NAME not in sizes:
+                if QUARANTINE_NAME in sizes:
+                    failed.append(f"step {step}: quarantined earlier ({self._reason(directory)})")
                 continue
-            results.append(self._verify_one(found, directory, listing[directory]))
-        if step is not None and not results:
-            results.append(VerifyResult(step, False, "no such checkpoint"))
-        return results
-
-    def _verify_one(self, step: int, directory: str, sizes: dict[str, int]) -> VerifyResult:
-        if MANIFEST_NAME not in sizes:
-            return VerifyResult(step, False, "no manifest: an upload that never committed")
-        data = self._backend.read_small(f"{directory}/{MANIFEST_NAME}") or b""
-        try:
-            manifest = Manifest.from_bytes(data, f"{self.uri}/{directory}")
-            for name, entry in manifest.files.items():
-                if sizes.get(name) != entry.size:
-                    raise CorruptCheckpoint(f"{name}: size {sizes.get(name)} != {entry.size}")
-                self.fetch(manifest, name, HashingWriter())
-        except CorruptCheckpoint as exc:
-            return VerifyResult(step, False, str(exc))
-        return VerifyResult(step, True)
-
-    def load_state(self, step: int | None = None, name: str = "state.pt") -> tuple[Manifest, Any]:
-        """Load ``name`` from the newest verified checkpoint (or ``step``) with torch.
-
-        A checkpoint that fails verification is skipped with a warning and the next older one
-        is tried; :class:`StoreError` when none is left.
-        """
-        import torch
-
-        candidates = [self.get(step)] if step is not None else list(reversed(self.list()))
-        for manifest in candidates:
-            with tempfile.TemporaryFile() as spool:
-                try:
-                    self.fetch(manifest, name, spool)
-                except CorruptCheckpoint as exc:
-                    log.warning("skipping checkpoint %s: %s", manifest.step, exc)
-                    continue
-                spool.seek(0)
-                try:
-                    state = torch.load(spool, map_location="cpu", weights_only=True)
-                except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-                    # Checksums match but the content is not plain tensors and containers:
-                    # refusing to unpickle it is the point of weights_only.
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    log.warning(
-                        "skipping checkpoint %s: %s is not weights-only data (%s)",
-                        manifest.step,
-                        name,
-                        first_line[:200],
-                    )
-                    continue
-            return manifest, state
-        raise StoreError(f"{self.uri}: no verified checkpoint to load")
+            try:
+                manifest = self._manifest(directory, sizes)
+                return manifest, self._load(manifest, name)
+            except CorruptCheckpoint as exc:
+                failed.append(f"step {step}: {exc}")
+                log.error("checkpoint %d failed verification: %s", step, exc)
+                if quarantine:
+                    self.quarantine(step, str(exc))
+        if not failed:
+            return None
+        raise ResumeRefused(
+            f"{self.uri} holds checkpoints but none verifies ({'; '.join(failed)}). Starting "
+            "from step 0 would lose the run: inspect with `spotguard ckpt list`, or pass "
+            "allow_fresh_start=True to start over"
+        )
 
     # -- writing ------------------------------------------------------------------------
 
@@ -228,9 +147,6 @@ class CheckpointStore:
         """Write and commit one checkpoint; it is visible only once this returns."""
         if not files:
             raise ValueError("a checkpoint needs at least one file")
-        # Saving a step again: un-commit it first, so that no reader ever pairs the old
-        # manifest with a new payload.
-        self._backend.delete([f"{step_dir(step)}/{MANIFEST_NAME}"])
         entries = {name: self.put(step, name, payload) for name, payload in files.items()}
         return self.commit(step, entries, epoch=epoch, kind=kind, extra=extra)
 
@@ -244,7 +160,12 @@ class CheckpointStore:
         its parts for a file beyond ``10,000 x part_size``.
         """
         check_name(name)
-        hashed: list[HashingWriter] = []
+        if MANIFEST_NAME in self._backend.files(step_dir(step)):
+            raise WriterConflict(
+                f"{self.uri}: step {step} is committed already; writing {name} into it would "
+                "change a checkpoint someone may resume from (two writers on one prefix?)"
+            )
+        hashed: builtins.list[HashingWriter] = []
 
         def produce(sink: Sink) -> None:
             writer = HashingWriter(sink)
@@ -272,10 +193,18 @@ class CheckpointStore:
         epoch: int = 0,
         kind: str = "periodic",
         extra: dict[str, Any] | None = None,
+        resumed_from: int | None = None,
+        world_size: int = 1,
     ) -> Manifest:
-        """Write the manifest of files already put: from now on the checkpoint exists."""
+        """Create the manifest of files already put: from now on the checkpoint exists.
+
+        Refuses (:class:`WriterConflict`) when another writer committed this step or a newer
+        one; reads the commit back (:class:`CorruptCheckpoint` naming the likely cause when
+        the store kept other bytes: the checkpoint is then quarantined).
+        """
         if not files:
             raise ValueError("a checkpoint needs at least one file")
+        self._check_no_newer_writer(step)
         now = datetime.now(timezone.utc)
         manifest = Manifest(
             step=step,
@@ -283,39 +212,106 @@ class CheckpointStore:
             kind=kind,
             created_at=now.replace(microsecond=now.microsecond // 1000 * 1000),  # as stored
             files=dict(files),
+            writer=self.writer,
+            resumed_from=resumed_from,
+            world_size=world_size,
             extra=extra or {},
         )
-        self._backend.write_small(f"{step_dir(step)}/{MANIFEST_NAME}", manifest.to_bytes())
+        directory = step_dir(step)
+        data = manifest.to_bytes()
+        self._backend.write_small(f"{directory}/{MANIFEST_NAME}", data, exclusive=True)
+        full = kind == "periodic" and not self._fully_read_back
+        try:
+            read_back(self._backend, self.uri, manifest, data, full=full, fetch=self.fetch)
+        except CorruptCheckpoint as exc:
+            self.quarantine(step, f"read back after commit: {exc}")
+            raise
+        self._fully_read_back = self._fully_read_back or full
+        self._backend.delete([f"{directory}/{QUARANTINE_NAME}"])  # an older attempt's record
         return manifest
+
+    def _check_no_newer_writer(self, step: int) -> None:
+        """Stop when the newest committed checkpoint at or above ``step`` is not ours."""
+        for found, directory in self._newest_first():
+            if found < step:
+                return
+            sizes = self._backend.files(directory)
+            if MANIFEST_NAME not in sizes:
+                continue  # an upload in flight, or quarantined: nobody's commit
+            try:
+                theirs = self._manifest(directory, sizes).writer
+            except CorruptCheckpoint:
+                continue  # not a commit anyone can resume from; resume quarantines it
+            if theirs is None or theirs.id != self.writer.id:
+                who = theirs.describe() if theirs else "an unknown writer"
+                raise WriterConflict(
+                    f"{self.uri}: step {found} was committed by {who}, not by this process "
+                    f"({self.writer.describe()}): two writers on one prefix. Stopping instead "
+                    "of overwriting; give each run a prefix of its own"
+                )
+            return  # our own newer commit: no one else has written since
+
+    def quarantine(self, step: int, reason: str) -> None:
+        """Move a checkpoint aside: ``quarantined.json`` (with ``reason``) replaces its
+        manifest, so it is no longer committed; its payload stays for inspection."""
+        directory = step_dir(step)
+        old = self._backend.read_small(f"{directory}/{MANIFEST_NAME}")
+        record = {
+            "reason": reason,
+            "at": format_time(datetime.now(timezone.utc)),
+            "by": self.writer.to_json(),
+            "manifest": old.decode("utf-8", "replace") if old else None,
+        }
+        self._backend.write_small(
+            f"{directory}/{QUARANTINE_NAME}", json.dumps(record, indent=1).encode()
+        )
+        self._backend.delete([f"{directory}/{MANIFEST_NAME}"])
+        log.warning("checkpoint %d quarantined: %s", step, reason)
 
     def delete(self, step: int) -> None:
         """Delete one checkpoint, committed or not (manifest first: never left half-valid)."""
         directory = step_dir(step)
-        sizes = self._backend.listing().get(directory, {})
+        sizes = self._backend.files(directory)
         self._backend.delete([f"{directory}/{MANIFEST_NAME}"])
         self._backend.delete([f"{directory}/{name}" for name in sizes if name != MANIFEST_NAME])
 
-    def prune(self, keep_last: int) -> builtins.list[int]:
-        """Delete all but the newest ``keep_last`` committed checkpoints (at least one is
-        always kept), and uploads that never committed and are older than the newest
-        committed checkpoint. Returns the steps deleted."""
+    def prune(
+        self, keep_last: int, *, newest_verified: int | None = None, quarantined: bool = False
+    ) -> builtins.list[int]:
+        """Delete all but the newest ``keep_last`` committed checkpoints, and uploads that never
+        committed below the newest kept one; returns the steps deleted. One listing, no
+        manifest reads.
+
+        ``newest_verified`` (the writer's own last commit, or what it resumed from) is never
+        deleted, and nothing above it is judged: that is either a save in flight or another
+        writer's. Quarantined checkpoints stay unless ``quarantined`` (``ckpt prune
+        --quarantined``).
+        """
         if keep_last < 1:
             raise ValueError(
                 f"keep_last must be >= 1 (the newest is never deleted), got {keep_last}"
             )
         listing = self._backend.listing()
-        committed = [m.step for m in self.list()]
+        steps = {
+            step: (directory, sizes)
+            for directory, sizes in listing.items()
+            if (step := parse_step_dir(directory)) is not None
+        }
+        committed = sorted(s for s, (_, sizes) in steps.items() if MANIFEST_NAME in sizes)
+        if newest_verified is not None:
+            committed = [s for s in committed if s <= newest_verified]
         if not committed:
             return []
         keep = set(committed[-keep_last:])
-        newest = committed[-1]
+        if newest_verified is not None:
+            keep.add(newest_verified)
+        newest = max(keep)
         deleted = []
-        for directory, sizes in sorted(listing.items()):
-            step = parse_step_dir(directory)
-            if step is None or step in keep:
+        for step, (directory, sizes) in sorted(steps.items()):
+            if step in keep or step > newest:
                 continue
-            if step not in committed and step > newest:
-                continue  # possibly a save in flight right now
+            if QUARANTINE_NAME in sizes and MANIFEST_NAME not in sizes and not quarantined:
+                continue
             # Manifest first: a checkpoint half-deleted is an uncommitted one, never a broken one.
             if MANIFEST_NAME in sizes:
                 self._backend.delete([f"{directory}/{MANIFEST_NAME}"])

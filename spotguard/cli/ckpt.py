@@ -39,6 +39,9 @@ def register(commands: Any) -> None:
     prune = ckpt_commands.add_parser("prune", help="delete all but the newest checkpoints")
     prune.add_argument("uri")
     prune.add_argument("--keep-last", type=int, required=True)
+    prune.add_argument(
+        "--quarantined", action="store_true", help="also delete quarantined checkpoints"
+    )
     pull = ckpt_commands.add_parser("pull", help="download a verified checkpoint")
     pull.add_argument("uri")
     pull.add_argument("dest", help="local directory")
@@ -59,9 +62,16 @@ def _describe(manifest: Manifest) -> dict[str, object]:
 
 def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
     rows = [_describe(manifest) for manifest in store.list()]
+    quarantined = [
+        {"step": q.step, "reason": q.reason, "quarantined_at": q.quarantined_at}
+        for q in store.quarantined()
+    ]
     if as_json:
-        print(json.dumps(rows, indent=2), file=out)
+        print(json.dumps(rows + [{**q, "kind": "quarantined"} for q in quarantined], indent=2),
+              file=out)  # fmt: skip
         return 0
+    for q in quarantined:
+        print(f"quarantined step {q['step']} ({q['quarantined_at']}): {q['reason']}", file=out)
     if not rows:
         print(f"{store.uri}: no committed checkpoints", file=out)
         return 0
@@ -87,8 +97,8 @@ def _verify(store: CheckpointStore, step: int | None, out: TextIO) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
-def _prune(store: CheckpointStore, keep_last: int, out: TextIO) -> int:
-    deleted = store.prune(keep_last)
+def _prune(store: CheckpointStore, keep_last: int, quarantined: bool, out: TextIO) -> int:
+    deleted = store.prune(keep_last, quarantined=quarantined)
     print(f"deleted steps: {', '.join(map(str, deleted)) or 'none'}", file=out)
     return 0
 
@@ -165,7 +175,7 @@ def run_ckpt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if args.ckpt_command == "verify":
             return _verify(store, args.step, out)
         if args.ckpt_command == "prune":
-            return _prune(store, args.keep_last, out)
+            return _prune(store, args.keep_last, args.quarantined, out)
         return _pull(store, Path(args.dest), args.step, out)
     except CorruptCheckpoint as exc:
         print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)

@@ -82,7 +82,7 @@ def test_requests_are_counted_so_tests_can_price_an_operation():
     store.save(1, {"a.bin": b"a"})
     backend.requests.clear()
     assert store.latest() is not None
-    assert backend.requests == {"listing": 1, "read_small": 1}
+    assert backend.requests == {"directories": 1, "files": 1, "read_small": 1}
 
 
 def test_reading_a_missing_object_is_a_store_error():

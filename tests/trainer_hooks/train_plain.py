@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--pause-at", type=int, help="after this step, wait up to 10 s")
     parser.add_argument("--go-file", type=Path, help="with --pause-at: wait for this file")
     parser.add_argument("--ddp", action="store_true", help="RANK/WORLD_SIZE from the env, gloo")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds after a bare signal")
+    parser.add_argument("--margin", type=float, default=5.0, help="the guard's safety_margin")
+    parser.add_argument("--keep-last", type=int, default=2)
     args = parser.parse_args()
 
     model, optimizer, scheduler, loader = build(args.seed)
@@ -58,7 +61,13 @@ def main() -> None:
     random.seed(args.seed)
     numpy.random.seed(args.seed)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": loader}
-    with SpotGuard(args.store, every_n_steps=args.every, keep_last=2) as guard:
+    with SpotGuard(
+        args.store,
+        every_n_steps=args.every,
+        keep_last=args.keep_last,
+        default_budget=args.budget,
+        safety_margin=args.margin,
+    ) as guard:
         step = guard.restore(state)
         steps_per_epoch = len(loader)
         while step < args.epochs * steps_per_epoch:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,22 +54,55 @@ class GuardCore:
         #: Wall-clock times (``time.time()``) of the preemption path on this rank, for logs
         #: and drills: ``stop_requested``, ``save_started``, ``save_committed``, ``exiting``.
         self.events = self.stops.events
+        #: Set once the process has decided how it ends (the emergency path's 75).
+        self._exit_code: int | None = None
+        #: The latest moment (``time.monotonic()``) an upload may still be waited for at exit.
+        self._exit_deadline: float | None = None
+        self._told_abandoned = False
 
     # -- set-up and tear-down -------------------------------------------------------------
 
     def install(self) -> None:
-        self.stops.install(on_exit=self._stop_threads)
+        self.stops.install()
+        # Our threads must be gone before the interpreter finalizes: a daemon thread that
+        # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
+        # evaluator aborts the process ("terminate called without an active exception").
+        atexit.register(self._at_interpreter_exit)
 
     def reinstall_signal_handlers(self) -> None:
         self.stops.reinstall_signal_handlers()
 
-    def _stop_threads(self) -> None:
+    def _stop_threads(self, deadline: float | None = None) -> None:
         self.stops.stop_watchers()
-        self.saver.wait()
+        deadline = deadline if deadline is not None else self._exit_deadline
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self.saver.wait(timeout) and not self._told_abandoned:
+            self._told_abandoned = True
+            log.error("a checkpoint upload was still running at the deadline: abandoned")
 
-    def close(self, exit_code: int | None = None) -> None:
+    def _at_interpreter_exit(self) -> None:
         self._stop_threads()
-        atexit.unregister(self._stop_threads)
+
+    def _leave_now(self) -> None:
+        """At the start of interpreter shutdown, with an abandoned upload still running: its
+        threads sit in network reads, and shutdown would join them (s3transfer's pool) or
+        abort under them (torch's frames), overrunning the deadline or turning 75 into
+        SIGABRT. Leave with the exit code already decided instead."""
+        if self.saver.saving:
+            logging.shutdown()
+            os._exit(self._exit_code if self._exit_code is not None else 1)
+
+    def close(self, exit_code: int | None = None, *, deadline: float | None = None) -> None:
+        """Stop the threads (waiting for an upload at most until ``deadline``, a
+        ``time.monotonic()`` value), give the signals back, leave the agent's list."""
+        if deadline is not None:
+            self._exit_deadline = deadline
+        self._stop_threads(deadline)
+        atexit.unregister(self._at_interpreter_exit)
+        if self.saver.saving and self._exit_code is not None:
+            # threading's hooks run before it joins threads (concurrent.futures uses the
+            # same one); atexit handlers would run too late.
+            threading._register_atexit(self._leave_now)  # type: ignore[attr-defined]
         self.stops.close(exit_code)
 
     # -- what the front ends ask ----------------------------------------------------------
@@ -79,20 +114,21 @@ class GuardCore:
     def request_stop(self, reason: str) -> None:
         self.stops.request_stop(reason)
 
-    @property
-    def last_committed_step(self) -> int | None:
-        return self.saver.last_committed_step
-
-    @last_committed_step.setter
-    def last_committed_step(self, step: int | None) -> None:
-        self.saver.last_committed_step = step
+    def resumed_from(self, step: int) -> None:
+        """The run resumed from ``step``: the newest known-good checkpoint until the next
+        commit, and recorded in every manifest this run commits."""
+        self.saver.last_committed_step = self.saver.resumed_from = step
 
     @property
     def failed_saves(self) -> int:
         return self.saver.failed_saves
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the upload in flight; ``True`` when none is left running."""
+        """Wait for the upload in flight; ``True`` when none is left running. After an
+        emergency, never past its deadline."""
+        if self._exit_deadline is not None:
+            left = max(self._exit_deadline - time.monotonic(), 0.0)
+            timeout = left if timeout is None else min(timeout, left)
         return self.saver.wait(timeout)
 
     def raise_if_failed(self) -> None:
@@ -123,20 +159,24 @@ class GuardCore:
             if saver.failure is None:
                 saver.failure = UploadFailed("a checkpoint save failed on another rank")
             saver.raise_if_failed()
-        if saver.pending is not None and not busy:
+        if saver.pending is not None and not busy:  # then on every rank: see Saver
             saver.commit_pending()
         if stop:
             self.stops.request_stop("another rank was notified")
             self.emergency(step, epoch, tree_fn)
+        saver.deferred = want_save and busy  # the same on every rank: the flags are reduced
         if want_save and not busy:
             self.stops.early_save = False
             saver.save_async(step, epoch, tree_fn())
 
     def emergency(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> NoReturn:
-        """Save within the notice window if it fits, then raise :class:`Preempted`."""
+        """Save within the notice window if it fits, then raise :class:`Preempted`; nothing
+        here waits past the deadline."""
+        deadline = time.monotonic() + self.stops.seconds_left() - self.settings.safety_margin
         saved = emergency_save(self.stops, self.saver, self.ranks, step, epoch, tree_fn)
         if saved:
             self.events["save_committed"] = time.time()
         self.events["exiting"] = time.time()
-        self.close(exit_code=self.settings.exit_code)
+        self._exit_code = self.settings.exit_code
+        self.close(exit_code=self.settings.exit_code, deadline=deadline)
         raise Preempted(step, saved, self.settings.exit_code)

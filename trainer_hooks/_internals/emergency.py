@@ -42,13 +42,17 @@ def emergency_save(
     if saver.saving and not saver.wait(max(left / 2, 0.0)):
         log.warning("the periodic save in flight did not finish in time; saving anyway")
     (busy,) = ranks.any(saver.saving)
-    if saver.pending is not None and not busy:
+    if busy:
+        running = saver.abandon()  # from now on it cannot commit: this step's save wins
+        log.warning("abandoning the periodic upload of step %s", running)
+    else:
         saver.commit_pending(prune=False)  # a finished periodic save: keep it as fallback
     if saver.failure is not None:
         log.error("an earlier background save had failed: %s", saver.failure)
         saver.failure = None
     left -= time.monotonic() - started
-    if saver.last_committed_step == step:
+    (not_saved,) = ranks.any(saver.last_committed_step != step)
+    if not not_saved:
         log.warning("step %d is already checkpointed; nothing more to save", step)
         return True
     tree = tree_fn()
@@ -75,5 +79,8 @@ def _put_and_commit(saver: Saver, ranks: Ranks, step: int, epoch: int, tree: Any
         return False
     # Not pruning: a periodic save may still be uploading into its directory.
     saver.pending = (step, epoch, "emergency", entry)
-    saver.commit_pending(prune=False)
-    return True
+    committed = saver.commit_pending(prune=False)
+    (failed,) = ranks.any(not committed and ranks.rank == 0)
+    if failed:
+        log.error("emergency checkpoint of step %d not committed: %s", step, saver.failure)
+    return not failed

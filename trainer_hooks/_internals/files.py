@@ -14,14 +14,18 @@ Lightning's own checkpoint dict, which Lightning can still load with ``ckpt_path
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from spotguard.errors import ResumeRefused
 from spotguard.trainer_hooks._internals import rng
 from spotguard.trainer_hooks._internals.ranks import Ranks
 from spotguard.trainer_hooks.manifest import Manifest
 from spotguard.trainer_hooks.store import CheckpointStore
 
 __all__ = ["META_KEY", "WHOLE_STATE_FILE", "Restored", "load_newest", "meta", "rank_file"]
+
+log = logging.getLogger("spotguard.trainer_hooks")
 
 WHOLE_STATE_FILE = "state.pt"
 META_KEY = "__spotguard__"
@@ -45,11 +49,25 @@ class Restored:
         self.manifest, self.whole, self.meta = manifest, whole, own_meta
 
 
-def load_newest(store: CheckpointStore, ranks: Ranks) -> Restored | None:
-    """Load the newest verified checkpoint for this rank; ``None`` when the store is empty."""
-    if store.latest() is None:
+def load_newest(
+    store: CheckpointStore, ranks: Ranks, *, allow_fresh_start: bool = False
+) -> Restored | None:
+    """Load the newest verified checkpoint for this rank; ``None`` when the store holds none.
+
+    Rank 0 quarantines what fails verification on the way down. When the store holds
+    checkpoint data and none verifies, :class:`~spotguard.errors.ResumeRefused` is raised,
+    unless ``allow_fresh_start`` (then it says so in the log and returns ``None``).
+    """
+    try:
+        found = store.resume(WHOLE_STATE_FILE, quarantine=ranks.rank == 0)
+    except ResumeRefused as exc:
+        if not allow_fresh_start:
+            raise
+        log.error("starting from step 0 (allow_fresh_start=True) although %s", exc)
         return None
-    manifest, whole = store.load_state(name=WHOLE_STATE_FILE)
+    if found is None:
+        return None
+    manifest, whole = found
     own = whole[META_KEY]
     if ranks.rank != 0:
         # Rank 0's file carries rank 0's random streams; this rank's are its own.

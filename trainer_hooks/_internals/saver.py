@@ -2,13 +2,19 @@
 
 A periodic save copies the state into reused CPU buffers (the only stall training sees) and
 serializes, checksums and uploads it in one background thread. One save is in flight at a
-time: a periodic save that comes due meanwhile is deferred to the first step boundary after
-the running one finished. A failed background save is logged at once and raised at the next
-step boundary or at exit.
+time: a periodic save that comes due meanwhile is *deferred*, not dropped: it runs at the first
+step boundary after the running one finished.
+
+Every failure of a save is kept, never lost: the upload, the commit (a conflict with another
+writer, a store that reads back other bytes), the retention's prune. It is logged at once and
+raised as :class:`~spotguard.errors.UploadFailed` at the next step boundary on every rank (the
+boundary's all-reduce carries "failed"), or at the final save.
 
 With several ranks each rank puts its own file (:mod:`~spotguard.trainer_hooks._internals.files`)
 and, once every rank is done, rank 0 commits the manifest with the entries gathered from all:
-the commit is a collective, run at a step boundary on every rank alike.
+the commit is a collective, run at a step boundary on every rank alike. With one rank the
+upload thread commits itself. Either way the pending commit has one lock: the emergency path
+and the upload thread never both commit it.
 """
 
 from __future__ import annotations
@@ -43,21 +49,31 @@ class Saver:
         self.my_file = rank_file(ranks.rank)
         self._snapshots = Snapshotter()
         self._worker: threading.Thread | None = None
+        #: Guards ``pending`` and every commit: the upload thread and the emergency path.
+        self._lock = threading.Lock()
+        #: Set by the emergency path: an upload still running must not commit any more.
+        self._abandoned = False
         self.failure: BaseException | None = None
         self.failed_saves = 0
         #: Bytes per second of serialize + upload, measured by the saves so far.
         self.throughput: float | None = None
         self._last_save_step = -1
         self._last_save_time = time.monotonic()
+        #: A periodic save came due while another was uploading: it runs at the next boundary.
+        self.deferred = False
         #: A save whose file this rank has put but that is not committed yet.
         self.pending: tuple[int, int, str, FileEntry] | None = None
+        #: The newest checkpoint known good: this process's last commit, or what it resumed
+        #: from. Retention never deletes it.
         self.last_committed_step: int | None = None
+        #: The step this run resumed from, recorded in every manifest it commits.
+        self.resumed_from: int | None = None
 
     def periodic_due(self, step: int, early: bool) -> bool:
         """Whether a periodic save is due at ``step`` (``early``: a rebalance asked for one)."""
         if step <= self._last_save_step:
             return False
-        if early:
+        if early or self.deferred:
             return True
         settings = self.settings
         if settings.every_n_steps and step % settings.every_n_steps == 0:
@@ -76,12 +92,18 @@ class Saver:
             failure, self.failure = self.failure, None
             raise UploadFailed(f"a background checkpoint save failed: {failure}") from failure
 
+    def _fail(self, step: int, what: str, exc: BaseException) -> None:
+        self.failed_saves += 1
+        self.failure = exc
+        log.error("checkpoint %s at step %d failed: %s", what, step, exc)
+
     def save_async(self, step: int, epoch: int, tree: Any) -> None:
         """Copy ``tree`` now, upload the copy in the background."""
         started = time.monotonic()
         snapshot = self._snapshots.copy(tree)
         log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
         self._last_save_step, self._last_save_time = step, started
+        self.deferred = False
         self._worker = threading.Thread(
             target=self._background_put, args=(step, epoch, snapshot), name="spotguard-save",
             daemon=True,
@@ -92,13 +114,16 @@ class Saver:
         try:
             entry = self.put(step, snapshot)
         except BaseException as exc:  # surfaced at the next step boundary or at exit
-            self.failed_saves += 1
-            self.failure = exc
-            log.error("checkpoint save at step %d failed: %s", step, exc)
+            self._fail(step, "upload", exc)
             return
-        self.pending = (step, epoch, "periodic", entry)
-        if not self.ranks.active:  # nobody to wait for: commit from here
-            self.commit_pending()
+        with self._lock:
+            if self._abandoned:
+                log.warning("the upload of step %d finished after the emergency: not committed",
+                            step)  # fmt: skip
+                return
+            self.pending = (step, epoch, "periodic", entry)
+            if not self.ranks.active:  # nobody to wait for: commit from here
+                self._commit_locked()
 
     def put(self, step: int, tree: Any) -> FileEntry:
         """Serialize and store this rank's file of ``step``; measures the throughput."""
@@ -113,20 +138,42 @@ class Saver:
         self.throughput = rate if self.throughput is None else 0.5 * (self.throughput + rate)
         return entry
 
-    def commit_pending(self, *, prune: bool = True) -> None:
-        """Commit the save whose files every rank has put (collective with several ranks)."""
-        assert self.pending is not None
+    def commit_pending(self, *, prune: bool = True) -> bool:
+        """Commit the save whose files every rank has put (collectives with several ranks: call
+        it on every rank alike). Nothing is committed unless every rank has its file put. A
+        failure is kept for the next boundary, not raised: ``True`` when it committed."""
+        (incomplete,) = self.ranks.any(self.pending is None)
+        if incomplete:
+            self.pending = None
+            return False
+        with self._lock:
+            return self._commit_locked(prune=prune)
+
+    def _commit_locked(self, *, prune: bool = True) -> bool:
+        if self.pending is None:
+            return False
         step, epoch, kind, entry = self.pending
         self.pending = None
         entries = self.ranks.gather((self.my_file, entry))
-        if self.ranks.rank == 0:  # rank 0 owns the manifest
-            files = dict(entries)
-            self.store.commit(step, files, epoch=epoch, kind=kind)
-            log.info("checkpoint %s at step %d committed (%d bytes)", kind, step,
-                     sum(e.size for e in files.values()))  # fmt: skip
-            if prune and self.settings.keep_last:
-                self.store.prune(self.settings.keep_last)
+        try:
+            if self.ranks.rank == 0:  # rank 0 owns the manifest
+                files = dict(entries)
+                self.store.commit(
+                    step, files, epoch=epoch, kind=kind, resumed_from=self.resumed_from,
+                    world_size=self.ranks.world,
+                )  # fmt: skip
+                log.info("checkpoint %s at step %d committed (%d bytes)", kind, step,
+                         sum(e.size for e in files.values()))  # fmt: skip
+        except Exception as exc:
+            self._fail(step, "commit", exc)
+            return False
         self.last_committed_step = step
+        if prune and self.settings.keep_last and self.ranks.rank == 0:
+            try:
+                self.store.prune(self.settings.keep_last, newest_verified=step)
+            except Exception as exc:
+                self._fail(step, "retention (prune)", exc)
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the upload in flight; ``True`` when none is left running."""
@@ -134,15 +181,38 @@ class Saver:
             self._worker.join(timeout)
         return not self.saving
 
+    def abandon(self) -> int | None:
+        """Stop an upload still running from committing (the emergency's own step wins);
+        returns the step that upload was saving, if one was running."""
+        with self._lock:
+            self._abandoned = True
+            return self._last_save_step if self.saving else None
+
     def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> None:
-        """Save in the foreground on every rank (the final checkpoint)."""
+        """Save in the foreground on every rank (the final checkpoint); every rank raises if
+        any rank's save or commit failed."""
         self.wait()
         self.ranks.any(False)  # every rank finished its upload before anyone commits
-        if self.pending is not None:
-            self.commit_pending()
-        self.raise_if_failed()
+        self.commit_pending()
+        self._agree_and_raise()
         if self.last_committed_step == step:
             return  # e.g. a final save right after a periodic one at the same step
         self._last_save_step = step
-        self.pending = (step, epoch, kind, self.put(step, tree))
-        self.commit_pending()
+        try:
+            entry = self.put(step, tree)
+        except Exception as exc:
+            self._fail(step, "upload", exc)
+            entry = None
+        (failed,) = self.ranks.any(entry is None)
+        if not failed and entry is not None:
+            self.pending = (step, epoch, kind, entry)
+            self.commit_pending()
+        elif self.failure is None:
+            self.failure = UploadFailed("the final save failed on another rank")
+        self._agree_and_raise()
+
+    def _agree_and_raise(self) -> None:
+        (failed,) = self.ranks.any(self.failure is not None)
+        if failed and self.failure is None:
+            self.failure = UploadFailed("a checkpoint save failed on another rank")
+        self.raise_if_failed()

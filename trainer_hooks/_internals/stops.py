@@ -13,13 +13,11 @@ there is one, else ``default_budget`` seconds from now.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -72,9 +70,8 @@ class StopIntake:
 
     # -- set-up and tear-down -------------------------------------------------------------
 
-    def install(self, *, on_exit: Callable[[], None]) -> None:
-        """Handle the signals, register with the agent, start the watchers. ``on_exit`` runs
-        before the interpreter finalizes (it must stop every thread of ours)."""
+    def install(self) -> None:
+        """Handle the signals, register with the agent, start the watchers."""
         if threading.current_thread() is threading.main_thread():
             for name in self.settings.signals:
                 signum = signal.Signals[name]
@@ -102,10 +99,6 @@ class StopIntake:
             )
         for watcher in self._watchers:
             watcher.start()
-        # Our threads must be gone before the interpreter finalizes: a daemon thread that
-        # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
-        # evaluator aborts the process ("terminate called without an active exception").
-        atexit.register(on_exit)
 
     def reinstall_signal_handlers(self) -> None:
         """Take the signals back from a framework that replaced our handlers."""

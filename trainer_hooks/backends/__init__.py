@@ -43,8 +43,25 @@ class Backend(Protocol):
     def read_small(self, key: str) -> bytes | None:
         """A small object (a manifest), ``None`` when it does not exist."""
 
-    def write_small(self, key: str, data: bytes) -> None:
-        """An atomic write of a small object: readers see all of it or nothing."""
+    def directories(self) -> list[str]:
+        """The checkpoint directories (``ckpt-*``) below the root, without their files: one
+        cheap request however many files they hold."""
+
+    def files(self, directory: str) -> dict[str, int]:
+        """The files of one checkpoint directory: name → size."""
+
+    def write_small(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        """An atomic write of a small object: readers see all of it or nothing. With
+        ``exclusive``, only if ``key`` does not exist yet (S3 ``If-None-Match: *``, locally an
+        exclusive link); :class:`~spotguard.errors.WriterConflict` if it does."""
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """A small object and its version tag (S3: the ETag), ``None`` when absent."""
+
+    def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
+        """Compare-and-swap a small object: create it only if absent (``expected`` ``None``)
+        or replace it only if its tag is still ``expected``; returns the new tag.
+        :class:`~spotguard.errors.WriterConflict` when the condition does not hold."""
 
     def write(
         self, key: str, produce: Callable[[Sink], None], size_hint: int | None = None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from spotguard.errors import StoreError
+from spotguard.errors import StoreError, WriterConflict
 from spotguard.protocol import write_atomic
 from spotguard.trainer_hooks._internals.streams import Sink
 
@@ -26,18 +28,22 @@ class LocalBackend:
         self.uri = str(root)
 
     def listing(self) -> dict[str, dict[str, int]]:
-        found: dict[str, dict[str, int]] = {}
+        return {directory: self.files(directory) for directory in self.directories()}
+
+    def directories(self) -> list[str]:
         if not self.root.is_dir():
-            return found
-        for directory in self.root.iterdir():
-            if not directory.is_dir() or not directory.name.startswith("ckpt-"):
-                continue
-            found[directory.name] = {
-                str(path.relative_to(directory)): path.stat().st_size
-                for path in directory.rglob("*")
-                if path.is_file() and not path.name.startswith(".")
-            }
-        return found
+            return []
+        return [d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("ckpt-")]
+
+    def files(self, directory: str) -> dict[str, int]:
+        folder = self.root / directory
+        if not folder.is_dir():
+            return {}
+        return {
+            str(path.relative_to(folder)): path.stat().st_size
+            for path in folder.rglob("*")
+            if path.is_file() and not path.name.startswith(".")
+        }
 
     def read_small(self, key: str) -> bytes | None:
         try:
@@ -45,8 +51,42 @@ class LocalBackend:
         except FileNotFoundError:
             return None
 
-    def write_small(self, key: str, data: bytes) -> None:
-        write_atomic(self.root / key, data)
+    def write_small(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        path = self.root / key
+        if not exclusive:
+            write_atomic(path, data)
+            return
+        # Complete in a temp file first, then linked into place: link() fails if the name
+        # exists, so of two writers exactly one wins and nobody reads half a file.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.link(tmp, path)
+        except FileExistsError:
+            raise WriterConflict(f"{path} exists already: two writers on one prefix") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        data = self.read_small(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
+        # Compare and swap under an advisory lock: a local store is shared by the processes of
+        # one host (or a file system with working locks).
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{key}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_tagged(key)
+            if (None if current is None else current[1]) != expected:
+                raise WriterConflict(f"{self.root / key} changed: another writer")
+            write_atomic(self.root / key, data)
+        return hashlib.sha256(data).hexdigest()
 
     def write(
         self, key: str, produce: Callable[[Sink], None], size_hint: int | None = None

@@ -9,12 +9,13 @@ costs. It lives in one process: it is no way to share checkpoints between proces
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections import Counter
 from collections.abc import Callable
 
-from spotguard.errors import StoreError
+from spotguard.errors import StoreError, WriterConflict
 from spotguard.trainer_hooks._internals.streams import Sink
 
 __all__ = ["MemoryBackend"]
@@ -40,15 +41,50 @@ class MemoryBackend:
                     found.setdefault(directory, {})[name] = len(data)
         return found
 
+    def directories(self) -> list[str]:
+        self.requests["directories"] += 1
+        with self._lock:
+            return sorted(
+                {key.partition("/")[0] for key in self.objects if key.startswith("ckpt-")}
+            )
+
+    def files(self, directory: str) -> dict[str, int]:
+        self.requests["files"] += 1
+        root = f"{directory}/"
+        with self._lock:
+            return {
+                key[len(root) :]: len(data)
+                for key, data in self.objects.items()
+                if key.startswith(root)
+            }
+
     def read_small(self, key: str) -> bytes | None:
         self.requests["read_small"] += 1
         with self._lock:
             return self.objects.get(key)
 
-    def write_small(self, key: str, data: bytes) -> None:
+    def write_small(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         self.requests["write_small"] += 1
         with self._lock:
+            if exclusive and key in self.objects:
+                raise WriterConflict(f"{self.uri}{key} exists already: two writers on one prefix")
             self.objects[key] = bytes(data)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        self.requests["read_tagged"] += 1
+        with self._lock:
+            data = self.objects.get(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
+        self.requests["write_tagged"] += 1
+        with self._lock:
+            current = self.objects.get(key)
+            tag = None if current is None else hashlib.sha256(current).hexdigest()
+            if tag != expected:
+                raise WriterConflict(f"{self.uri}{key} changed: another writer")
+            self.objects[key] = bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
     def write(
         self, key: str, produce: Callable[[Sink], None], size_hint: int | None = None

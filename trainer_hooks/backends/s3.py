@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from spotguard.errors import StoreError
+from spotguard.errors import StoreError, WriterConflict
 from spotguard.trainer_hooks._internals.streams import Pipe, Sink
 from spotguard.trainer_hooks.settings import TransferSettings
 
@@ -105,6 +105,32 @@ class S3Backend:
                         found.setdefault(directory, {})[name] = int(item["Size"])
         return found
 
+    def directories(self) -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        with self._errors("list the store"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    name = common["Prefix"][len(root) :].rstrip("/")
+                    if name.startswith("ckpt-"):
+                        found.append(name)
+        return found
+
+    def files(self, directory: str) -> dict[str, int]:
+        root = f"{self._key(directory)}/"
+        found: dict[str, int] = {}
+        with self._errors(f"list {directory}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    found[item["Key"][len(root) :]] = int(item["Size"])
+        return found
+
     def read_small(self, key: str) -> bytes | None:
         with self._errors(f"read {key}"):
             try:
@@ -114,9 +140,47 @@ class S3Backend:
             data: bytes = answer["Body"].read()
             return data
 
-    def write_small(self, key: str, data: bytes) -> None:
+    def write_small(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if exclusive else {}
         with self._errors(f"write {key}"):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+                )
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if exclusive and code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise WriterConflict(
+                        f"{self.uri}/{key} exists already: two writers on one prefix"
+                    ) from None
+                raise
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        with self._errors(f"read {key}"):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None
+            data: bytes = answer["Body"].read()
+            return data, str(answer["ETag"])
+
+    def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        with self._errors(f"write {key}"):
+            try:
+                answer = self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+                )
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    raise WriterConflict(f"{self.uri}/{key} changed: another writer") from None
+                raise
+            return str(answer["ETag"])
 
     def _upload_config(self, size_hint: int | None) -> Any:
         """The transfer settings for one upload: parts grown to stay within S3's 10,000 (with
