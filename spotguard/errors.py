@@ -18,6 +18,8 @@ tell "we understood what went wrong" (a one-line message naming the culprit) fro
     │   ├── CorruptCheckpoint    a manifest or payload that fails verification
     │   │   └── ResumeRefused    the store holds checkpoint data but none of it verifies:
     │   │                        no silent start from step 0 (``allow_fresh_start`` to start)
+    │   ├── UnloadableCheckpoint its bytes are as written, but it cannot be loaded here (not
+    │   │                        weights-only data, not enough memory): never quarantined
     │   ├── WriterConflict       another writer committed this step, or a newer one: two
     │   │                        writers on one prefix, stop instead of overwriting
     │   └── UploadFailed         a background save or commit failed (raised at the next step
@@ -48,6 +50,7 @@ __all__ = [
     "ResumeRefused",
     "SpotguardError",
     "StoreError",
+    "UnloadableCheckpoint",
     "UploadFailed",
     "WriterConflict",
 ]
@@ -113,6 +116,12 @@ class ResumeRefused(CorruptCheckpoint):
     """The store holds checkpoint data (committed or quarantined checkpoints, unreadable
     manifests) but nothing verifies; the message lists what failed and why. Starting over from
     step 0 would lose the run silently: it takes ``allow_fresh_start=True``."""
+
+
+class UnloadableCheckpoint(CheckpointError):
+    """A checkpoint whose bytes match its manifest but that cannot be loaded here (not
+    weights-only data, a failed allocation): the checkpoint is fine, this process is not; it
+    is never quarantined, and resuming does not fall back to an older one."""
 
 
 class WriterConflict(CheckpointError):

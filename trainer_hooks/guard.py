@@ -126,11 +126,13 @@ class SpotGuard:
             self.close()
 
     def close(self) -> None:
-        """Stop watching, restore signal handlers, unregister from the agent."""
+        """Stop watching, restore signal handlers, unregister from the agent; raise a
+        background failure, except after a preemption (the exit code is 75 then)."""
         self._core.wait()
         self._core.close()
         self._installed = False
-        self._core.raise_if_failed()
+        if not self._core.preempted:
+            self._core.raise_if_failed()
 
     def __enter__(self) -> SpotGuard:
         return self

@@ -186,4 +186,5 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
         self._core = None
         core.wait()
         core.close()
-        core.raise_if_failed()
+        if not core.preempted:
+            core.raise_if_failed()

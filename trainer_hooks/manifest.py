@@ -15,7 +15,7 @@ from datetime import datetime
 from importlib import metadata
 from typing import Any
 
-from spotguard.errors import CorruptCheckpoint
+from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
 from spotguard.protocol import format_time, parse_time
 
 MANIFEST_NAME = "manifest.json"
@@ -148,8 +148,16 @@ class Manifest:
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             payload = json.loads(data)
-            if payload.get("version") != VERSION:
-                raise ValueError(f"unknown manifest version {payload.get('version')!r}")
+            if (
+                isinstance(payload, dict)
+                and "step" in payload
+                and payload.get("version") != VERSION
+            ):
+                # Another spotguard wrote it: the checkpoint may be fine. Never quarantined.
+                raise UnloadableCheckpoint(
+                    f"{where}: manifest version {payload.get('version')!r}, this spotguard "
+                    f"reads version {VERSION}: use the spotguard that wrote it"
+                )
             files = {}
             for name, entry in payload["files"].items():
                 size, digest = entry["size"], entry["sha256"]
@@ -175,5 +183,7 @@ class Manifest:
             )
         except CorruptCheckpoint as exc:
             raise CorruptCheckpoint(f"{where}: {exc}") from None
+        except UnloadableCheckpoint:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptCheckpoint(f"{where}: malformed manifest ({exc})") from None

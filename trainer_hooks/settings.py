@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from spotguard.errors import ConfigError
-from spotguard.protocol import ALLOWED_SIGNALS, EXIT_PREEMPTED
+from spotguard.protocol import ALLOWED_SIGNALS, EXIT_PREEMPTED, SPOT_NOTICE_SECONDS
 
 __all__ = ["CommonOptions", "GuardOptions", "GuardSettings", "TransferSettings"]
 
@@ -89,6 +89,12 @@ class GuardSettings:
     imds_poll_interval: float = 1.0
     #: Part sizes and parallelism of S3 transfers.
     transfer: TransferSettings | None = None
+    #: The writer lease (one writer per prefix): renewed every ttl / 4 s; a holder silent for
+    #: ttl s (its instance gone) may be taken over.
+    lease_ttl: float = 60.0
+    #: How long a new writer waits for a live holder to finish (a replacement instance for the
+    #: interrupted one's emergency save); ``None``: the spot notice plus one ``lease_ttl``.
+    lease_wait: float | None = None
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None and self.every_n_steps < 1:
@@ -110,6 +116,17 @@ class GuardSettings:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"lease_ttl must be > 0, got {self.lease_ttl}")
+        if self.lease_wait is not None and self.lease_wait < 0:
+            raise ConfigError(f"lease_wait must be >= 0 or None, got {self.lease_wait}")
+
+    @property
+    def lease_wait_seconds(self) -> float:
+        """How long a new writer waits for the lease, the default resolved."""
+        if self.lease_wait is not None:
+            return self.lease_wait
+        return SPOT_NOTICE_SECONDS + self.lease_ttl
 
 
 class CommonOptions(TypedDict, total=False):
@@ -126,6 +143,8 @@ class CommonOptions(TypedDict, total=False):
     imds_endpoint: str | None
     imds_poll_interval: float
     transfer: TransferSettings | None
+    lease_ttl: float
+    lease_wait: float | None
 
 
 class GuardOptions(CommonOptions, total=False):

@@ -16,8 +16,8 @@ than it was sent is caught at the first save, not at the next resume.
 
 Reading walks the checkpoints newest first and reads one manifest in the common case, however
 long the history. :meth:`resume` is the writer's way back in: a checkpoint that fails
-verification (an unreadable manifest, a missing or resized file, a wrong checksum, a payload
-that is not weights-only data) is *quarantined*: its manifest is replaced by
+verification (an unreadable manifest, a missing or resized file, a wrong checksum) is
+*quarantined*: its manifest is replaced by
 ``quarantined.json`` with the reason, so it never counts as newest again, never takes a slot
 of the retention, and stays for inspection (``spotguard ckpt list``) until ``ckpt prune
 --quarantined`` removes it. When the store holds checkpoint data and nothing verifies,
@@ -39,9 +39,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
-from spotguard.errors import CorruptCheckpoint, ResumeRefused, WriterConflict
+from spotguard.errors import CorruptCheckpoint, ResumeRefused, StoreError, WriterConflict
 from spotguard.protocol import format_time
-from spotguard.trainer_hooks._internals.readback import read_back
+from spotguard.trainer_hooks._internals.lease import Lease
+from spotguard.trainer_hooks._internals.readback import read_back, read_back_payload
 from spotguard.trainer_hooks._internals.reader import Quarantined, StoreReader, VerifyResult
 from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
 from spotguard.trainer_hooks.backends import Backend, backend_for_uri
@@ -95,7 +96,22 @@ class CheckpointStore(StoreReader):
         )
         #: This process's identity in the manifests it commits.
         self.writer = _this_writer()
-        self._fully_read_back = False
+        #: The writer lease, while this store holds it (:meth:`hold`): commits check it.
+        self.lease: Lease | None = None
+
+    def hold(self, *, ttl: float, wait: float) -> None:
+        """Become the one writer of this prefix: take the writer lease (waiting up to ``wait``
+        seconds for a live holder to finish) and keep renewing it until :meth:`release`."""
+        lease = Lease(self._backend, self.writer, ttl=ttl)
+        lease.acquire(wait)
+        lease.start_heartbeat()
+        self.lease = lease
+
+    def release(self) -> None:
+        """Give the writer lease back: a waiting writer may take over at once."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.uri!r})"
@@ -105,10 +121,12 @@ class CheckpointStore(StoreReader):
     ) -> tuple[Manifest, Any] | None:
         """The writer's way back in: load ``name`` from the newest checkpoint that verifies.
 
-        Those above it that fail are quarantined (with ``quarantine``; a rank other than the
-        committing one passes ``False``). ``None`` when the store holds no checkpoint data at
-        all (uploads that never committed do not count); :class:`ResumeRefused`, listing what
-        failed and why, when it holds some and nothing verifies.
+        Those above it whose manifest, sizes or checksums fail are quarantined (with
+        ``quarantine``). ``None`` when the store holds no checkpoint data at all (uploads that
+        never committed do not count); :class:`ResumeRefused`, listing what failed and why,
+        when it holds some and nothing verifies. A checkpoint that verifies but cannot be
+        loaded here raises :class:`~spotguard.errors.UnloadableCheckpoint`: it is not
+        quarantined, and no older one is used instead (that would lose its steps silently).
         """
         failed: builtins.list[str] = []
         for step, directory in self._newest_first():
@@ -199,11 +217,13 @@ class CheckpointStore(StoreReader):
         """Create the manifest of files already put: from now on the checkpoint exists.
 
         Refuses (:class:`WriterConflict`) when another writer committed this step or a newer
-        one; reads the commit back (:class:`CorruptCheckpoint` naming the likely cause when
-        the store kept other bytes: the checkpoint is then quarantined).
+        one; reads the manifest and the sizes back (:class:`CorruptCheckpoint` naming the
+        likely cause when the store kept other bytes: the checkpoint is then quarantined).
         """
         if not files:
             raise ValueError("a checkpoint needs at least one file")
+        if self.lease is not None:
+            self.lease.check()
         self._check_no_newer_writer(step)
         now = datetime.now(timezone.utc)
         manifest = Manifest(
@@ -220,15 +240,25 @@ class CheckpointStore(StoreReader):
         directory = step_dir(step)
         data = manifest.to_bytes()
         self._backend.write_small(f"{directory}/{MANIFEST_NAME}", data, exclusive=True)
-        full = kind == "periodic" and not self._fully_read_back
+        # From here on the commit is durable: what fails below is reported, but only a store
+        # that holds other bytes than were sent undoes it (quarantined).
         try:
-            read_back(self._backend, self.uri, manifest, data, full=full, fetch=self.fetch)
+            read_back(self._backend, self.uri, manifest, data)
         except CorruptCheckpoint as exc:
             self.quarantine(step, f"read back after commit: {exc}")
             raise
-        self._fully_read_back = self._fully_read_back or full
-        self._backend.delete([f"{directory}/{QUARANTINE_NAME}"])  # an older attempt's record
+        except StoreError as exc:
+            log.warning("checkpoint %d committed, but reading it back failed: %s", step, exc)
+        try:
+            self._backend.delete([f"{directory}/{QUARANTINE_NAME}"])  # an older attempt's
+        except StoreError as exc:
+            log.warning("could not remove the old quarantine record of step %d: %s", step, exc)
         return manifest
+
+    def read_back_payload(self, step: int, name: str, entry: FileEntry) -> None:
+        """Read a payload file just put back in full: :class:`CorruptCheckpoint` naming the
+        likely cause and the fix when the store kept other bytes than were sent."""
+        read_back_payload(self._backend, self.uri, step, name, entry)
 
     def _check_no_newer_writer(self, step: int) -> None:
         """Stop when the newest committed checkpoint at or above ``step`` is not ours."""
@@ -282,15 +312,20 @@ class CheckpointStore(StoreReader):
         committed below the newest kept one; returns the steps deleted. One listing, no
         manifest reads.
 
-        ``newest_verified`` (the writer's own last commit, or what it resumed from) is never
-        deleted, and nothing above it is judged: that is either a save in flight or another
-        writer's. Quarantined checkpoints stay unless ``quarantined`` (``ckpt prune
-        --quarantined``).
+        ``newest_verified`` (the writer's own last commit, or what it resumed from; default:
+        the newest checkpoint whose manifest reads) is never deleted, and nothing above it is
+        judged: that is either a save in flight or another writer's. Quarantined checkpoints
+        stay unless ``quarantined`` (``ckpt prune --quarantined``).
         """
         if keep_last < 1:
             raise ValueError(
                 f"keep_last must be >= 1 (the newest is never deleted), got {keep_last}"
             )
+        if newest_verified is None:  # not the writer: the newest whose manifest reads
+            latest = self.latest()
+            if latest is None:
+                return []
+            newest_verified = latest.step
         listing = self._backend.listing()
         steps = {
             step: (directory, sizes)

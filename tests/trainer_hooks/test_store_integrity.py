@@ -11,18 +11,26 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from spotguard.errors import ResumeRefused, UploadFailed, WriterConflict
+from spotguard.errors import (
+    Preempted,
+    ResumeRefused,
+    UnloadableCheckpoint,
+    UploadFailed,
+    WriterConflict,
+)
 from spotguard.trainer_hooks import CheckpointStore, SpotGuard, TransferSettings
 from spotguard.trainer_hooks.backends import MemoryBackend
+from tests.conftest import free_port
 from tests.support import wait_for
-from tests.trainer_hooks.test_plain_ddp import launch as launch_ddp
-from tests.trainer_hooks.test_plain_resume import steps_done, train
+from tests.trainer_hooks.test_plain_resume import SCRIPT, steps_done, train
 
 IMPATIENT = TransferSettings(max_attempts=2)
 
@@ -69,13 +77,43 @@ def test_a_failed_commit_is_raised_at_the_next_step_and_at_exit(faulty_s3):
     assert CheckpointStore(f"s3://{bucket}/run").latest() is None
 
 
-def test_when_rank_0s_commit_fails_every_rank_stops_with_an_error(faulty_s3, tmp_path):
+def test_when_rank_0s_commit_fails_every_rank_stops_with_that_error(faulty_s3, tmp_path):
     bucket, proxy = faulty_s3
     proxy.on("PUT", "manifest.json", "deny")
-    ranks = launch_ddp(f"s3://{bucket}/ddp", tmp_path / "out.pt", "--every", "3",
-                       env={"SPOTGUARD_STATE_DIR": str(tmp_path / "none")})  # fmt: skip
+    port, logs = str(free_port()), [tmp_path / f"rank-{rank}.log" for rank in (0, 1)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as handle:
+            ranks.append(subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--ddp", "--store", f"s3://{bucket}/ddp",
+                 "--out", str(tmp_path / "out.pt"), "--every", "3"],
+                env={**os.environ, "SPOTGUARD_STATE_DIR": str(tmp_path / "none"),
+                     "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": port},
+                stderr=handle,
+            ))  # fmt: skip
     codes = [rank.wait(120) for rank in ranks]  # no hang until the process-group timeout
     assert all(code not in (0, 75) for code in codes), codes
+    for log in logs:  # the same error on both, not a peer that died
+        assert "UploadFailed" in log.read_text(), log.read_text()[-2000:]
+    assert "access denied" in logs[0].read_text()
+
+
+def test_a_failure_and_a_stop_at_the_same_boundary_still_save_and_exit_75(faulty_s3):
+    bucket, proxy = faulty_s3
+    proxy.on("PUT", "ckpt-000000000002/manifest.json", "deny")  # the periodic commit fails
+    guard = SpotGuard(f"s3://{bucket}/run", every_n_steps=2, transfer=IMPATIENT,
+                      state_dir="/none")  # fmt: skip
+    state = tiny_state()
+    guard.restore(state)
+    run_steps(guard, state, range(1, 3))
+    assert guard._core.failed_saves == 1
+    guard._core.request_stop("SIGUSR1")  # the notice arrives before the next boundary
+    with pytest.raises(Preempted) as preempted:
+        guard.step(3, state)
+    assert (preempted.value.code, preempted.value.saved, preempted.value.step) == (75, True, 3)
+    latest = CheckpointStore(f"s3://{bucket}/run").latest()
+    assert (latest.step, latest.kind) == (3, "emergency")
 
 
 # -- quarantine, retention, no silent fresh start ------------------------------------------
@@ -140,39 +178,61 @@ def test_an_empty_store_and_uncommitted_uploads_are_a_fresh_start(tmp_path):
 
 
 def test_lightning_refuses_a_store_where_nothing_verifies(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
     from spotguard.trainer_hooks.lightning import SpotCheckpoint
 
     store = CheckpointStore(str(tmp_path / "store"))
-    store.save(4, {"state.pt": b"not a torch file"})
-    from lightning.pytorch.demos.boring_classes import BoringModel
-
-    model = BoringModel()
-    trainer = pl.Trainer(
+    store.save(4, {"state.pt": lambda handle: torch.save({"step": 4}, handle)})
+    flip_last_byte(tmp_path / "store" / "ckpt-000000000004" / "state.pt")
+    trainer = Trainer(
         max_steps=2, callbacks=[SpotCheckpoint(str(tmp_path / "store"), state_dir="/none")],
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
     )  # fmt: skip
-    with pytest.raises(ResumeRefused, match="weights-only"):
-        trainer.fit(model)
+    with pytest.raises(ResumeRefused, match="step 4"):
+        trainer.fit(BoringModel())
+
+
+def test_a_checkpoint_that_verifies_but_cannot_load_here_is_kept_and_not_skipped(tmp_path):
+    """Not weights-only data (or no memory on this host): the bytes are as written, so the
+    checkpoint is not quarantined, and resuming from an older one would lose its steps."""
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.save(4, {"state.pt": lambda handle: torch.save({"step": 4}, handle)})
+    store.save(8, {"state.pt": lambda handle: torch.save({"path": Path("/x")}, handle)})
+    for _attempt in range(2):
+        with (
+            SpotGuard(str(tmp_path / "store"), state_dir="/none") as guard,
+            pytest.raises(UnloadableCheckpoint, match=r"step 8.*add_safe_globals"),
+        ):
+            guard.restore(tiny_state())
+    assert [m.step for m in store.list()] == [4, 8]
+    assert store.quarantined() == []
 
 
 # -- a store that keeps other bytes --------------------------------------------------------
 
 
-@pytest.mark.parametrize("mangle", ["append", "flip"])
-def test_a_store_that_keeps_other_bytes_is_caught_at_the_first_save(faulty_s3, mangle):
+@pytest.mark.parametrize(
+    ("target", "mangle", "quarantined"),
+    [("state.pt", "append", []), ("state.pt", "flip", []), ("manifest.json", "append", [1])],
+)
+def test_a_store_that_keeps_other_bytes_is_caught_at_the_first_save(
+    faulty_s3, target, mangle, quarantined
+):
+    """The payload read back in full (the first periodic save; a flipped byte keeps the size),
+    the manifest and the sizes read back at every commit (a committed one is quarantined)."""
     bucket, proxy = faulty_s3
-    proxy.on("PUT", "state.pt", mangle)
+    proxy.on("PUT", target, mangle)
     guard = SpotGuard(f"s3://{bucket}/run", every_n_steps=1, state_dir="/none")
     state = tiny_state()
     guard.restore(state)
     run_steps(guard, state, range(1, 2))
-    guard._core.wait()
     with pytest.raises(UploadFailed, match="AWS_REQUEST_CHECKSUM_CALCULATION=when_required"):
         guard.step(2, state)
     store = CheckpointStore(f"s3://{bucket}/run")
     assert store.latest() is None  # never counted as a checkpoint
-    assert [q.step for q in store.quarantined()] == [1]
+    assert [q.step for q in store.quarantined()] == quarantined
     guard._core.wait()
     guard.close()
 
@@ -254,9 +314,11 @@ def test_an_emergency_during_a_throttled_upload_exits_75_before_the_deadline(fau
     wait_for(lambda: steps_done(progress) >= 12 and rule.hits, timeout=120, what="step 12")
     signalled = time.monotonic()
     run.send_signal(signal.SIGUSR1)
+    store = CheckpointStore(f"s3://{bucket}/throttled")
+    wait_for(lambda: store.latest() is not None, timeout=budget, what="the emergency commit")
+    rule.release()  # the stuck upload of step 10 now completes: it must not commit
     assert run.wait(budget + 30) == 75
     assert time.monotonic() - signalled < budget, "the exit overran the deadline"
-    store = CheckpointStore(f"s3://{bucket}/throttled")
     assert [m.step for m in store.list()] == [12]  # its own step; the stuck upload never counts
     assert store.latest().kind == "emergency"
 

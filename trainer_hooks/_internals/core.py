@@ -63,7 +63,13 @@ class GuardCore:
     # -- set-up and tear-down -------------------------------------------------------------
 
     def install(self) -> None:
+        """Handle signals and notices, and (rank 0) become the prefix's one writer: wait for
+        a writer still active (an interrupted instance finishing its emergency save) first.
+        Every rank waits here until rank 0 holds the store."""
         self.stops.install()
+        if self.ranks.rank == 0:
+            self.store.hold(ttl=self.settings.lease_ttl, wait=self.settings.lease_wait_seconds)
+        self.ranks.any(False)
         # Our threads must be gone before the interpreter finalizes: a daemon thread that
         # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
         # evaluator aborts the process ("terminate called without an active exception").
@@ -82,6 +88,8 @@ class GuardCore:
 
     def _at_interpreter_exit(self) -> None:
         self._stop_threads()
+        if not self.saver.saving:
+            self.store.release()
 
     def _leave_now(self) -> None:
         """At the start of interpreter shutdown, with an abandoned upload still running: its
@@ -103,6 +111,9 @@ class GuardCore:
             # threading's hooks run before it joins threads (concurrent.futures uses the
             # same one); atexit handlers would run too late.
             threading._register_atexit(self._leave_now)  # type: ignore[attr-defined]
+        else:
+            # Not while an abandoned upload may still land: the lease then expires instead.
+            self.store.release()
         self.stops.close(exit_code)
 
     # -- what the front ends ask ----------------------------------------------------------
@@ -154,6 +165,9 @@ class GuardCore:
             saver.saving,
             saver.failure is not None,
         )
+        if stop:  # first: an earlier failure must not cost the emergency save
+            self.stops.request_stop("another rank was notified")
+            self.emergency(step, epoch, tree_fn)
         if failed:
             saver.pending = None
             if saver.failure is None:
@@ -161,9 +175,6 @@ class GuardCore:
             saver.raise_if_failed()
         if saver.pending is not None and not busy:  # then on every rank: see Saver
             saver.commit_pending()
-        if stop:
-            self.stops.request_stop("another rank was notified")
-            self.emergency(step, epoch, tree_fn)
         saver.deferred = want_save and busy  # the same on every rank: the flags are reduced
         if want_save and not busy:
             self.stops.early_save = False
@@ -171,12 +182,23 @@ class GuardCore:
 
     def emergency(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> NoReturn:
         """Save within the notice window if it fits, then raise :class:`Preempted`; nothing
-        here waits past the deadline."""
+        here waits past the deadline, and whatever fails on the way, the exit code is 75
+        (the replacement resumes from the last verified checkpoint)."""
         deadline = time.monotonic() + self.stops.seconds_left() - self.settings.safety_margin
-        saved = emergency_save(self.stops, self.saver, self.ranks, step, epoch, tree_fn)
+        self._exit_code, self._exit_deadline = self.settings.exit_code, deadline
+        try:
+            saved = emergency_save(self.stops, self.saver, self.ranks, step, epoch, tree_fn)
+        except Exception as exc:
+            log.error("the emergency save failed (%s): leaving with the last verified "
+                      "checkpoint (step %s)", exc, self.saver.last_committed_step)  # fmt: skip
+            saved = False
         if saved:
             self.events["save_committed"] = time.time()
         self.events["exiting"] = time.time()
-        self._exit_code = self.settings.exit_code
         self.close(exit_code=self.settings.exit_code, deadline=deadline)
         raise Preempted(step, saved, self.settings.exit_code)
+
+    @property
+    def preempted(self) -> bool:
+        """The emergency path ran: the process is leaving with its exit code."""
+        return self._exit_code is not None

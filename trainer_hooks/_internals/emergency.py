@@ -42,6 +42,7 @@ def emergency_save(
     if saver.saving and not saver.wait(max(left / 2, 0.0)):
         log.warning("the periodic save in flight did not finish in time; saving anyway")
     (busy,) = ranks.any(saver.saving)
+    running = None
     if busy:
         running = saver.abandon()  # from now on it cannot commit: this step's save wins
         log.warning("abandoning the periodic upload of step %s", running)
@@ -55,6 +56,13 @@ def emergency_save(
     if not not_saved:
         log.warning("step %d is already checkpointed; nothing more to save", step)
         return True
+    (same_step,) = ranks.any(running == step)
+    if same_step:
+        # Its files would land over this save's (same keys) after the commit: keep the last
+        # verified checkpoint instead (Lightning: a stop inside a gradient-accumulation window).
+        log.error("an upload of step %d is still running: keeping the last verified "
+                  "checkpoint (step %s)", step, saver.last_committed_step)  # fmt: skip
+        return False
     tree = tree_fn()
     estimate = tree_nbytes(tree) / saver.throughput if saver.throughput else None
     (too_slow,) = ranks.any(estimate is not None and estimate > left)
@@ -78,8 +86,7 @@ def _put_and_commit(saver: Saver, ranks: Ranks, step: int, epoch: int, tree: Any
     if failed or entry is None:
         return False
     # Not pruning: a periodic save may still be uploading into its directory.
-    saver.pending = (step, epoch, "emergency", entry)
-    committed = saver.commit_pending(prune=False)
+    committed = saver.commit(step, epoch, "emergency", entry, prune=False)
     (failed,) = ranks.any(not committed and ranks.rank == 0)
     if failed:
         log.error("emergency checkpoint of step %d not committed: %s", step, saver.failure)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from spotguard.errors import ResumeRefused
+from spotguard.errors import CheckpointError, ResumeRefused, UnloadableCheckpoint
 from spotguard.trainer_hooks._internals import rng
 from spotguard.trainer_hooks._internals.ranks import Ranks
 from spotguard.trainer_hooks.manifest import Manifest
@@ -52,24 +52,58 @@ class Restored:
 def load_newest(
     store: CheckpointStore, ranks: Ranks, *, allow_fresh_start: bool = False
 ) -> Restored | None:
-    """Load the newest verified checkpoint for this rank; ``None`` when the store holds none.
+    """Load the checkpoint every rank resumes from; ``None`` when the store holds none.
 
-    Rank 0 quarantines what fails verification on the way down. When the store holds
-    checkpoint data and none verifies, :class:`~spotguard.errors.ResumeRefused` is raised,
-    unless ``allow_fresh_start`` (then it says so in the log and returns ``None``).
+    Rank 0 decides (the newest that verifies, quarantining what fails on the way down) and
+    tells the others, which load exactly that step: ranks never resume from different
+    checkpoints, even while another writer commits. Every rank then agrees that it loaded, or
+    all raise. When the store holds checkpoint data and none verifies,
+    :class:`~spotguard.errors.ResumeRefused` is raised on every rank, unless
+    ``allow_fresh_start`` (then the log says so and all start from 0).
     """
+    found: tuple[Manifest, Any] | None = None
+    problem: CheckpointError | None = None
+    if ranks.rank == 0:
+        try:
+            found = store.resume(WHOLE_STATE_FILE)
+            if found is not None and found[0].world_size != ranks.world:
+                raise UnloadableCheckpoint(
+                    f"{store.uri}: checkpoint {found[0].step} was written by "
+                    f"{found[0].world_size} rank(s), this run has {ranks.world}: whole-state "
+                    "checkpoints resume at the same world size"
+                )
+        except ResumeRefused as exc:
+            if not allow_fresh_start:
+                problem = exc
+            else:
+                log.error("starting from step 0 (allow_fresh_start=True) although %s", exc)
+        except CheckpointError as exc:
+            problem = exc
+    step, message = ranks.gather(
+        (found[0].step if found else None, str(problem) if problem else None)
+    )[0]
+    if message is not None:
+        if problem is not None:
+            raise problem
+        raise ResumeRefused(f"rank 0 could not resume: {message}")
+    if step is None:
+        return None
     try:
-        found = store.resume(WHOLE_STATE_FILE, quarantine=ranks.rank == 0)
-    except ResumeRefused as exc:
-        if not allow_fresh_start:
-            raise
-        log.error("starting from step 0 (allow_fresh_start=True) although %s", exc)
-        return None
-    if found is None:
-        return None
-    manifest, whole = found
-    own = whole[META_KEY]
-    if ranks.rank != 0:
-        # Rank 0's file carries rank 0's random streams; this rank's are its own.
-        own = store.load_state(step=manifest.step, name=rank_file(ranks.rank))[1][META_KEY]
+        if found is None:  # not rank 0: exactly the step rank 0 chose
+            found = store.load_state(step=step, name=WHOLE_STATE_FILE)
+        manifest, whole = found
+        own = whole[META_KEY]
+        if ranks.rank != 0:
+            # Rank 0's file carries rank 0's random streams; this rank's are its own.
+            own = store.load_state(step=step, name=rank_file(ranks.rank))[1][META_KEY]
+        local: Exception | None = None
+    except (CheckpointError, KeyError) as exc:
+        local = exc
+    (failed,) = ranks.any(local is not None)
+    if failed:
+        if local is not None:
+            raise UnloadableCheckpoint(
+                f"rank {ranks.rank} cannot load checkpoint {step}: {local}"
+            ) from local
+        raise UnloadableCheckpoint(f"another rank cannot load checkpoint {step}")
     return Restored(manifest, whole, own)

@@ -2,19 +2,18 @@
 
 Some stores "succeed" and keep other bytes (an S3-compatible server that stores botocore's
 aws-chunked framing inside the object, a proxy that rewrites bodies). Checked after every
-commit: the manifest's bytes and every file's size (two small requests); after the first
-periodic commit of a store, every byte (its SHA-256), so a mangling store is caught at the
-first save with a message naming the cause and the fix, instead of at the next resume.
+commit: the manifest's bytes and every file's size (two small requests); the first periodic
+payload of a process is read back in full in the upload thread (never inside the notice), so a
+mangling store is caught at the first save with a message naming the cause and the fix,
+instead of at the next resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from spotguard.errors import CorruptCheckpoint
-from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
+from spotguard.trainer_hooks._internals.streams import HashingWriter
 from spotguard.trainer_hooks.backends import Backend
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, Manifest, step_dir
+from spotguard.trainer_hooks.manifest import MANIFEST_NAME, FileEntry, Manifest, step_dir
 
 __all__ = ["MANGLING_HINT", "read_back"]
 
@@ -28,17 +27,9 @@ MANGLING_HINT = (
 )
 
 
-def read_back(
-    backend: Backend,
-    uri: str,
-    manifest: Manifest,
-    sent: bytes,
-    *,
-    full: bool,
-    fetch: Callable[[Manifest, str, Sink], None],
-) -> None:
+def read_back(backend: Backend, uri: str, manifest: Manifest, sent: bytes) -> None:
     """:class:`CorruptCheckpoint` unless ``backend`` holds ``manifest`` as ``sent`` and its
-    files with their sizes (and, when ``full``, their SHA-256, read through ``fetch``)."""
+    files with their sizes."""
     directory = step_dir(manifest.step)
     sizes = backend.files(directory)
     stored = backend.read_small(f"{directory}/{MANIFEST_NAME}")
@@ -54,11 +45,16 @@ def read_back(
                 f"{uri}/{directory}/{name} is stored as {sizes.get(name, 'nothing')} "
                 f"bytes, {entry.size} were sent: {MANGLING_HINT}"
             )
-        if full:
-            try:
-                fetch(manifest, name, HashingWriter())
-            except CorruptCheckpoint:
-                raise CorruptCheckpoint(
-                    f"{uri}/{directory}/{name} reads back with another SHA-256 than "
-                    f"was sent: {MANGLING_HINT}"
-                ) from None
+
+
+def read_back_payload(backend: Backend, uri: str, step: int, name: str, entry: FileEntry) -> None:
+    """:class:`CorruptCheckpoint` unless ``name`` of ``step`` reads back with ``entry``'s size
+    and SHA-256."""
+    key = f"{step_dir(step)}/{name}"
+    writer = HashingWriter()
+    backend.download(key, writer)
+    if writer.size != entry.size or writer.hexdigest() != entry.sha256:
+        raise CorruptCheckpoint(
+            f"{uri}/{key} reads back as {writer.size} bytes with another SHA-256 than the "
+            f"{entry.size} bytes sent: {MANGLING_HINT}"
+        )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from spotguard.errors import CorruptCheckpoint, StoreError
+from spotguard.errors import CorruptCheckpoint, StoreError, UnloadableCheckpoint
 from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
 from spotguard.trainer_hooks.backends import Backend
 from spotguard.trainer_hooks.manifest import (
@@ -210,7 +210,7 @@ class StoreReader:
                     raise CorruptCheckpoint(f"{self.uri}: no committed checkpoint at {found}")
                 manifest = self._manifest(directory, sizes)
                 return manifest, self._load(manifest, name)
-            except CorruptCheckpoint as exc:
+            except (CorruptCheckpoint, UnloadableCheckpoint) as exc:
                 log.warning("skipping checkpoint %s: %s", found, exc)
         raise StoreError(f"{self.uri}: no verified checkpoint to load")
 
@@ -226,10 +226,13 @@ class StoreReader:
             spool.seek(0)
             try:
                 return torch.load(spool, map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-                # Checksums match but the content is not plain tensors and containers:
-                # refusing to unpickle it is the point of weights_only.
+            except (pickle.UnpicklingError, RuntimeError, EOFError, MemoryError) as exc:
+                # Checksums match: the bytes are as written. Not plain tensors and containers
+                # (refusing to unpickle them is the point of weights_only), or no memory.
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise CorruptCheckpoint(
-                    f"{name} of step {manifest.step} is not weights-only data ({first_line[:200]})"
+                raise UnloadableCheckpoint(
+                    f"{self.uri}: {name} of step {manifest.step} verifies but cannot be loaded "
+                    f"here: not weights-only data, or not enough memory ({first_line[:200]}). "
+                    "Register the classes it needs with torch.serialization.add_safe_globals, "
+                    "or give the process more memory"
                 ) from None

@@ -49,8 +49,11 @@ class Saver:
         self.my_file = rank_file(ranks.rank)
         self._snapshots = Snapshotter()
         self._worker: threading.Thread | None = None
-        #: Guards ``pending`` and every commit: the upload thread and the emergency path.
+        #: Guards taking ``pending``: the upload thread and the main thread never both commit
+        #: it. Never held across I/O (the emergency path must not wait behind a slow store).
         self._lock = threading.Lock()
+        #: Whether a periodic payload was read back in full yet (the first one is).
+        self._read_back_once = False
         #: Set by the emergency path: an upload still running must not commit any more.
         self._abandoned = False
         self.failure: BaseException | None = None
@@ -112,7 +115,8 @@ class Saver:
 
     def _background_put(self, step: int, epoch: int, snapshot: Any) -> None:
         try:
-            entry = self.put(step, snapshot)
+            entry = self.put(step, snapshot, read_back=not self._read_back_once)
+            self._read_back_once = True
         except BaseException as exc:  # surfaced at the next step boundary or at exit
             self._fail(step, "upload", exc)
             return
@@ -122,11 +126,13 @@ class Saver:
                             step)  # fmt: skip
                 return
             self.pending = (step, epoch, "periodic", entry)
-            if not self.ranks.active:  # nobody to wait for: commit from here
-                self._commit_locked()
+        if not self.ranks.active:  # nobody to wait for: commit from here
+            self.commit_pending()
 
-    def put(self, step: int, tree: Any) -> FileEntry:
-        """Serialize and store this rank's file of ``step``; measures the throughput."""
+    def put(self, step: int, tree: Any, *, read_back: bool = False) -> FileEntry:
+        """Serialize and store this rank's file of ``step``; measures the throughput. With
+        ``read_back``, every byte is read back and checked (in the upload thread, so a store
+        that keeps other bytes is caught at the first periodic save, never in the notice)."""
         started = time.monotonic()
         entry = self.store.put(
             step,
@@ -136,6 +142,8 @@ class Saver:
         )
         rate = entry.size / max(time.monotonic() - started, 1e-6)
         self.throughput = rate if self.throughput is None else 0.5 * (self.throughput + rate)
+        if read_back:
+            self.store.read_back_payload(step, self.my_file, entry)
         return entry
 
     def commit_pending(self, *, prune: bool = True) -> bool:
@@ -143,17 +151,17 @@ class Saver:
         it on every rank alike). Nothing is committed unless every rank has its file put. A
         failure is kept for the next boundary, not raised: ``True`` when it committed."""
         (incomplete,) = self.ranks.any(self.pending is None)
-        if incomplete:
-            self.pending = None
-            return False
         with self._lock:
-            return self._commit_locked(prune=prune)
-
-    def _commit_locked(self, *, prune: bool = True) -> bool:
-        if self.pending is None:
+            taken, self.pending = self.pending, None
+        if incomplete or taken is None:
             return False
-        step, epoch, kind, entry = self.pending
-        self.pending = None
+        return self.commit(*taken, prune=prune)
+
+    def commit(
+        self, step: int, epoch: int, kind: str, entry: FileEntry, *, prune: bool = True
+    ) -> bool:
+        """Commit ``step`` with every rank's entry (a collective: every rank alike). A failure
+        is kept for the next boundary, not raised: ``True`` when it committed."""
         entries = self.ranks.gather((self.my_file, entry))
         try:
             if self.ranks.rank == 0:  # rank 0 owns the manifest
@@ -167,7 +175,7 @@ class Saver:
         except Exception as exc:
             self._fail(step, "commit", exc)
             return False
-        self.last_committed_step = step
+        self.last_committed_step = max(step, self.last_committed_step or step)
         if prune and self.settings.keep_last and self.ranks.rank == 0:
             try:
                 self.store.prune(self.settings.keep_last, newest_verified=step)
@@ -183,10 +191,9 @@ class Saver:
 
     def abandon(self) -> int | None:
         """Stop an upload still running from committing (the emergency's own step wins);
-        returns the step that upload was saving, if one was running."""
-        with self._lock:
-            self._abandoned = True
-            return self._last_save_step if self.saving else None
+        returns the step that upload was saving, if one was running. Never blocks."""
+        self._abandoned = True
+        return self._last_save_step if self.saving else None
 
     def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> None:
         """Save in the foreground on every rank (the final checkpoint); every rank raises if
@@ -205,8 +212,7 @@ class Saver:
             entry = None
         (failed,) = self.ranks.any(entry is None)
         if not failed and entry is not None:
-            self.pending = (step, epoch, kind, entry)
-            self.commit_pending()
+            self.commit(step, epoch, kind, entry)
         elif self.failure is None:
             self.failure = UploadFailed("the final save failed on another rank")
         self._agree_and_raise()

@@ -69,6 +69,12 @@ class LocalBackend:
             os.link(tmp, path)
         except FileExistsError:
             raise WriterConflict(f"{path} exists already: two writers on one prefix") from None
+        except OSError as exc:
+            raise StoreError(
+                f"cannot commit {path}: the file system refused a hard link ({exc.strerror}); "
+                "a local store needs one that supports them (mountpoint-s3 and some FUSE or SMB "
+                "mounts do not: use s3:// instead)"
+            ) from None
         finally:
             Path(tmp).unlink(missing_ok=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,21 +142,41 @@ class S3Backend:
             return data
 
     def write_small(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        if exclusive:
+            self._conditional_put(key, data, {"IfNoneMatch": "*"})
+            return
+        with self._errors(f"write {key}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _conditional_put(self, key: str, data: bytes, condition: dict[str, str]) -> str:
+        """A PUT only if ``condition`` holds; the new ETag. :class:`WriterConflict` when it
+        does not, unless the object holds ``data`` already: botocore retries a PUT whose
+        answer was lost, and the retry then meets our own first write."""
         from botocore.exceptions import ClientError
 
-        condition = {"IfNoneMatch": "*"} if exclusive else {}
-        with self._errors(f"write {key}"):
-            try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition
-                )
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if exclusive and code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    raise WriterConflict(
-                        f"{self.uri}/{key} exists already: two writers on one prefix"
-                    ) from None
-                raise
+        for attempt in range(3):
+            with self._errors(f"write {key}"):
+                try:
+                    answer = self.client.put_object(
+                        Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+                    )
+                    return str(answer["ETag"])
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "")
+                    if code == "ConditionalRequestConflict" and attempt < 2:
+                        time.sleep(0.2 * (attempt + 1))  # a concurrent conditional write
+                        continue
+                    if code not in (
+                        "PreconditionFailed",
+                        "ConditionalRequestConflict",
+                        "NoSuchKey",
+                    ):
+                        raise
+            current = self.read_tagged(key)
+            if current is not None and current[0] == data:
+                return current[1]
+            raise WriterConflict(f"{self.uri}/{key} changed: two writers on one prefix")
+        raise AssertionError("unreachable")
 
     def read_tagged(self, key: str) -> tuple[bytes, str] | None:
         with self._errors(f"read {key}"):
@@ -167,20 +188,8 @@ class S3Backend:
             return data, str(answer["ETag"])
 
     def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
-        from botocore.exceptions import ClientError
-
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-        with self._errors(f"write {key}"):
-            try:
-                answer = self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition
-                )
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-                    raise WriterConflict(f"{self.uri}/{key} changed: another writer") from None
-                raise
-            return str(answer["ETag"])
+        return self._conditional_put(key, data, condition)
 
     def _upload_config(self, size_hint: int | None) -> Any:
         """The transfer settings for one upload: parts grown to stay within S3's 10,000 (with
@@ -245,4 +254,11 @@ class S3Backend:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
             with self._errors("delete old checkpoints"):
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            errors = answer.get("Errors") or []
+            if errors:  # DeleteObjects answers 200 and lists the keys it could not delete
+                first = errors[0]
+                raise StoreError(
+                    f"{self.uri}: could not delete {len(errors)} object(s), e.g. "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip()
+                )
