@@ -11,6 +11,11 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_PIN := checkov==3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+# A second S3 implementation for the compatibility tests (tests/trainer_hooks/test_s3_compatible.py),
+# from the npm registry into a folder of its own.
+S3RVER_DIR := .s3rver
+S3RVER_PIN := s3rver@3.7.1
+S3RVER_STAMP := $(S3RVER_DIR)/.installed
 
 .PHONY: test lint unit drill bench clean
 
@@ -26,6 +31,11 @@ $(CHECKOV_STAMP): Makefile
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet "$(CHECKOV_PIN)"
 	touch $@
 
+$(S3RVER_STAMP): Makefile
+	mkdir -p $(S3RVER_DIR)
+	npm install --prefix $(S3RVER_DIR) --no-audit --no-fund --silent "$(S3RVER_PIN)"
+	touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -38,7 +48,7 @@ lint: $(STAMP)
 	ln -s ../../../fleet build/typecheck/spotguard/fleet
 	MYPYPATH=build/typecheck $(BIN)/mypy -p spotguard
 
-unit: $(STAMP) $(CHECKOV_STAMP)
+unit: $(STAMP) $(CHECKOV_STAMP) $(S3RVER_STAMP)
 	$(BIN)/pytest
 
 test: lint unit
@@ -54,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/drill_e2e.py
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(S3RVER_DIR) build .pytest_cache .mypy_cache .ruff_cache

@@ -56,9 +56,9 @@ from typing import Any
 import boto3
 import torch
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 
 from spotguard.trainer_hooks import CheckpointStore, SpotGuard, TransferSettings
+from spotguard.trainer_hooks.backends import S3Backend
 
 MiB = 2**20
 
@@ -99,16 +99,10 @@ def start_moto_bucket() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def baseline_client(settings: TransferSettings) -> Any:
-    """A boto3 client configured as spotguard's S3 backend configures its own: a connection
-    pool sized to the threads (botocore's default of 10 would cap 16 threads), same retries."""
-    return boto3.session.Session().client(
-        "s3",
-        config=Config(
-            retries={"mode": "standard", "max_attempts": settings.max_attempts},
-            max_pool_connections=settings.threads + 4,
-            tcp_keepalive=True,
-        ),
-    )
+    """A boto3 client configured as spotguard's S3 backend configures its own (the same
+    function): a connection pool sized to the threads (botocore's default of 10 would cap 16
+    threads), same retries, same checksum settings for a non-AWS endpoint."""
+    return S3Backend.make_client(settings)
 
 
 def upload_config(settings: TransferSettings) -> TransferConfig:

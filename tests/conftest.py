@@ -9,10 +9,11 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support import require_tool, sim
+from tests.support import in_ci, require_tool, sim
 
 # Nothing a test starts may reach the internet or pick up a developer's AWS setup.
 for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_PROFILE"):
@@ -35,6 +36,20 @@ def systemd_analyze() -> str:
     return require_tool("systemd-analyze", package="systemd")
 
 
+def wait_until_listening(process: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Return once ``process`` accepts connections on ``port``; fail the test if it exits or
+    30 s pass first."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start")
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
@@ -53,15 +68,7 @@ def moto_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the moto server did not start")
-            time.sleep(0.1)
+    wait_until_listening(process, port, "the moto server")
     yield url
     process.terminate()
     process.wait(10)
@@ -93,3 +100,43 @@ def faulty_s3(s3: str, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield s3, proxy
     proxy.close()
+
+
+S3RVER = Path(__file__).resolve().parent.parent / ".s3rver" / "node_modules" / ".bin" / "s3rver"
+
+
+@pytest.fixture(scope="session")
+def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A second S3 implementation, not moto: s3rver (from npm, installed by ``make test`` into
+    ``.s3rver``) over HTTPS with a self-signed certificate made here. Yields the environment
+    that points boto3 at it; its bucket is ``ckpt``."""
+    if not S3RVER.exists():
+        message = f"{S3RVER} is missing (make test installs s3rver from npm)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    openssl = require_tool("openssl", package="openssl")
+    folder = tmp_path_factory.mktemp("s3rver")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    process = subprocess.Popen(
+        [str(S3RVER), "-d", str(folder / "data"), "-a", "127.0.0.1", "-p", str(port),
+         "--key", str(key), "--cert", str(cert), "--silent", "--configure-bucket", "ckpt"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until_listening(process, port, "s3rver")
+    yield {
+        "AWS_ENDPOINT_URL": f"https://127.0.0.1:{port}",
+        "AWS_CA_BUNDLE": str(cert),
+        "AWS_ACCESS_KEY_ID": "S3RVER",
+        "AWS_SECRET_ACCESS_KEY": "S3RVER",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    process.terminate()
+    process.wait(10)

@@ -107,10 +107,11 @@ class CheckpointStore(StoreReader):
         lease.start_heartbeat()
         self.lease = lease
 
-    def release(self) -> None:
-        """Give the writer lease back: a waiting writer may take over at once."""
+    def release(self, timeout: float | None = None) -> None:
+        """Give the writer lease back, within ``timeout`` seconds or not at all (it then
+        expires by itself): a waiting writer may take over at once. Never raises."""
         if self.lease is not None:
-            self.lease.release()
+            self.lease.release(timeout)
             self.lease = None
 
     def __repr__(self) -> str:
@@ -178,6 +179,8 @@ class CheckpointStore(StoreReader):
         its parts for a file beyond ``10,000 x part_size``.
         """
         check_name(name)
+        if self.lease is not None:
+            self.lease.check()  # a writer that lost the lease must not touch payloads either
         if MANIFEST_NAME in self._backend.files(step_dir(step)):
             raise WriterConflict(
                 f"{self.uri}: step {step} is committed already; writing {name} into it would "

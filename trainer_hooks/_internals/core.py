@@ -19,15 +19,17 @@ Front ends call :meth:`GuardCore.install`, :meth:`~GuardCore.at_step_boundary` a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from spotguard.errors import Preempted, UploadFailed
+from spotguard.errors import Preempted, UploadFailed, WriterConflict
 from spotguard.protocol import state_dir_from_env
 from spotguard.trainer_hooks._internals.emergency import emergency_save
 from spotguard.trainer_hooks._internals.ranks import Ranks
@@ -67,9 +69,19 @@ class GuardCore:
         a writer still active (an interrupted instance finishing its emergency save) first.
         Every rank waits here until rank 0 holds the store."""
         self.stops.install()
+        problem: Exception | None = None
         if self.ranks.rank == 0:
-            self.store.hold(ttl=self.settings.lease_ttl, wait=self.settings.lease_wait_seconds)
-        self.ranks.any(False)
+            try:
+                self.store.hold(ttl=self.settings.lease_ttl, wait=self.settings.lease_wait_seconds)
+            except Exception as exc:  # raised below, on every rank alike
+                problem = exc
+        # The other ranks wait in this collective meanwhile: lease_wait (180 s by default)
+        # stays well below the process-group timeouts (gloo 30 min, NCCL 10 min).
+        (failed,) = self.ranks.any(problem is not None)
+        if problem is not None:
+            raise problem
+        if failed:
+            raise WriterConflict(f"{self.store.uri}: rank 0 could not take the writer lease")
         # Our threads must be gone before the interpreter finalizes: a daemon thread that
         # wakes up then is ended with pthread_exit, and unwinding through torch's C++ frame
         # evaluator aborts the process ("terminate called without an active exception").
@@ -89,32 +101,46 @@ class GuardCore:
     def _at_interpreter_exit(self) -> None:
         self._stop_threads()
         if not self.saver.saving:
-            self.store.release()
+            self.store.release(timeout=5.0)
 
     def _leave_now(self) -> None:
         """At the start of interpreter shutdown, with an abandoned upload still running: its
         threads sit in network reads, and shutdown would join them (s3transfer's pool) or
         abort under them (torch's frames), overrunning the deadline or turning 75 into
         SIGABRT. Leave with the exit code already decided instead."""
-        if self.saver.saving:
-            logging.shutdown()
-            os._exit(self._exit_code if self._exit_code is not None else 1)
+        if not self.saver.saving:
+            self.store.release(timeout=5.0)  # it finished after all: the lease can go back
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(self._exit_code if self._exit_code is not None else 1)
 
-    def close(self, exit_code: int | None = None, *, deadline: float | None = None) -> None:
+    def close(
+        self,
+        exit_code: int | None = None,
+        *,
+        deadline: float | None = None,
+        keep_lease: bool = False,
+    ) -> None:
         """Stop the threads (waiting for an upload at most until ``deadline``, a
-        ``time.monotonic()`` value), give the signals back, leave the agent's list."""
+        ``time.monotonic()`` value), give the signals back, leave the agent's list (with the
+        exit record first: the agent learns how it ended even if what follows is cut short),
+        and give the writer lease back within the deadline, unless ``keep_lease`` or an
+        abandoned upload may still land (it then expires by itself)."""
         if deadline is not None:
             self._exit_deadline = deadline
         self._stop_threads(deadline)
         atexit.unregister(self._at_interpreter_exit)
+        self.stops.close(exit_code)
         if self.saver.saving and self._exit_code is not None:
             # threading's hooks run before it joins threads (concurrent.futures uses the
             # same one); atexit handlers would run too late.
             threading._register_atexit(self._leave_now)  # type: ignore[attr-defined]
-        else:
-            # Not while an abandoned upload may still land: the lease then expires instead.
-            self.store.release()
-        self.stops.close(exit_code)
+        elif not keep_lease:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            self.store.release(timeout=left)
 
     # -- what the front ends ask ----------------------------------------------------------
 
@@ -195,7 +221,11 @@ class GuardCore:
         if saved:
             self.events["save_committed"] = time.time()
         self.events["exiting"] = time.time()
-        self.close(exit_code=self.settings.exit_code, deadline=deadline)
+        try:  # rank 0 holds the lease; another rank's abandoned upload may still land
+            (uploading,) = self.ranks.any(self.saver.saving)
+        except Exception:
+            uploading = True
+        self.close(exit_code=self.settings.exit_code, deadline=deadline, keep_lease=uploading)
         raise Preempted(step, saved, self.settings.exit_code)
 
     @property

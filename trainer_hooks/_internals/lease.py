@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from spotguard.errors import StoreError, WriterConflict
+from spotguard.errors import WriterConflict
 from spotguard.trainer_hooks.backends import Backend
 from spotguard.trainer_hooks.manifest import Writer
 
@@ -38,6 +38,12 @@ __all__ = ["LEASE_KEY", "Lease"]
 
 LEASE_KEY = "writer.lease"
 log = logging.getLogger("spotguard.trainer_hooks")
+
+
+def _boot_clock() -> float:
+    """Seconds on a clock that keeps counting while the machine sleeps (EC2 spot hibernation):
+    a monotonic clock stops, and a lease would look fresher than it is."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
 
 
 class Lease:
@@ -56,8 +62,10 @@ class Lease:
         self.ttl = ttl
         self._clock = clock
         self._tag: str | None = None
-        self._renewed = 0.0  # time.monotonic() of the last successful write
+        self._renewed = 0.0  # _boot_clock() when the last successful write was stamped
         self._lost: str | None = None
+        #: False when the store was seen ignoring a conditional write (see acquire).
+        self.honours_conditions = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,6 +86,7 @@ class Lease:
             try:
                 if current is None:
                     self._write(expected=None)
+                    self._check_the_store_honours_conditions()
                     return
                 data, tag = current
                 holder, left = self._judge(data)
@@ -86,9 +95,12 @@ class Lease:
                     if holder:
                         log.warning("took over the writer lease of %s (%s)", holder,
                                     "released" if left == -1 else "expired")  # fmt: skip
+                    self._check_the_store_honours_conditions()
                     return
             except WriterConflict:
-                continue  # someone else wrote it between our read and our write: look again
+                # Someone else wrote it between our read and our write: look again, after the
+                # same pause and within the same limit as any other wait.
+                holder, left = "another writer", self.ttl
             if time.monotonic() >= give_up:
                 raise WriterConflict(
                     f"{self.backend.uri}: {holder} holds the writer lease (it expires in "
@@ -100,6 +112,32 @@ class Lease:
                             "%.0f s)", holder, self.backend.uri, wait)  # fmt: skip
                 said = True
             time.sleep(min(poll, max(give_up - time.monotonic(), 0.0)))
+
+    def _check_the_store_honours_conditions(self) -> None:
+        """Some S3-compatible servers (s3rver, older MinIO and Ceph releases) ignore
+        ``If-None-Match`` / ``If-Match``: there, nothing can keep a second writer out. A
+        create-only-if-absent and a replace-only-if-unchanged (with a tag that cannot match)
+        over the lease just taken tell; never silently."""
+        ignored = []
+        for condition, expected in (("If-None-Match", None), ("If-Match", '"0-not-a-tag"')):
+            try:
+                self.backend.write_tagged(LEASE_KEY, b'{"probe": "conditional"}', expected=expected)
+            except WriterConflict:
+                continue  # refused, as it must be
+            ignored.append(condition)
+        if not ignored:
+            return
+        self.backend.write_small(LEASE_KEY, self._record())  # ours again
+        current = self.backend.read_tagged(LEASE_KEY)
+        self._tag = current[1] if current is not None else None
+        self.honours_conditions = False
+        log.warning(
+            "%s ignores conditional writes (%s): two writers on this prefix cannot be kept "
+            "apart, by the lease or by the commit. Run one job per prefix, or use a store "
+            "that supports conditional writes (AWS S3, recent MinIO)",
+            self.backend.uri,
+            " and ".join(ignored),
+        )
 
     def _judge(self, data: bytes) -> tuple[str, float]:
         """Who holds the lease described by ``data``, and seconds until it may be taken:
@@ -115,23 +153,33 @@ class Lease:
         return holder.describe(), max(left, 0.0)
 
     def _write(self, *, expected: str | None, released: bool = False) -> None:
+        stamped = _boot_clock()  # what others judge the expiry from: before the PUT's retries
         self._tag = self.backend.write_tagged(
             LEASE_KEY, self._record(released=released), expected=expected
         )
-        self._renewed = time.monotonic()
+        self._renewed = stamped
 
-    def release(self) -> None:
-        """Give the lease back (a waiting writer may take it at once); stops the heartbeat."""
+    def release(self, timeout: float | None = None) -> None:
+        """Give the lease back (a waiting writer may take it at once); stops the heartbeat.
+        Within ``timeout`` seconds or not at all (the lease then expires by itself); never
+        raises: the process is leaving."""
+        give_up = None if timeout is None else time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the writer lease renewal is stuck: leaving it to expire")
+                return
             self._thread = None
         if self._tag is None or self._lost:
             return
+        if give_up is not None and give_up - time.monotonic() < 1.0:
+            log.warning("no time left to release the writer lease: it expires by itself")
+            return
         try:
             self._write(expected=self._tag, released=True)
-        except (WriterConflict, StoreError) as exc:
-            log.warning("could not release the writer lease: %s", exc)
+        except Exception as exc:
+            log.warning("could not release the writer lease (it expires by itself): %s", exc)
         self._tag = None
 
     # -- holding ------------------------------------------------------------------------
@@ -146,16 +194,38 @@ class Lease:
             try:
                 self._write(expected=self._tag)
             except WriterConflict as exc:
+                if self._adopt_own_write():
+                    continue
                 self._lost = f"another writer took the lease ({exc})"
                 log.error("writer lease lost: %s", self._lost)
                 return
-            except StoreError as exc:  # the network: retried at the next beat
+            except Exception as exc:  # the network, the disk: retried at the next beat
                 log.warning("could not renew the writer lease: %s", exc)
 
+    def _adopt_own_write(self) -> bool:
+        """After a conflict: whether the lease is still ours (an earlier renewal landed but
+        its answer was lost, so our tag was stale); then its tag is taken as ours."""
+        try:
+            current = self.backend.read_tagged(LEASE_KEY)
+            if current is None:
+                return False
+            record = json.loads(current[0])
+            if record["writer"]["id"] != self.writer.id or record.get("released"):
+                return False
+        except Exception:
+            return False
+        self._tag = current[1]
+        return True
+
     def check(self) -> None:
-        """:class:`WriterConflict` unless this process still holds the lease (a commit must
-        not land once someone else may have taken over)."""
-        if self._lost is None and time.monotonic() - self._renewed > self.ttl:
-            self._lost = f"not renewed for {self.ttl:.0f} s: it may have been taken over"
+        """:class:`WriterConflict` unless this process still holds the lease with time to
+        spare: renewed within half its ttl (a commit must not land once someone else may have
+        taken over; a later renewal makes it good again), and never lost to another writer."""
         if self._lost is not None:
             raise WriterConflict(f"{self.backend.uri}: writer lease lost: {self._lost}")
+        age = _boot_clock() - self._renewed
+        if age > self.ttl / 2:
+            raise WriterConflict(
+                f"{self.backend.uri}: writer lease not renewed for {age:.0f} s (ttl "
+                f"{self.ttl:.0f} s): it may be taken over, so nothing is committed"
+            )

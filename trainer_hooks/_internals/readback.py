@@ -52,7 +52,7 @@ def read_back_payload(backend: Backend, uri: str, step: int, name: str, entry: F
     and SHA-256."""
     key = f"{step_dir(step)}/{name}"
     writer = HashingWriter()
-    backend.download(key, writer)
+    backend.download(key, writer, entry.size)
     if writer.size != entry.size or writer.hexdigest() != entry.sha256:
         raise CorruptCheckpoint(
             f"{uri}/{key} reads back as {writer.size} bytes with another SHA-256 than the "

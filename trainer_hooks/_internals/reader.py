@@ -157,7 +157,7 @@ class StoreReader:
         if entry is None:
             raise CorruptCheckpoint(f"checkpoint {manifest.step} has no file {name!r}")
         writer = HashingWriter(sink)
-        self._backend.download(f"{step_dir(manifest.step)}/{name}", writer)
+        self._backend.download(f"{step_dir(manifest.step)}/{name}", writer, entry.size)
         if writer.size != entry.size or writer.hexdigest() != entry.sha256:
             raise CorruptCheckpoint(
                 f"{self.uri}/{step_dir(manifest.step)}/{name}: content does not match its "

@@ -69,8 +69,9 @@ class Backend(Protocol):
         """Store what ``produce`` writes (about ``size_hint`` bytes, when known) as ``key``;
         nothing is left under ``key`` if it fails."""
 
-    def download(self, key: str, sink: Sink) -> None:
-        """Stream the object into ``sink`` in order."""
+    def download(self, key: str, sink: Sink, size_hint: int | None = None) -> None:
+        """Stream the object (about ``size_hint`` bytes, when known) into ``sink`` in
+        order."""
 
     def delete(self, keys: list[str]) -> None: ...
 

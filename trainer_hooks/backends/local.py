@@ -85,13 +85,16 @@ class LocalBackend:
     def write_tagged(self, key: str, data: bytes, *, expected: str | None) -> str:
         # Compare and swap under an advisory lock: a local store is shared by the processes of
         # one host (or a file system with working locks).
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{key}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.read_tagged(key)
-            if (None if current is None else current[1]) != expected:
-                raise WriterConflict(f"{self.root / key} changed: another writer")
-            write_atomic(self.root / key, data)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f".{key}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                current = self.read_tagged(key)
+                if (None if current is None else current[1]) != expected:
+                    raise WriterConflict(f"{self.root / key} changed: another writer")
+                write_atomic(self.root / key, data)
+        except OSError as exc:  # no locks on this file system, no space, a stale handle
+            raise StoreError(f"cannot write {self.root / key}: {exc.strerror or exc}") from None
         return hashlib.sha256(data).hexdigest()
 
     def write(
@@ -112,7 +115,7 @@ class LocalBackend:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(spool, target)
 
-    def download(self, key: str, sink: Sink) -> None:
+    def download(self, key: str, sink: Sink, size_hint: int | None = None) -> None:
         with open(self.root / key, "rb") as source:
             shutil.copyfileobj(source, sink, 8 * MiB)
 

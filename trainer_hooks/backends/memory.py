@@ -95,7 +95,7 @@ class MemoryBackend:
         with self._lock:
             self.objects[key] = buffer.getvalue()
 
-    def download(self, key: str, sink: Sink) -> None:
+    def download(self, key: str, sink: Sink, size_hint: int | None = None) -> None:
         self.requests["download"] += 1
         with self._lock:
             data = self.objects.get(key)

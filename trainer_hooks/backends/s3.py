@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from spotguard.errors import StoreError, WriterConflict
 from spotguard.trainer_hooks._internals.streams import Pipe, Sink
@@ -15,8 +20,18 @@ from spotguard.trainer_hooks.settings import TransferSettings
 __all__ = ["S3Backend"]
 
 MiB = 2**20
+#: botocore's own switches for flexible checksums: when a user sets one, it is theirs.
+_CHECKSUM_VARIABLES = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+log = logging.getLogger("spotguard.trainer_hooks.store")
 #: S3's limit on the parts of one multipart upload.
 _MAX_PARTS = 10_000
+
+
+def _add_content_md5(request: Any, **_: Any) -> None:
+    body = request.body
+    if isinstance(body, bytes) and "Content-MD5" not in request.headers:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        request.headers["Content-MD5"] = base64.b64encode(digest).decode()
 
 
 class S3Backend:
@@ -31,31 +46,58 @@ class S3Backend:
         client: Any = None,
     ) -> None:
         try:
-            import boto3
-            from boto3.s3.transfer import TransferConfig
-            from botocore.config import Config
+            import boto3  # noqa: F401 - only to say so early when it is missing
         except ImportError:
             raise StoreError("s3:// stores need boto3: pip install 'spotguard[s3]'") from None
         settings = settings or TransferSettings()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        # A session of its own: the shared default session caches credentials across stores.
-        self.client = client or boto3.session.Session().client(
+        self.client = client or self.make_client(settings)
+        self.settings = settings
+
+    @staticmethod
+    def make_client(settings: TransferSettings) -> Any:
+        """The S3 client spotguard uses: a session of its own (the shared default session
+        caches credentials across stores), a connection pool sized to the transfer threads,
+        botocore's "standard" retries.
+
+        On an endpoint that is not AWS (``AWS_ENDPOINT_URL``: MinIO, Ceph RGW, s3rver, moto)
+        botocore computes checksums only where the operation requires them, unless
+        ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` say
+        otherwise: its default since 1.36 sends uploads over HTTPS as ``aws-chunked`` bodies
+        with a checksum trailer, and servers that do not decode them store the framing inside
+        the object. spotguard's own SHA-256 and read-back cover what those checksums would.
+        """
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session()
+        config = Config(
+            retries={"mode": "standard", "max_attempts": settings.max_attempts},
+            max_pool_connections=settings.threads + 4,
+            tcp_keepalive=True,
+        )
+        client = session.client("s3", config=config)
+        host = urlsplit(client.meta.endpoint_url).hostname or ""
+        on_aws = host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+        chosen = any(os.environ.get(name) for name in _CHECKSUM_VARIABLES)
+        if on_aws or chosen:
+            return client
+        log.info("S3 endpoint %s is not AWS: checksums only where required", host)
+        client = session.client(
             "s3",
-            config=Config(
-                retries={"mode": "standard", "max_attempts": settings.max_attempts},
-                max_pool_connections=settings.threads + 4,
-                tcp_keepalive=True,
+            config=config.merge(
+                Config(
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
             ),
         )
-        self.settings = settings
-        self.download_config = TransferConfig(
-            multipart_threshold=settings.download_part_size,
-            multipart_chunksize=settings.download_part_size,
-            max_concurrency=settings.threads,
-            max_io_queue=1000,
-        )
+        # DeleteObjects must carry a checksum; botocore >= 1.36 sends CRC32 only, which older
+        # MinIO and Ceph releases reject: add the Content-MD5 they expect.
+        client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+        return client
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -244,11 +286,31 @@ class S3Backend:
         if failures:
             raise failures[0]
 
-    def download(self, key: str, sink: Sink) -> None:
+    def download(self, key: str, sink: Sink, size_hint: int | None = None) -> None:
         with self._errors(f"download {key}"):
             self.client.download_fileobj(
-                self.bucket, self._key(key), sink, Config=self.download_config
+                self.bucket, self._key(key), sink, Config=self._download_config(size_hint)
             )
+
+    def _download_config(self, size_hint: int | None) -> Any:
+        """Ranges of ``download_part_size``, ``threads`` at a time, into a sink written in
+        order (it hashes as it goes). s3transfer 0.19 deadlocks such a download when it has
+        more ranges than ``max_in_memory_download_chunks`` (the first range's callback waits
+        for a window slot its own range holds): the window is sized to every range of the
+        object, so the ranges that arrive early wait in memory instead (the sinks here keep
+        up: a hash, a spool file)."""
+        from boto3.s3.transfer import TransferConfig
+
+        part = self.settings.download_part_size
+        config = TransferConfig(
+            multipart_threshold=part,
+            multipart_chunksize=part,
+            max_concurrency=self.settings.threads,
+            max_io_queue=1000,
+        )
+        ranges = -(-size_hint // part) if size_hint is not None else _MAX_PARTS
+        config.max_in_memory_download_chunks = max(ranges + 1, 10)
+        return config
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
