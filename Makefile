@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/checkpoint_io.py
 	$(BIN)/python bench/upload_parts.py
 	$(BIN)/python bench/drill_e2e.py
+	$(BIN)/python bench/store_ceiling.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(S3RVER_DIR) build .pytest_cache .mypy_cache .ruff_cache

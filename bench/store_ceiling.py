@@ -138,7 +138,7 @@ def request_counts(bucket: str, history: int) -> dict[str, Counter[str]]:
         ("latest()", lambda: store.latest()),
         ("commit", lambda: store.save(history + 1, {"state.pt": b"next"})),
         ("prune, steady state (deletes 1)", lambda: store.prune(
-            history, newest_verified=history + 1
+            history + 1, newest_verified=history + 1
         )),
     ):  # fmt: skip
         counts.clear()
@@ -149,7 +149,7 @@ def request_counts(bucket: str, history: int) -> dict[str, Counter[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="MiB")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024], help="MiB")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--history", type=int, default=1000, help="checkpoints in the prefix")
     args = parser.parse_args()

@@ -246,16 +246,19 @@ class CheckpointStore(StoreReader):
         # From here on the commit is durable: what fails below is reported, but only a store
         # that holds other bytes than were sent undoes it (quarantined).
         try:
-            read_back(self._backend, self.uri, manifest, data)
+            stored = read_back(self._backend, self.uri, manifest, data)
         except CorruptCheckpoint as exc:
             self.quarantine(step, f"read back after commit: {exc}")
             raise
         except StoreError as exc:
             log.warning("checkpoint %d committed, but reading it back failed: %s", step, exc)
-        try:
-            self._backend.delete([f"{directory}/{QUARANTINE_NAME}"])  # an older attempt's
-        except StoreError as exc:
-            log.warning("could not remove the old quarantine record of step %d: %s", step, exc)
+            stored = {QUARANTINE_NAME: 0}  # unknown: clear it to be sure
+        if QUARANTINE_NAME in stored:  # an older attempt at this step was quarantined
+            try:
+                self._backend.delete([f"{directory}/{QUARANTINE_NAME}"])
+            except StoreError as exc:
+                log.warning("could not remove the old quarantine record of step %d: %s",
+                            step, exc)  # fmt: skip
         return manifest
 
     def read_back_payload(self, step: int, name: str, entry: FileEntry) -> None:

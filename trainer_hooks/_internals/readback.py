@@ -27,9 +27,9 @@ MANGLING_HINT = (
 )
 
 
-def read_back(backend: Backend, uri: str, manifest: Manifest, sent: bytes) -> None:
+def read_back(backend: Backend, uri: str, manifest: Manifest, sent: bytes) -> dict[str, int]:
     """:class:`CorruptCheckpoint` unless ``backend`` holds ``manifest`` as ``sent`` and its
-    files with their sizes."""
+    files with their sizes; returns the directory's listing (name -> size)."""
     directory = step_dir(manifest.step)
     sizes = backend.files(directory)
     stored = backend.read_small(f"{directory}/{MANIFEST_NAME}")
@@ -45,6 +45,7 @@ def read_back(backend: Backend, uri: str, manifest: Manifest, sent: bytes) -> No
                 f"{uri}/{directory}/{name} is stored as {sizes.get(name, 'nothing')} "
                 f"bytes, {entry.size} were sent: {MANGLING_HINT}"
             )
+    return sizes
 
 
 def read_back_payload(backend: Backend, uri: str, step: int, name: str, entry: FileEntry) -> None:

@@ -215,17 +215,20 @@ class StoreReader:
         raise StoreError(f"{self.uri}: no verified checkpoint to load")
 
     def _load(self, manifest: Manifest, name: str) -> Any:
-        """``name`` of ``manifest``, verified while streaming, loaded weights-only."""
+        """``name`` of ``manifest``, verified while streaming into a spool file of our own,
+        then loaded weights-only and memory-mapped: the tensors are backed by the spool's
+        pages (copy-on-write, the file unlinked when this returns) instead of a second copy
+        in memory, so a restore needs the state's size once, not twice."""
         import pickle
         import tempfile
 
         import torch
 
-        with tempfile.TemporaryFile() as spool:
+        with tempfile.NamedTemporaryFile(prefix="spotguard-restore-") as spool:
             self.fetch(manifest, name, spool)
-            spool.seek(0)
+            spool.flush()
             try:
-                return torch.load(spool, map_location="cpu", weights_only=True)
+                return torch.load(spool.name, map_location="cpu", weights_only=True, mmap=True)
             except (pickle.UnpicklingError, RuntimeError, EOFError, MemoryError) as exc:
                 # Checksums match: the bytes are as written. Not plain tensors and containers
                 # (refusing to unpickle them is the point of weights_only), or no memory.
