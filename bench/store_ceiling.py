@@ -156,10 +156,10 @@ def main() -> None:
     moto, bucket = start_moto_bucket()
     try:
         print(f"S3 tuning for both: {SETTINGS}", file=sys.stderr)
-        print(
-            "| state | save: ceiling | spotguard | ratio | restore: ceiling | spotguard | ratio |"
-        )
-        print("|---|---|---|---|---|---|---|")
+        if args.sizes:
+            print("| state | save: ceiling | spotguard | ratio | restore: ceiling | spotguard "
+                  "| ratio |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|")
         for size in args.sizes:
             row = throughput(size, bucket, args.trials)
             save = row["save_ceiling"] / row["save_spotguard"]
