@@ -124,6 +124,14 @@ class Manifest:
         for name in self.files:
             check_name(name)
 
+    def size_mismatch(self, sizes: dict[str, int]) -> tuple[str, int | None] | None:
+        """The first listed file whose size in ``sizes`` (a listing) differs from the
+        manifest's, with the size found (``None``: missing); ``None`` when all match."""
+        for name, entry in self.files.items():
+            if sizes.get(name) != entry.size:
+                return name, sizes.get(name)
+        return None
+
     def to_bytes(self) -> bytes:
         payload = {
             "version": VERSION,

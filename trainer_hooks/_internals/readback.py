@@ -39,12 +39,13 @@ def read_back(backend: Backend, uri: str, manifest: Manifest, sent: bytes) -> di
             f"{len(stored) if stored is not None else 'nothing'} bytes, "
             f"{len(sent)} were sent: {MANGLING_HINT}"
         )
-    for name, entry in manifest.files.items():
-        if sizes.get(name) != entry.size:
-            raise CorruptCheckpoint(
-                f"{uri}/{directory}/{name} is stored as {sizes.get(name, 'nothing')} "
-                f"bytes, {entry.size} were sent: {MANGLING_HINT}"
-            )
+    mismatch = manifest.size_mismatch(sizes)
+    if mismatch is not None:
+        name, found = mismatch
+        raise CorruptCheckpoint(
+            f"{uri}/{directory}/{name} is stored as {'nothing' if found is None else found} "
+            f"bytes, {manifest.files[name].size} were sent: {MANGLING_HINT}"
+        )
     return sizes
 
 

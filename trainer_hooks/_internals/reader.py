@@ -78,12 +78,13 @@ class StoreReader:
         manifest = Manifest.from_bytes(data, where)
         if manifest.step != parse_step_dir(directory):
             raise CorruptCheckpoint(f"{where}: manifest says step {manifest.step}")
-        for name, entry in manifest.files.items():
-            if sizes.get(name) != entry.size:
-                raise CorruptCheckpoint(
-                    f"{where}: {name} is {sizes.get(name, 'missing')}, "
-                    f"manifest says {entry.size} bytes"
-                )
+        mismatch = manifest.size_mismatch(sizes)
+        if mismatch is not None:
+            name, found = mismatch
+            raise CorruptCheckpoint(
+                f"{where}: {name} is {'missing' if found is None else found}, manifest says "
+                f"{manifest.files[name].size} bytes"
+            )
         return manifest
 
     def _committed_newest_first(self) -> Iterator[tuple[int, str, dict[str, int]]]:
