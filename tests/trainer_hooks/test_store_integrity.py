@@ -321,7 +321,9 @@ def test_an_emergency_during_a_throttled_upload_exits_75_before_the_deadline(fau
     wait_for(lambda: store.latest() is not None, timeout=budget, what="the emergency commit")
     rule.release()  # the stuck upload of step 10 now completes: it must not commit
     assert run.wait(budget + 30) == 75
-    assert time.monotonic() - signalled < budget, "the exit overran the deadline"
+    # Bounded by the deadline it was given (budget - margin after the stop), plus the exit
+    # itself on a busy machine; before the fix it waited for the held upload (60 s).
+    assert time.monotonic() - signalled < budget + 10, "the exit overran the deadline"
     assert [m.step for m in store.list()] == [12]  # its own step; the stuck upload never counts
     assert store.latest().kind == "emergency"
 
