@@ -150,3 +150,19 @@ def test_the_rules_catch_what_they_forbid(tmp_path):
     allowed = tmp_path / "ok.py"
     allowed.write_text("from spotguard.errors import StoreError\nimport json\n")
     assert _violations("spotguard.trainer_hooks.x", allowed) == []
+
+
+def test_every_package_folder_ships_in_the_wheel():
+    """A folder with an ``__init__.py`` that pyproject.toml does not list is left out of the
+    wheel: editable installs (and so every other test) would never notice."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    assert set(config["package-dir"]) == set(PACKAGES.values())
+    on_disk = {
+        ".".join((package, *init.parent.relative_to(REPO / folder).parts))
+        for folder, package in PACKAGES.items()
+        for init in (REPO / folder).rglob("__init__.py")
+    }
+    assert on_disk - listed == set(), "missing from [tool.setuptools] packages"

@@ -66,9 +66,8 @@ def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
         {"step": q.step, "reason": q.reason, "quarantined_at": q.quarantined_at}
         for q in store.quarantined()
     ]
-    if as_json:
-        print(json.dumps(rows + [{**q, "kind": "quarantined"} for q in quarantined], indent=2),
-              file=out)  # fmt: skip
+    if as_json:  # committed checkpoints only, as before; quarantined ones: the text form
+        print(json.dumps(rows, indent=2), file=out)
         return 0
     for q in quarantined:
         print(f"quarantined step {q['step']} ({q['quarantined_at']}): {q['reason']}", file=out)

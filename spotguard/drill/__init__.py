@@ -8,10 +8,11 @@ weights with the reference. :func:`run_drill` returns a :class:`DrillReport` who
 says what happened when; :func:`check_budget` says whether an emergency save of a given size
 fits in the two-minute notice.
 
-The modules: ``runner`` (the steps), ``_node`` (simulator + agent of one instance),
-``_launch`` (a training process and what it reports), ``workload`` (the built-in Lightning
-training), ``report`` (text, JSON, HTML), ``budget``, ``cli``; errors are
-:class:`~spotguard.errors.DrillFailed`.
+The modules: ``options`` (what to rehearse, with its command-line flags), ``runner`` (the
+steps), ``_node`` (simulator + agent of one instance), ``_launch`` (a training process and what
+it reports), ``workload`` (the built-in Lightning training), ``report`` (text, JSON, HTML),
+``budget``; a failed step is :class:`~spotguard.errors.DrillFailed`. The drill uses only the
+parts' public APIs; the ``spotguard drill`` command is :mod:`spotguard.cli.drill`.
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ class StoreReader:
         caller must then discard what it received.
         """
         entry = manifest.files.get(check_name(name))
-        if entry is None:
-            raise CorruptCheckpoint(f"checkpoint {manifest.step} has no file {name!r}")
+        if entry is None:  # verifies, but was written by something else: not corrupt
+            raise UnloadableCheckpoint(f"checkpoint {manifest.step} has no file {name!r}")
         writer = HashingWriter(sink)
         self._backend.download(f"{step_dir(manifest.step)}/{name}", writer, entry.size)
         if writer.size != entry.size or writer.hexdigest() != entry.sha256:
