@@ -28,7 +28,14 @@ def train(store: str, out: Path, *extra: str, env: dict | None = None) -> subpro
 
 
 def steps_done(progress: Path) -> int:
-    return int(progress.read_text().split()[-1]) if progress.exists() else 0
+    """The last step the trainer recorded; 0 before it wrote a whole line.
+
+    The trainer opens the file for appending before it writes, so a reader can find it
+    empty (CI did once): only lines that end in a newline count.
+    """
+    text = progress.read_text() if progress.exists() else ""
+    whole = text[: text.rfind("\n") + 1].split()
+    return int(whole[-1]) if whole else 0
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
