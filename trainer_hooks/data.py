@@ -6,6 +6,19 @@ end bit-exact. :class:`ResumableDataLoader` draws each epoch's order from ``seed
 counts the batches it has handed to the training loop, and after ``load_state_dict`` skips
 exactly those (by index, without loading them).
 
+Random augmentation in worker processes resumes exactly too. torch seeds each worker once per
+``iter()`` (``base_seed + worker_id``, ``base_seed`` drawn from the loader's generator), and
+what a worker draws for a batch then depends on the batches it fetched before: after a resume
+mid-epoch, batch k goes to another worker, in another stream state. So the workers' torch,
+``random`` and NumPy streams are reseeded before every batch from (seed, rank, epoch, batch),
+and the generator behind ``base_seed`` (what ``worker_init_fn`` sees) from (seed, rank, epoch):
+nothing random depends on where the previous run stopped, and every rank draws its own
+numbers. Without workers (``num_workers=0``) augmentation draws from the training process's
+own streams, which the checkpoint holds. ``loader.dataset`` is the wrapper that does this; the
+caller's dataset is ``loader.dataset.dataset``. One exception: with ``persistent_workers=True``
+torch seeds the workers at the first ``iter()`` only, so randomness drawn in
+``worker_init_fn`` (not in ``__getitem__``) depends on the epoch the process started in.
+
 It has ``state_dict``/``load_state_dict``, so Lightning saves and restores it with the fit
 loop, and the plain-PyTorch :class:`~spotguard.trainer_hooks.SpotGuard` does the same when it
 is part of the guarded state. torchdata's ``StatefulDataLoader`` works too, where installed,
@@ -21,19 +34,88 @@ loader around a ``DistributedSampler`` of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import logging
+import random
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from spotguard.errors import ConfigError
 
 __all__ = ["ResumableBatchSampler", "ResumableDataLoader"]
 
+log = logging.getLogger("spotguard.trainer_hooks")
+
+#: In ``state_dict`` since workers are seeded per batch; a state without it was saved by a
+#: loader whose workers drew from per-iter() streams, which a resumed run cannot reproduce.
+WORKER_SEEDING = 1
+
+
+def _derive(*parts: int) -> int:
+    """A 64-bit seed from ``parts``, the same on every machine and Python; different parts give
+    unrelated seeds (``seed + epoch`` would give seed 3's epoch 1 the streams of seed 4's
+    epoch 0)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _seed_streams(seed: int) -> None:
+    """Seed what torch seeds in a new worker (torch, ``random``, NumPy), for one batch."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")  # a dataset that draws from NumPy has imported it
+    if numpy is not None:
+        numpy.random.seed([seed & 0xFFFF_FFFF, seed >> 32])
+
+
+class _Batch(list[int]):
+    """A batch of indices with the seed its samples' augmentation draws from.
+
+    A list, so whatever reads the batch sampler still sees indices; the seed travels with it,
+    pickled, to the worker process that fetches it.
+    """
+
+    def __init__(self, indices: Iterable[int], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+
+class _WorkerSeeded(Dataset[Any]):
+    """The caller's dataset, fetched a batch at a time, a worker's streams reseeded first from
+    the batch's seed (see the module docstring for why once per worker is not enough)."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: _Batch) -> list[Any]:
+        if get_worker_info() is not None:  # in the training process: its own, saved streams
+            _seed_streams(batch.seed)
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return fetch(batch) if fetch else [self.dataset[index] for index in batch]
+
+    def __getattr__(self, name: str) -> Any:
+        """The caller's dataset attributes (``loader.dataset.classes``) still work."""
+        if name == "dataset":  # not set yet (unpickling): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of indices in a per-epoch order that depends only on ``seed + epoch``."""
+    """Batches of indices in a per-epoch order that depends only on ``seed + epoch``.
+
+    (Not :func:`_derive`d: a checkpoint of an earlier version would then resume its epoch in
+    another order.)
+    """
 
     def __init__(
         self, length: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -79,20 +161,26 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = (order * world)[: self._shard_length() * world][rank::world]
         start, self.start_batch = self.start_batch, 0
         for batch in range(start, len(self)):
-            yield order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            indices = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield _Batch(indices, _derive(self.seed, rank, self.epoch, batch))
 
 
 class ResumableDataLoader(DataLoader[Any]):
     """``DataLoader(dataset, batch_size, shuffle=...)`` that can resume mid-epoch.
 
     Takes the usual DataLoader keywords (``num_workers``, ``collate_fn``, ``pin_memory``, ...)
-    except the sampler ones, which it owns.
+    except the sampler ones and ``generator``, which it owns.
     """
 
     def __init__(
         self, dataset: Dataset[Any], batch_size: int = 1, *, shuffle: bool = False,
         seed: int = 0, drop_last: bool = False, **kwargs: Any,
     ) -> None:  # fmt: skip
+        if "generator" in kwargs:
+            raise ConfigError(
+                "ResumableDataLoader seeds its own generator from seed, rank and epoch (a "
+                "caller's generator state would not survive a resume): pass seed= instead"
+            )
         sampler = ResumableBatchSampler(
             len(dataset),  # type: ignore[arg-type]
             batch_size,
@@ -103,9 +191,12 @@ class ResumableDataLoader(DataLoader[Any]):
         # A generator of its own: otherwise every iter() draws a base seed from the global
         # torch RNG, and a resumed run (one extra iter() mid-epoch) would drift from the
         # uninterrupted one in everything random that follows, dropout included.
-        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
-        super().__init__(dataset, batch_sampler=sampler, **kwargs)
+        generator = torch.Generator()
+        super().__init__(
+            _WorkerSeeded(dataset), batch_sampler=sampler, generator=generator, **kwargs
+        )
         self._resumable = sampler
+        self._generator = generator
         self._epoch = 0  # the epoch the position below belongs to
         self._consumed = 0  # batches handed to the training loop in that epoch
         self._epoch_done = False
@@ -119,6 +210,9 @@ class ResumableDataLoader(DataLoader[Any]):
             self._epoch, self._consumed = sampler.epoch, 0
         self._epoch_done = False
         sampler.start_batch = self._consumed
+        rank, _ = sampler._replicas()
+        # The workers' base seed, drawn from this at iter(): the same for a resumed epoch.
+        self._generator.manual_seed(_derive(sampler.seed, rank, self._epoch))
         total = len(sampler)
         for batch in super().__iter__():
             self._consumed += 1
@@ -129,19 +223,28 @@ class ResumableDataLoader(DataLoader[Any]):
         self._epoch_done = True
 
     def state_dict(self) -> dict[str, int]:
-        if self._epoch_done:
-            return {"epoch": self._epoch + 1, "batches_consumed": 0, "seed": self._resumable.seed}
+        """The position; everything random derives from it, the seed and the rank."""
+        done = self._epoch_done
+        epoch, consumed = (self._epoch + 1, 0) if done else (self._epoch, self._consumed)
         return {
-            "epoch": self._epoch,
-            "batches_consumed": self._consumed,
+            "epoch": epoch,
+            "batches_consumed": consumed,
             "seed": self._resumable.seed,
+            "worker_seeding": WORKER_SEEDING,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the saved position; another seed is refused (the order would change)."""
         if state.get("seed", self._resumable.seed) != self._resumable.seed:
             raise ConfigError(
                 f"checkpoint was taken with loader seed {state['seed']}, this loader has seed "
                 f"{self._resumable.seed}: resuming would change the sample order"
+            )
+        if "worker_seeding" not in state and self.num_workers > 0:
+            log.warning(
+                "this data loader state was saved by an older spotguard: the sample order "
+                "resumes exactly, but random augmentation in the loader's worker processes "
+                "will differ from the run that saved it"
             )
         self._epoch = int(state["epoch"])
         self._consumed = int(state["batches_consumed"])
