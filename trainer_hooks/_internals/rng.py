@@ -3,16 +3,25 @@
 Bit-exact resume with dropout and shuffling needs the Python, NumPy, torch CPU and CUDA
 generators exactly where they were. The states are stored as plain lists and tensors because
 checkpoints are loaded with ``weights_only=True``, which refuses NumPy arrays.
+
+A replacement instance may have fewer GPUs than the one that saved (the fleet mixes instance
+types): the CUDA states of devices that exist are restored, the rest are reported, not fatal.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import torch
 
-from spotguard.trainer_hooks._internals.snapshot import cuda_in_use
+log = logging.getLogger("spotguard.trainer_hooks")
+
+
+def cuda_in_use() -> bool:
+    """Whether this process has touched CUDA (asking must not initialize it)."""
+    return torch.cuda.is_available() and bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
 
 
 def capture() -> dict[str, Any]:
@@ -43,5 +52,16 @@ def restore(state: dict[str, Any]) -> None:
 
         name, keys, pos, has_gauss, cached = state["numpy"]
         numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _restore_cuda(state.get("cuda", []))
+
+
+def _restore_cuda(states: list[torch.Tensor]) -> None:
+    """Restore the saved CUDA states of the devices present; warn about the others (their
+    random numbers will differ from the uninterrupted run's)."""
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, device_state in enumerate(states[:present]):
+        torch.cuda.set_rng_state(device_state, index)
+    if len(states) > present:
+        log.warning("the checkpoint holds CUDA RNG states of %d devices and this process has "
+                    "%d: restored %d; random numbers on the missing devices' work will differ "
+                    "from the uninterrupted run", len(states), present, present)  # fmt: skip

@@ -3,7 +3,9 @@
 A periodic save copies the state into reused CPU buffers (the only stall training sees) and
 serializes, checksums and uploads it in one background thread. One save is in flight at a
 time: a periodic save that comes due meanwhile is *deferred*, not dropped: it runs at the first
-step boundary after the running one finished.
+step boundary after the running one finished. When a second copy of the state does not fit in
+memory, the save runs in the foreground on the state itself instead, with a warning: training
+waits for it, but the process is not OOM-killed and the save still happens.
 
 Every failure of a save is kept, never lost: the upload, the commit (a conflict with another
 writer, a store that reads back other bytes), the retention's prune. It is logged at once and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +32,12 @@ import torch
 from spotguard.errors import UploadFailed
 from spotguard.trainer_hooks._internals.files import rank_file
 from spotguard.trainer_hooks._internals.ranks import Ranks
-from spotguard.trainer_hooks._internals.snapshot import Snapshotter, tree_nbytes
+from spotguard.trainer_hooks._internals.snapshot import (
+    NoRoomForCopy,
+    Snapshotter,
+    available_memory,
+    tree_nbytes,
+)
 from spotguard.trainer_hooks.manifest import FileEntry
 from spotguard.trainer_hooks.settings import GuardSettings
 from spotguard.trainer_hooks.store import CheckpointStore
@@ -42,12 +50,19 @@ log = logging.getLogger("spotguard.trainer_hooks")
 class Saver:
     """This rank's saves: when they are due, the one in flight, and their commits."""
 
-    def __init__(self, settings: GuardSettings, store: CheckpointStore, ranks: Ranks) -> None:
+    def __init__(
+        self,
+        settings: GuardSettings,
+        store: CheckpointStore,
+        ranks: Ranks,
+        *,
+        available: Callable[[], int] = available_memory,
+    ) -> None:
+        """``available``: bytes of host memory still free for snapshot buffers."""
         self.settings = settings
         self.store = store
         self.ranks = ranks
-        self.my_file = rank_file(ranks.rank)
-        self._snapshots = Snapshotter()
+        self._snapshots = Snapshotter(available)
         self._worker: threading.Thread | None = None
         #: Guards taking ``pending``: the upload thread and the main thread never both commit
         #: it. Never held across I/O (the emergency path must not wait behind a slow store).
@@ -72,8 +87,17 @@ class Saver:
         #: The step this run resumed from, recorded in every manifest it commits.
         self.resumed_from: int | None = None
 
-    def periodic_due(self, step: int, early: bool) -> bool:
-        """Whether a periodic save is due at ``step`` (``early``: a rebalance asked for one)."""
+    @property
+    def my_file(self) -> str:
+        """This rank's file name; asked at save time, when the process group exists."""
+        return rank_file(self.ranks.rank)
+
+    def periodic_due(self, step: int, early: bool, *, clock: bool = True) -> bool:
+        """Whether a periodic save is due at ``step`` (``early``: a rebalance asked for one).
+
+        ``clock=False`` leaves out ``every_seconds``: what is left is the same on every rank
+        (the step, and ``deferred``, which is set from agreed flags), so it needs no agreement.
+        """
         if step <= self._last_save_step:
             return False
         if early or self.deferred:
@@ -82,7 +106,8 @@ class Saver:
         if settings.every_n_steps and step % settings.every_n_steps == 0:
             return True
         return bool(
-            settings.every_seconds
+            clock
+            and settings.every_seconds
             and time.monotonic() - self._last_save_time >= settings.every_seconds
         )
 
@@ -101,19 +126,27 @@ class Saver:
         log.error("checkpoint %s at step %d failed: %s", what, step, exc)
 
     def save_async(self, step: int, epoch: int, tree: Any) -> None:
-        """Copy ``tree`` now, upload the copy in the background."""
+        """Copy ``tree`` now, upload the copy in the background; when no copy fits in memory,
+        save ``tree`` itself now (streamed: no second copy), as the upload thread would."""
         started = time.monotonic()
-        snapshot = self._snapshots.copy(tree)
-        log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
         self._last_save_step, self._last_save_time = step, started
         self.deferred = False
+        try:
+            snapshot = self._snapshots.copy(tree)
+        except NoRoomForCopy as exc:
+            log.warning("%s: saving step %d in the foreground instead", exc, step)
+            self._put_then_commit(step, epoch, tree)
+            return
+        log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
         self._worker = threading.Thread(
-            target=self._background_put, args=(step, epoch, snapshot), name="spotguard-save",
+            target=self._put_then_commit, args=(step, epoch, snapshot), name="spotguard-save",
             daemon=True,
         )  # fmt: skip
         self._worker.start()
 
-    def _background_put(self, step: int, epoch: int, snapshot: Any) -> None:
+    def _put_then_commit(self, step: int, epoch: int, snapshot: Any) -> None:
+        """Put this rank's file, then commit it (one rank) or leave it pending for the next
+        boundary's collective commit; a failure is kept for the next boundary."""
         try:
             entry = self.put(step, snapshot, read_back=not self._read_back_once)
             self._read_back_once = True

@@ -1,0 +1,123 @@
+"""Snapshot buffers: a copy that does not fit in memory, buffers sized to the state.
+
+Memory is made scarce through the ``available`` seam of the Saver/Snapshotter; the store,
+its files and the read-back are real.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from spotguard.trainer_hooks import CheckpointStore
+from spotguard.trainer_hooks._internals.ranks import Ranks
+from spotguard.trainer_hooks._internals.saver import Saver
+from spotguard.trainer_hooks._internals.snapshot import (
+    PAGE,
+    NoRoomForCopy,
+    Snapshotter,
+    available_memory,
+    page_aligned,
+)
+from spotguard.trainer_hooks.settings import GuardSettings
+
+MiB = 2**20
+
+
+def state_tree() -> dict:
+    torch.manual_seed(3)
+    return {
+        "state": {"model": {"weight": torch.randn(1024, 1024), "bias": torch.randn(7)}},
+        "__spotguard__": {"step": 5, "epoch": 0},
+    }
+
+
+def test_a_copy_that_does_not_fit_is_saved_in_the_foreground(tmp_path, caplog):
+    uri = str(tmp_path / "store")
+    tree = state_tree()  # 4 MiB of tensors; 1 MiB "available"
+    saver = Saver(GuardSettings(uri=uri, every_n_steps=5), CheckpointStore(uri), Ranks(),
+                  available=lambda: MiB)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="spotguard.trainer_hooks"):
+        saver.save_async(5, 0, tree)
+    assert not saver.saving  # no upload thread: the save is done when save_async returns
+    manifest, loaded = CheckpointStore(uri).resume()
+    assert (manifest.step, manifest.kind) == (5, "periodic")
+    assert torch.equal(loaded["state"]["model"]["weight"], tree["state"]["model"]["weight"])
+    assert torch.equal(loaded["state"]["model"]["bias"], tree["state"]["model"]["bias"])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "needs 4 MiB more host memory and 1 MiB can be used" in warning
+    assert "saving step 5 in the foreground" in warning
+    assert saver.failure is None
+
+
+def test_a_copy_that_fits_is_uploaded_in_the_background(tmp_path, caplog):
+    uri = str(tmp_path / "store")
+    tree = state_tree()
+    saver = Saver(GuardSettings(uri=uri, every_n_steps=5), CheckpointStore(uri), Ranks(),
+                  available=lambda: 64 * MiB)  # fmt: skip
+    saver.save_async(5, 0, tree)
+    tree["state"]["model"]["weight"].zero_()  # training goes on: the copy is what is saved
+    assert saver.wait(30)
+    _, loaded = CheckpointStore(uri).resume()
+    assert torch.equal(loaded["state"]["model"]["weight"], state_tree()["state"]["model"]["weight"])
+    assert "foreground" not in caplog.text
+
+
+def test_buffers_already_held_count_as_free():
+    free = [64 * MiB]
+    snapshots = Snapshotter(available=lambda: free[0])
+    tree = state_tree()
+    first = snapshots.copy(tree)
+    free[0] = 0  # nothing left: the same buffers are reused, so nothing is needed
+    tree["state"]["model"]["weight"].add_(1)
+    second = snapshots.copy(tree)
+    assert (
+        second["state"]["model"]["weight"].data_ptr()
+        == first["state"]["model"]["weight"].data_ptr()
+    )
+    assert torch.equal(second["state"]["model"]["weight"], tree["state"]["model"]["weight"])
+    tree["state"]["model"]["bias"] = torch.randn(2 * MiB)  # changed shape: 8 MiB to allocate
+    with pytest.raises(NoRoomForCopy, match="needs 8 MiB more host memory and 0 MiB"):
+        snapshots.copy(tree)
+
+
+def test_buffers_hold_the_state_and_no_more():
+    tree = {"odd": torch.randn(3 * MiB // 4 + 3), "half": torch.zeros(1001, dtype=torch.float16)}
+    copied = Snapshotter().copy(tree)
+    for name, source in tree.items():
+        storage = copied[name].untyped_storage().nbytes()
+        assert storage == source.numel() * source.element_size(), name
+
+
+@pytest.mark.parametrize("count", [1, PAGE // 8 - 1, PAGE // 8, 3 * PAGE // 8 + 1, MiB // 8 + 3])
+def test_page_aligned_buffers_own_their_pages_without_rounding(count):
+    """What is page-locked for a GPU tensor: its own pages, under two pages more than it."""
+    buffer, pages = page_aligned(torch.Size([count]), torch.float64)
+    nbytes = count * 8
+    assert buffer.data_ptr() % PAGE == 0
+    assert pages.data_ptr() == buffer.data_ptr()
+    assert pages.numel() % PAGE == 0
+    assert nbytes <= pages.numel() < nbytes + PAGE
+    assert buffer.untyped_storage().nbytes() <= nbytes + 2 * PAGE
+    buffer.fill_(1.5)
+    assert float(buffer.sum()) == 1.5 * count
+
+
+def test_a_cgroup_limit_above_this_process_bounds_the_available_memory(tmp_path):
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    group = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if group is None:
+        pytest.skip("no cgroup v2 hierarchy here")
+    leaf = tmp_path / group.lstrip("/")
+    leaf.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "memory.max").write_text(f"{1024 * MiB}\n")  # the topmost group has the limit
+    (tmp_path / "memory.current").write_text(f"{900 * MiB}\n")
+    (tmp_path / "memory.stat").write_text(f"anon 1\ninactive_file {100 * MiB}\n")
+    if leaf != tmp_path:
+        (leaf / "memory.max").write_text("max\n")
+    assert available_memory(cgroup_root=tmp_path) == 224 * MiB
+    assert 0 < available_memory() <= psutil.virtual_memory().total
