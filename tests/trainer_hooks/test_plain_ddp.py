@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from spotguard.protocol import Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore
 from tests.conftest import free_port
 from tests.support import wait_for
@@ -19,8 +22,15 @@ from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_don
 SCRIPT = Path(__file__).with_name("train_plain.py")
 
 
-def launch(store: Path, out: Path, *extra: str, env: dict | None = None) -> list[subprocess.Popen]:
-    """Both ranks, started the way torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
+def launch(
+    store: Path,
+    out: Path,
+    *extra: str,
+    env: dict | None = None,
+    rank_env: dict[int, dict] | None = None,
+) -> list[subprocess.Popen]:
+    """Both ranks, started the way torchrun would (RANK, WORLD_SIZE, MASTER_*); ``rank_env``
+    adds variables for one rank only (each rank on a node of its own)."""
     port = str(free_port())
     return [
         subprocess.Popen(
@@ -37,6 +47,7 @@ def launch(store: Path, out: Path, *extra: str, env: dict | None = None) -> list
             env={
                 **os.environ,
                 **(env or {}),
+                **(rank_env or {}).get(rank, {}),
                 "RANK": str(rank),
                 "WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1",
@@ -60,9 +71,9 @@ def test_rank_1_signalled_both_ranks_save_exit_75_and_resume_bit_exact(tmp_path,
     (state_dir / "targets").mkdir(parents=True)
     progress, go, store = tmp_path / "progress", tmp_path / "go", tmp_path / "store"
     env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
-    ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "17",
+    ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "12",
                    "--go-file", str(go), env=env)  # fmt: skip
-    wait_for(lambda: steps_done(progress) >= 17, timeout=120, what="step 17")
+    wait_for(lambda: steps_done(progress) >= 12, timeout=120, what="step 12")
     registrations = {
         json.loads(p.read_text())["rank"]: json.loads(p.read_text())["pid"]
         for p in (state_dir / "targets").glob("*.json")
@@ -72,9 +83,65 @@ def test_rank_1_signalled_both_ranks_save_exit_75_and_resume_bit_exact(tmp_path,
     go.touch()
     assert [rank.wait(120) for rank in ranks] == [75, 75]
     latest = CheckpointStore(str(store)).latest()
-    assert (latest.step, latest.kind) == (17, "emergency")
+    # Ranks agree without blocking: the flags of step 12's boundary are read at step 13's
+    # (of 18: 3 epochs of 6 steps per rank), and the relaunch trains the 5 steps left.
+    assert (latest.step, latest.kind) == (13, "emergency")
     assert sorted(latest.files) == ["rank-1.pt", "state.pt"]
 
     ranks = launch(store, tmp_path / "final.pt", env=env)
     assert [rank.wait(180) for rank in ranks] == [0, 0]
     assert_same_weights(tmp_path / "final.pt", reference)
+
+
+def test_guard_built_before_init_process_group_learns_its_rank_at_first_use(tmp_path, reference):
+    ranks = launch(tmp_path / "store", tmp_path / "final.pt", "--guard-first")
+    assert [rank.wait(180) for rank in ranks] == [0, 0]
+    latest = CheckpointStore(str(tmp_path / "store")).latest()
+    assert sorted(latest.files) == ["rank-1.pt", "state.pt"]  # not two "rank 0"s
+    assert_same_weights(tmp_path / "final.pt", reference)
+
+
+def test_the_notified_nodes_deadline_governs_every_rank(tmp_path):
+    """Only rank 1's node has the notice (120 s); rank 0 alone would assume ``--budget``
+    seconds, all of them eaten by the safety margin, and skip the emergency save."""
+    node_dirs = {rank: tmp_path / f"node-{rank}" for rank in (0, 1)}
+    for folder in node_dirs.values():
+        (folder / "targets").mkdir(parents=True)
+    progress, go, store = tmp_path / "progress", tmp_path / "go", tmp_path / "store"
+    ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "12",
+                   "--go-file", str(go), "--budget", "1", "--margin", "1",
+                   rank_env={rank: {"SPOTGUARD_STATE_DIR": str(folder)}
+                             for rank, folder in node_dirs.items()})  # fmt: skip
+    wait_for(lambda: steps_done(progress) >= 12, timeout=120, what="step 12")
+    now = datetime.now(timezone.utc)
+    notice = Notice("spot-interruption", "terminate", now + timedelta(seconds=120), now, "t")
+    write_notice(node_dirs[1], notice)
+    time.sleep(1.5)  # rank 1's watcher reads the file every 0.5 s (later: a later step)
+    go.touch()
+    assert [rank.wait(120) for rank in ranks] == [75, 75]
+    latest = CheckpointStore(str(store)).latest()
+    # Not the periodic checkpoint of step 10: rank 0 knew it had time for the emergency save.
+    assert latest.kind == "emergency"
+    assert latest.step >= 13
+
+
+def test_a_rank_file_that_fails_verification_sends_every_rank_to_the_next_older(
+    tmp_path, reference
+):
+    progress, go, store = tmp_path / "progress", tmp_path / "go", tmp_path / "store"
+    no_agent = {"SPOTGUARD_STATE_DIR": str(tmp_path / "none")}
+    ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "12",
+                   "--go-file", str(go), env=no_agent)  # fmt: skip
+    wait_for(lambda: steps_done(progress) >= 12, timeout=120, what="step 12")
+    ranks[1].send_signal(signal.SIGUSR1)
+    go.touch()
+    assert [rank.wait(120) for rank in ranks] == [75, 75]
+    newest = CheckpointStore(str(store)).latest()
+    rank_1_file = store / f"ckpt-{newest.step:012d}" / "rank-1.pt"
+    damaged = bytearray(rank_1_file.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same size: only its checksum can tell
+    rank_1_file.write_bytes(bytes(damaged))
+    ranks = launch(store, tmp_path / "final.pt")
+    assert [rank.wait(180) for rank in ranks] == [0, 0]
+    assert (store / f"ckpt-{newest.step:012d}" / "quarantined.json").exists()
+    assert_same_weights(tmp_path / "final.pt", reference)  # resumed from the older one: exact

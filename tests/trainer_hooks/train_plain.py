@@ -48,8 +48,19 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0, help="seconds after a bare signal")
     parser.add_argument("--margin", type=float, default=5.0, help="the guard's safety_margin")
     parser.add_argument("--keep-last", type=int, default=2)
+    parser.add_argument("--guard-first", action="store_true", help="SpotGuard before init_pg")
     args = parser.parse_args()
 
+    def make_guard() -> SpotGuard:
+        return SpotGuard(
+            args.store,
+            every_n_steps=args.every,
+            keep_last=args.keep_last,
+            default_budget=args.budget,
+            safety_margin=args.margin,
+        )
+
+    early_guard = make_guard() if args.guard_first else None
     model, optimizer, scheduler, loader = build(args.seed)
     rank = 0
     if args.ddp:
@@ -61,13 +72,7 @@ def main() -> None:
     random.seed(args.seed)
     numpy.random.seed(args.seed)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data": loader}
-    with SpotGuard(
-        args.store,
-        every_n_steps=args.every,
-        keep_last=args.keep_last,
-        default_budget=args.budget,
-        safety_margin=args.margin,
-    ) as guard:
+    with early_guard or make_guard() as guard:
         step = guard.restore(state)
         steps_per_epoch = len(loader)
         while step < args.epochs * steps_per_epoch:

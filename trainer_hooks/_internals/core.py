@@ -8,9 +8,10 @@
   the background, one at a time, failures kept until they can be raised;
 * :mod:`.emergency`: **the emergency path**: save inside the notice window, or keep the last
   verified checkpoint and say so; then exit 75;
-* :mod:`.ranks`: **rank coordination**: one small all-reduce per step boundary decides, for all
-  ranks at once, whether to stop, to save, and whether an upload is still running or failed;
-  any rank notified means every rank stops after the same step.
+* :mod:`.ranks`: **rank coordination**: one small non-blocking all-reduce per step boundary,
+  read at the next one, decides for all ranks at once whether to stop, to save, and whether an
+  upload is still running or failed; any rank notified means every rank stops after the same
+  step. The deadline is shared too: the earliest notice of any rank governs every rank.
 
 Front ends call :meth:`GuardCore.install`, :meth:`~GuardCore.at_step_boundary` and
 :meth:`~GuardCore.close`; the state itself is theirs (``tree_fn`` builds the tree to save).
@@ -51,7 +52,7 @@ class GuardCore:
         self.store = CheckpointStore(settings.uri, transfer=settings.transfer)
         self.ranks = Ranks()
         state_dir = Path(settings.state_dir) if settings.state_dir else state_dir_from_env()
-        self.stops = StopIntake(settings, state_dir, self.ranks.rank)
+        self.stops = StopIntake(settings, state_dir)
         self.saver = Saver(settings, self.store, self.ranks)
         #: Wall-clock times (``time.time()``) of the preemption path on this rank, for logs
         #: and drills: ``stop_requested``, ``save_started``, ``save_committed``, ``exiting``.
@@ -67,8 +68,9 @@ class GuardCore:
     def install(self) -> None:
         """Handle signals and notices, and (rank 0) become the prefix's one writer: wait for
         a writer still active (an interrupted instance finishing its emergency save) first.
-        Every rank waits here until rank 0 holds the store."""
-        self.stops.install()
+        Every rank waits here until rank 0 holds the store. The rank is resolved here, not at
+        construction: a guard may be built before ``init_process_group``."""
+        self.stops.install(self.ranks.rank)
         problem: Exception | None = None
         if self.ranks.rank == 0:
             try:
@@ -131,6 +133,10 @@ class GuardCore:
         abandoned upload may still land (it then expires by itself)."""
         if deadline is not None:
             self._exit_deadline = deadline
+        try:  # every rank started it at the same boundary: it completes (or its peer is gone)
+            self.ranks.drain()
+        except Exception as exc:
+            log.warning("the last stop agreement did not complete: %s", exc)
         self._stop_threads(deadline)
         atexit.unregister(self._at_interpreter_exit)
         self.stops.close(exit_code)
@@ -173,6 +179,7 @@ class GuardCore:
 
     def save_sync(self, step: int, epoch: int, tree: Any, kind: str) -> None:
         """Save in the foreground on every rank (the final checkpoint)."""
+        self.ranks.drain()
         self.saver.save_sync(step, epoch, tree, kind)
 
     # -- the step boundary ----------------------------------------------------------------
@@ -180,17 +187,20 @@ class GuardCore:
     def at_step_boundary(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> None:
         """Everything that happens between two steps; the same call on every rank.
 
-        One small all-reduce agrees on whether any rank must stop, wants a save (time-based
-        and rebalance saves differ per node), is still uploading, or failed; with one rank
-        there is no collective at all.
+        Four flags decide it: whether any rank must stop, wants a save (time-based and
+        rebalance saves differ per node), is still uploading, or failed. With one rank they
+        are read now. With several, they are OR-ed by a non-blocking all-reduce started here
+        and read at the next boundary, so the step never waits for it: every rank acts on the
+        same flags one step later (a stop is taken after the step that follows the notice).
+        Saves every ``every_n_steps`` need no agreement and happen at their own step.
         """
         saver = self.saver
-        stop, want_save, busy, failed = self.ranks.any(
-            self.stops.stop_requested,
-            saver.periodic_due(step, self.stops.early_save),
-            saver.saving,
-            saver.failure is not None,
-        )
+        ranks = self.ranks
+        if ranks.active:
+            stop, node_save, busy, failed = ranks.agreed(4)
+            want_save = node_save or saver.periodic_due(step, early=False, clock=False)
+        else:
+            stop, want_save, busy, failed = self._flags(step)
         if stop:  # first: an earlier failure must not cost the emergency save
             self.stops.request_stop("another rank was notified")
             self.emergency(step, epoch, tree_fn)
@@ -205,15 +215,30 @@ class GuardCore:
         if want_save and not busy:
             self.stops.early_save = False
             saver.save_async(step, epoch, tree_fn())
+        if ranks.active:  # after acting: a save just started shows as busy
+            ranks.start_agreement(*self._flags(step))
+
+    def _flags(self, step: int) -> tuple[bool, bool, bool, bool]:
+        """This rank's view: stop requested, save wanted, upload running, upload failed."""
+        saver = self.saver
+        return (
+            self.stops.stop_requested,
+            saver.periodic_due(step, self.stops.early_save),
+            saver.saving,
+            saver.failure is not None,
+        )
 
     def emergency(self, step: int, epoch: int, tree_fn: Callable[[], Any]) -> NoReturn:
         """Save within the notice window if it fits, then raise :class:`Preempted`; nothing
         here waits past the deadline, and whatever fails on the way, the exit code is 75
         (the replacement resumes from the last verified checkpoint)."""
-        deadline = time.monotonic() + self.stops.seconds_left() - self.settings.safety_margin
-        self._exit_code, self._exit_deadline = self.settings.exit_code, deadline
+        self._exit_code = self.settings.exit_code
+        deadline = time.monotonic() + self._seconds_left() - self.settings.safety_margin
+        self._exit_deadline = deadline
         try:
-            saved = emergency_save(self.stops, self.saver, self.ranks, step, epoch, tree_fn)
+            saved = emergency_save(
+                self.stops, self.saver, self.ranks, step, epoch, tree_fn, deadline
+            )
         except Exception as exc:
             log.error("the emergency save failed (%s): leaving with the last verified "
                       "checkpoint (step %s)", exc, self.saver.last_committed_step)  # fmt: skip
@@ -227,6 +252,17 @@ class GuardCore:
             uploading = True
         self.close(exit_code=self.settings.exit_code, deadline=deadline, keep_lease=uploading)
         raise Preempted(step, saved, self.settings.exit_code)
+
+    def _seconds_left(self) -> float:
+        """Until the instance goes away: the earliest notice deadline of any rank governs
+        every rank (only the notified node knows it); ``default_budget`` when none has one."""
+        own = self.stops.notice_seconds_left()
+        try:
+            earliest = self.ranks.earliest(own)
+        except Exception as exc:
+            log.error("could not share the deadline with the other ranks: %s", exc)
+            earliest = own
+        return self.settings.default_budget if earliest is None else earliest
 
     @property
     def preempted(self) -> bool:

@@ -4,7 +4,8 @@ checkpoint and say so.
 Called at the same step on every rank; every decision below is agreed on by all ranks. It waits
 for an in-flight periodic save while that leaves time (a finished one is committed, unpruned, as
 the fallback), estimates from the measured throughput whether the emergency save fits in what
-is left before the deadline, and only then saves.
+is left before the deadline (assuming a conservative speed before the first save is measured),
+and only then saves; with no checkpoint at all to fall back on it tries anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ __all__ = ["emergency_save"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
+#: Serialize + upload speed assumed before any save of this run was measured: conservative
+#: (S3 from EC2 with parallel parts runs several times faster), so an emergency save is only
+#: tried blind when it is small enough to fit anyway.
+UNMEASURED_BYTES_PER_SECOND = 32 * 1024 * 1024
+
 
 def emergency_save(
     stops: StopIntake,
@@ -32,10 +38,12 @@ def emergency_save(
     step: int,
     epoch: int,
     tree_fn: Callable[[], Any],
+    deadline: float,
 ) -> bool:
-    """Save ``step`` as the emergency checkpoint if it fits; ``True`` when it is committed."""
+    """Save ``step`` as the emergency checkpoint if it fits before ``deadline`` (a
+    ``time.monotonic()`` value, the same on every rank); ``True`` when it is committed."""
     stops.events["save_started"] = time.time()
-    left = stops.seconds_left() - stops.settings.safety_margin
+    left = deadline - time.monotonic()
     log.warning("stop requested (%s) at step %d; %.1f s left before the deadline",
                 stops.reason or "request", step, left)  # fmt: skip
     started = time.monotonic()
@@ -64,15 +72,19 @@ def emergency_save(
                   "checkpoint (step %s)", step, saver.last_committed_step)  # fmt: skip
         return False
     tree = tree_fn()
-    estimate = tree_nbytes(tree) / saver.throughput if saver.throughput else None
-    (too_slow,) = ranks.any(estimate is not None and estimate > left)
-    if too_slow:
+    estimate = tree_nbytes(tree) / (saver.throughput or UNMEASURED_BYTES_PER_SECOND)
+    (too_slow,) = ranks.any(estimate > left)
+    if too_slow and saver.last_committed_step is not None:
         log.error(
-            "emergency save would take ~%.1f s but only %.1f s are left: keeping the "
-            "last verified checkpoint (step %s)", estimate or 0.0, left,
-            saver.last_committed_step,
+            "emergency save would take ~%.1f s (%s) but only %.1f s are left: keeping the "
+            "last verified checkpoint (step %s)", estimate,
+            "measured" if saver.throughput else "no save measured yet: assumed",
+            left, saver.last_committed_step,
         )  # fmt: skip
         return False
+    if too_slow:
+        log.warning("emergency save may not finish (~%.1f s, %.1f s left), but there is no "
+                    "checkpoint to fall back on: trying", estimate, left)  # fmt: skip
     return _put_and_commit(saver, ranks, step, epoch, tree)
 
 

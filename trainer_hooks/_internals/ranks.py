@@ -2,38 +2,154 @@
 
 Collectives run in the training thread only, at step boundaries: never in a signal handler and
 never in the upload thread (they would interleave with DDP's own).
+
+Two choices keep them cheap and correct:
+
+* **Resolved at first use, not at construction.** A guard built before ``init_process_group``
+  (or before ``torch.cuda.set_device``) learns its rank when it is first used; a process group
+  that appears only after that first use is refused loudly instead of every rank acting as
+  rank 0 (same file keys, no stop agreement, a hang).
+* **A CPU process group of its own.** The agreements run on a gloo group created for them, so
+  on NCCL jobs they never touch a GPU (no device tensor, no host synchronization) and never
+  queue behind DDP's gradient all-reduces. The per-step agreement is non-blocking:
+  :meth:`Ranks.start_agreement` launches it at one step boundary and :meth:`Ranks.agreed`
+  reads it at the next, so every rank acts on the same flags one step later.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+from spotguard.errors import ConfigError
 
 __all__ = ["Ranks"]
 
 
 class Ranks:
-    """This process's rank and world size, and the two collectives the hooks need."""
+    """This process's rank and world size, and the collectives the hooks need."""
 
     def __init__(self) -> None:
+        self._place: tuple[int, int] | None = None  # (rank, world), once resolved
+        self._group: Any = None  # the process group the agreements run on
+        self._group_made = False
+        #: The agreement started at the last step boundary: (tensor, work), or None.
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    # -- where this process stands --------------------------------------------------------
+
+    def _resolve(self) -> tuple[int, int]:
+        if self._place is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                self._place = (dist.get_rank(), dist.get_world_size())
+            else:
+                declared = os.environ.get("WORLD_SIZE", "1")
+                if declared.strip().isdigit() and int(declared) > 1:
+                    raise ConfigError(
+                        f"WORLD_SIZE={declared} but torch.distributed is not initialized: "
+                        "call init_process_group before the guard's first restore() or step()"
+                    )
+                self._place = (0, 1)
+        return self._place
+
+    @property
+    def rank(self) -> int:
+        return self._resolve()[0]
+
+    @property
+    def world(self) -> int:
+        return self._resolve()[1]
+
+    @property
+    def active(self) -> bool:
+        """Several ranks take part: decisions need collectives (asked at every boundary)."""
+        if self.world > 1:
+            return True
+        self._check_still_single()
+        return False
+
+    def _check_still_single(self) -> None:
+        """A process group made after the guard resolved "one process" would leave every rank
+        acting as rank 0: refuse instead."""
         import torch.distributed as dist
 
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-        nccl = self.active and dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError(
+                "torch.distributed was initialized after the guard's first use: call "
+                "init_process_group before the guard's first restore() or step()"
+            )
+
+    def _agreement_group(self) -> tuple[Any, torch.device | None]:
+        """The group and device for agreements: a gloo group of our own where gloo exists
+        (made on first use: every rank reaches its first collective together), else the
+        default group on its backend's device."""
+        import torch.distributed as dist
+
+        if not self._group_made:
+            self._group_made = True
+            if dist.is_gloo_available():
+                self._group = dist.new_group(backend="gloo")
+        if self._group is not None or dist.get_backend() == "gloo":
+            return self._group, None
+        return None, torch.device("cuda", torch.cuda.current_device())
+
+    # -- collectives ----------------------------------------------------------------------
 
     def any(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag OR-ed over all ranks."""
+        """Each flag OR-ed over all ranks, now (a blocking collective)."""
         if not self.active:
             return flags
         import torch.distributed as dist
 
-        tensor = torch.tensor([int(flag) for flag in flags], device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        group, device = self._agreement_group()
+        tensor = torch.tensor([int(flag) for flag in flags], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
         return tuple(bool(value) for value in tensor.tolist())
+
+    def earliest(self, seconds: float | None) -> float | None:
+        """The smallest of every rank's ``seconds`` (``None`` where a rank has none)."""
+        if not self.active:
+            return seconds
+        import torch.distributed as dist
+
+        group, device = self._agreement_group()
+        value = float("inf") if seconds is None else seconds
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+        result = float(tensor.item())
+        return None if result == float("inf") else result
+
+    def start_agreement(self, *flags: bool) -> None:
+        """Start OR-ing ``flags`` over all ranks without waiting; :meth:`agreed` reads the
+        result at the next step boundary (with several ranks only)."""
+        import torch.distributed as dist
+
+        self.drain()
+        group, device = self._agreement_group()
+        tensor = torch.tensor([int(flag) for flag in flags], device=device)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        self._pending = (tensor, work)
+
+    def agreed(self, count: int) -> tuple[bool, ...]:
+        """The flags started at the previous boundary, OR-ed over all ranks; ``count``
+        times ``False`` when none was started."""
+        if self._pending is None:
+            return (False,) * count
+        tensor, work = self._pending
+        self._pending = None
+        work.wait()
+        return tuple(bool(value) for value in tensor.tolist())
+
+    def drain(self) -> None:
+        """Finish an agreement still in flight (its flags are dropped): before the run ends
+        or takes another path, so that no collective is left pending."""
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
 
     def gather(self, item: Any) -> list[Any]:
         """``item`` of every rank, in rank order."""
@@ -41,6 +157,7 @@ class Ranks:
             return [item]
         import torch.distributed as dist
 
+        group, _ = self._agreement_group()
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, item)
+        dist.all_gather_object(gathered, item, group=group)
         return gathered

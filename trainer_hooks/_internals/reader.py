@@ -197,8 +197,10 @@ class StoreReader:
         """Load ``name`` from the newest verified checkpoint (or ``step``) with torch.
 
         Read-only: a checkpoint that fails verification is skipped with a warning and the
-        next older one is tried; :class:`StoreError` when none is left. The writer resuming
-        training uses :meth:`resume`, which quarantines instead.
+        next older one is tried; :class:`StoreError` when none is left. With ``step`` there is
+        nothing to fall back on: its own :class:`CorruptCheckpoint` or
+        :class:`UnloadableCheckpoint` is raised. The writer resuming training uses
+        :meth:`resume`, which quarantines instead.
         """
         candidates = (
             [(step, step_dir(step), self._backend.files(step_dir(step)))]
@@ -212,6 +214,8 @@ class StoreReader:
                 manifest = self._manifest(directory, sizes)
                 return manifest, self._load(manifest, name)
             except (CorruptCheckpoint, UnloadableCheckpoint) as exc:
+                if step is not None:
+                    raise
                 log.warning("skipping checkpoint %s: %s", found, exc)
         raise StoreError(f"{self.uri}: no verified checkpoint to load")
 

@@ -8,7 +8,8 @@
 
 It also keeps the process's **registration** with the agent (``<state_dir>/targets/<pid>.json``
 while running, an exit record when leaving) and knows the **deadline**: from the notice when
-there is one, else ``default_budget`` seconds from now.
+there is one (the ranks take the earliest of theirs), else ``default_budget`` seconds from
+the stop.
 """
 
 from __future__ import annotations
@@ -52,10 +53,9 @@ log = logging.getLogger("spotguard.trainer_hooks")
 class StopIntake:
     """Signals, notices and the agent registration of one process."""
 
-    def __init__(self, settings: GuardSettings, state_dir: Path, rank: int) -> None:
+    def __init__(self, settings: GuardSettings, state_dir: Path) -> None:
         self.settings = settings
         self.state_dir = state_dir
-        self.rank = rank
         self.reason: str | None = None
         #: A rebalance recommendation asked for an early periodic save (cleared by the saver).
         self.early_save = False
@@ -70,8 +70,8 @@ class StopIntake:
 
     # -- set-up and tear-down -------------------------------------------------------------
 
-    def install(self) -> None:
-        """Handle the signals, register with the agent, start the watchers."""
+    def install(self, rank: int) -> None:
+        """Handle the signals, register with the agent (as ``rank``), start the watchers."""
         if threading.current_thread() is threading.main_thread():
             for name in self.settings.signals:
                 signum = signal.Signals[name]
@@ -81,7 +81,7 @@ class StopIntake:
         if self.state_dir.is_dir():
             signal_name = self.settings.signals[0] if self.settings.signals else "SIGUSR1"
             register(
-                self.state_dir, Registration(os.getpid(), self._create_time, signal_name, self.rank)
+                self.state_dir, Registration(os.getpid(), self._create_time, signal_name, rank)
             )
             self._registered = True
         self._closing.clear()
@@ -198,8 +198,9 @@ class StopIntake:
             log.info("rebalance recommendation: checkpointing early, training goes on")
             self.early_save = True
 
-    def seconds_left(self) -> float:
-        """Seconds until the instance goes away, from the notice when there is one."""
+    def notice_seconds_left(self) -> float | None:
+        """Seconds until the instance goes away by this node's notice; ``None`` without one
+        (a bare signal, or another node's notice: ranks share theirs, see ``GuardCore``)."""
         try:
             notice = read_notice(self.state_dir)
         except ProtocolError:
@@ -207,6 +208,6 @@ class StopIntake:
         deadline = self._notice_deadline
         if notice is not None and notice.deadline is not None and notice.signals_targets:
             deadline = notice.deadline  # the agent writes it before it signals
-        if deadline is not None:
-            return (deadline - datetime.now(timezone.utc)).total_seconds()
-        return self.settings.default_budget
+        if deadline is None:
+            return None
+        return (deadline - datetime.now(timezone.utc)).total_seconds()
