@@ -4,15 +4,25 @@ Both run in background threads so that a slow hook or an unreachable webhook nev
 signal to the training processes, which is what saves the work. Both report how they ended
 (log line and metrics); neither ever logs the webhook URL beyond its host, since chat and
 incident webhooks carry their secret in the path.
+
+Neither may cost the agent more than its own thread for a bounded time: the hook runs in a
+process group of its own that is killed whole at its timeout (a backgrounded grandchild
+included), and only the tail of its output is kept; the webhook is never redirected (a 307
+would re-send the notice to wherever the answer points) and its retries are bounded by the
+config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import select
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 import urllib3
@@ -28,14 +38,32 @@ log = logging.getLogger(__name__)
 #: Called with ("hook" | "webhook", succeeded) when an action ends.
 ActionObserver = Callable[[str, bool], None]
 
+#: The hook's output (stdout and stderr together) kept for the log: its last bytes only. A hook
+#: that floods its output is drained to the end, never buffered whole in the agent.
+HOOK_OUTPUT_LIMIT = 4096
+#: Longest ``SPOTGUARD_NOTICE_*`` value, in bytes (see :func:`notice_environment`).
+ENV_VALUE_LIMIT = 4096
+
 
 def notice_environment(notice: Notice) -> dict[str, str]:
-    """The notice as ``SPOTGUARD_NOTICE_*`` variables, for shell hooks."""
+    """The notice as ``SPOTGUARD_NOTICE_*`` variables, for shell hooks.
+
+    The values come from IMDS (a maintenance event's code and id are free text): a NUL cannot
+    be in an environment string, a lone surrogate cannot be encoded into one, and the kernel
+    refuses a string over 128 KiB; each made the hook fail to start. The first two are
+    replaced and each value is cut at ``ENV_VALUE_LIMIT`` bytes (stdin has the whole notice),
+    so the hook always runs.
+    """
     payload = notice.to_json()
     return {
-        f"SPOTGUARD_NOTICE_{key.upper()}": "" if value is None else str(value)
+        f"SPOTGUARD_NOTICE_{key.upper()}": _environment_text("" if value is None else str(value))
         for key, value in payload.items()
     }
+
+
+def _environment_text(value: str) -> str:
+    data = value.replace("\x00", "\ufffd").encode("utf-8", "replace")[:ENV_VALUE_LIMIT]
+    return data.decode("utf-8", "ignore")  # "ignore": a character cut in two is dropped
 
 
 class NoticeActions:
@@ -73,39 +101,46 @@ class NoticeActions:
 
     def _run_hook(self, notice: Notice) -> bool:
         command = list(self.config.hook_command)
+        fields = {"notice_id": notice.id}
         try:
-            result = subprocess.run(
+            process = subprocess.Popen(
                 command,
-                input=json.dumps(notice.to_json()),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                bufsize=0,
                 env={**os.environ, **notice_environment(notice)},
-                capture_output=True,
-                text=True,
-                timeout=self.config.hook_timeout,
-                check=False,
+                start_new_session=True,  # its own process group, killed whole at the timeout
             )
-        except subprocess.TimeoutExpired:
-            log.error(
-                "hook %s timed out after %s s",
-                command[0],
-                self.config.hook_timeout,
-                extra={"notice_id": notice.id},
-            )
-            return False
         except OSError as exc:
-            log.error(
-                "hook %s could not start: %s", command[0], exc, extra={"notice_id": notice.id}
-            )
+            log.error("hook %s could not start: %s", command[0], exc, extra=fields)
             return False
-        if result.returncode != 0:
-            log.error(
-                "hook %s exited %s: %s",
-                command[0],
-                result.returncode,
-                result.stderr.strip()[-500:],
-                extra={"notice_id": notice.id},
-            )
+        with process:
+            deadline = time.monotonic() + self.config.hook_timeout
+            payload = json.dumps(notice.to_json()).encode()
+            output, finished = _exchange(process, payload, deadline)
+            try:
+                if not finished:
+                    raise subprocess.TimeoutExpired(command, self.config.hook_timeout)
+                returncode = process.wait(max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                # Killed before the leader is reaped, so the group id cannot have been reused;
+                # a backgrounded grandchild dies with the hook.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                log.error(
+                    "hook %s timed out after %s s; killed its process group",
+                    command[0],
+                    self.config.hook_timeout,
+                    extra=fields,
+                )
+                return False
+        if returncode != 0:
+            tail = output.decode("utf-8", "replace").strip()[-500:]
+            log.error("hook %s exited %s: %s", command[0], returncode, tail, extra=fields)
             return False
-        log.info("hook %s done", command[0], extra={"notice_id": notice.id})
+        log.info("hook %s done", command[0], extra=fields)
         return True
 
     def _post_webhook(self, notice: Notice) -> bool:
@@ -115,6 +150,7 @@ class NoticeActions:
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=None,  # POST too: receivers dedupe on the notice id
             raise_on_status=False,
+            redirect=False,
         )
         target = redact_url(self.config.webhook_url)
         fields = {"notice_id": notice.id}
@@ -126,12 +162,58 @@ class NoticeActions:
                     body=json.dumps(notice.to_json()).encode(),
                     headers={"Content-Type": "application/json"},
                     timeout=self.config.webhook_timeout,
+                    redirect=False,  # a 3xx is an answer, never a new destination for the notice
                 )
             except urllib3.exceptions.HTTPError as exc:
                 log.error("webhook %s failed: %s", target, type(exc).__name__, extra=fields)
                 return False
-        if response.status >= 300:
+        if 300 <= response.status < 400:
+            log.error(
+                "webhook %s answered %s; redirects are not followed",
+                target,
+                response.status,
+                extra=fields,
+            )
+            return False
+        if response.status >= 400:
             log.error("webhook %s answered %s", target, response.status, extra=fields)
             return False
         log.info("webhook %s answered %s", target, response.status, extra=fields)
         return True
+
+
+def _exchange(
+    process: subprocess.Popen[bytes], payload: bytes, deadline: float
+) -> tuple[bytes, bool]:
+    """Feed ``payload`` to the hook's stdin and read its output to the end, both before
+    ``deadline`` (monotonic); the last ``HOOK_OUTPUT_LIMIT`` bytes of output, and whether the
+    end came in time. The payload carries IMDS text and can outgrow the pipe's buffer, so a
+    hook that never reads its stdin must not block a plain write; the output ends when every
+    process holding the pipe, the hook's own children included, has closed it or exited."""
+    stdin, stdout = process.stdin, process.stdout
+    assert stdin is not None  # both are PIPEs
+    assert stdout is not None
+    os.set_blocking(stdin.fileno(), False)
+    pending = memoryview(payload)
+    kept = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(kept), False
+        writers = [] if stdin.closed else [stdin]
+        readable, writable, _ = select.select([stdout], writers, [], remaining)
+        if writable:
+            try:
+                pending = pending[os.write(stdin.fileno(), pending) :]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                pending = pending[:0]  # it exited or closed stdin unread: its exit status tells
+            if not pending:
+                stdin.close()
+        if readable:
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                return bytes(kept), True
+            kept += chunk
+            del kept[:-HOOK_OUTPUT_LIMIT]

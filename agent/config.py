@@ -33,6 +33,9 @@ __all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config", "redact_url"]
 DEFAULT_CONFIG_PATH = Path("/etc/spotguard/agent.toml")
 ENV_PREFIX = "SPOTGUARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Retries back off exponentially up to 120 s apart: ten already wait about six minutes in all,
+#: longer than a spot notice lasts, while a count without a bound kept retrying for hours.
+MAX_WEBHOOK_RETRIES = 10
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,13 @@ class AgentConfig:
     log_level: str = "info"
     metrics_address: str = "127.0.0.1:9464"
     health_max_age: float = 30.0
+    notice_grace: float = 300.0
 
     def __post_init__(self) -> None:
         _check_url("imds_endpoint", self.imds_endpoint, required=True)
         _check_url("webhook_url", self.webhook_url, required=False)
         for name in (
+            "notice_grace",
             "poll_interval",
             "request_timeout",
             "max_backoff",
@@ -97,8 +102,12 @@ class AgentConfig:
                 f"max_backoff: must be >= poll_interval ({self.poll_interval}), "
                 f"got {self.max_backoff!r}"
             )
-        if self.webhook_retries < 0:
-            raise ConfigError(f"webhook_retries: must be >= 0, got {self.webhook_retries!r}")
+        if not 0 <= self.webhook_retries <= MAX_WEBHOOK_RETRIES:
+            raise ConfigError(
+                f"webhook_retries: must be 0..{MAX_WEBHOOK_RETRIES}, got {self.webhook_retries!r}"
+            )
+        if any("\x00" in part for part in self.hook_command):
+            raise ConfigError("hook_command: a NUL character cannot be passed to a program")
         if self.target_signal not in ALLOWED_SIGNALS:
             raise ConfigError(
                 f"target_signal: must be one of {sorted(ALLOWED_SIGNALS)}, "

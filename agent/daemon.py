@@ -1,10 +1,13 @@
-"""The agent's poll loop: IMDS → notice file → signals → watch the targets exit.
+"""The agent's poll loop: IMDS → active notices → notice file, socket, signals → outcomes.
 
-One thread polls (plus the metrics server and short-lived action threads). Each tick polls the
-watches that are due, publishes the most urgent notice, signals every target that has not yet
-been signalled for each active notice, and checks on the targets it signalled. What it has
-handled is persisted in ``<state_dir>/agent-state.json`` so a restarted agent (systemd
-``Restart=always``) neither signals twice nor forgets.
+One thread polls and serves the registration socket (plus the metrics server and short-lived
+action threads). Each tick polls the watches that are due, updates the active notices (new,
+withdrawn, expired: :mod:`spotguard.agent.notices`), publishes the most urgent one, tells every
+registered process of each active notice and signals it once per signalling notice, signals the
+processes the selectors pick, and checks on those it signalled. Between ticks the loop serves
+the socket (:mod:`spotguard.agent.registry`): a process that registers during a notice is told
+and signalled at once. What it has handled is persisted in ``<state_dir>/agent-state.json`` so
+a restarted agent (systemd ``Restart=always``) neither signals twice nor forgets.
 
 Failures slow the loop down (exponential backoff up to ``max_backoff``) and never stop it: an
 exception in a tick is logged and counted, and the next tick comes.
@@ -12,37 +15,32 @@ exception in a tick is logged and counted, and the next tick comes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
 
 import psutil
 
 from spotguard.agent.actions import NoticeActions
 from spotguard.agent.config import AgentConfig
+from spotguard.agent.limits import raise_fd_limit
 from spotguard.agent.metrics import Metrics, MetricsServer
+from spotguard.agent.notices import ActiveNotices
+from spotguard.agent.outcomes import Outcomes
+from spotguard.agent.peers import Client
+from spotguard.agent.registry import Registry
 from spotguard.agent.sd_notify import SystemdNotifier
-from spotguard.agent.targets import Target, TargetFinder, is_running, send_signal
+from spotguard.agent.state import HandledNotice, HandledState, NoticeFile, prepare_state_dir
+from spotguard.agent.targets import Target, TargetFinder, send_signal
 from spotguard.agent.watches import watches_from_config
-from spotguard.errors import ConfigError, ImdsError, ImdsUnreachable, ProtocolError
+from spotguard.errors import ImdsBadAnswer, ImdsError, ImdsUnreachable
 from spotguard.imds.client import ImdsClient
-from spotguard.protocol import (
-    Notice,
-    format_time,
-    parse_time,
-    read_exit_record,
-    write_json_atomic,
-    write_notice,
-)
+from spotguard.protocol import Notice, encode_message, format_time
 
-__all__ = ["Agent", "prepare_state_dir"]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -54,84 +52,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    """Create the state dir; ``targets/`` and ``exits/`` are sticky and world-writable.
-
-    Training often runs as an unprivileged user while the agent runs as root: like ``/tmp``,
-    anyone may add a file there but only its owner may remove it, and the agent only honours a
-    registration whose owner owns the process (see :mod:`spotguard.agent.targets`).
-    """
+def is_alive(identity: str) -> bool:
+    """Whether the process ``pid@start time`` still runs (that very process, not its pid)."""
+    pid = identity.partition("@")[0]
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        for shared in ("targets", "exits"):
-            path = state_dir / shared
-            path.mkdir(exist_ok=True)
-            os.chmod(path, 0o1777)  # noqa: S103 - sticky, like /tmp; see the docstring
-        probe = state_dir / ".writable"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"state_dir: cannot use {state_dir}: {exc.strerror}") from None
-
-
-@dataclass
-class HandledNotice:
-    """What the agent did about one notice; persisted across restarts."""
-
-    noticed_at: datetime
-    signalled: set[str]
-
-
-class HandledState:
-    """``agent-state.json``: the notices handled and the targets signalled for each."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.notices: dict[str, HandledNotice] = {}
-
-    def load(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            payload = json.loads(self.path.read_text(encoding="utf-8"))
-            self.notices = {
-                notice_id: HandledNotice(
-                    noticed_at=parse_time(entry["noticed_at"]),
-                    signalled=set(entry["signalled"]),
-                )
-                for notice_id, entry in payload["notices"].items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            aside = self.path.with_suffix(".corrupt")
-            self.path.replace(aside)
-            log.error(
-                "state file %s is unreadable (%s); moved to %s, starting afresh: targets may be "
-                "signalled again for a notice already handled",
-                self.path,
-                type(exc).__name__,
-                aside,
-            )
-
-    def save(self) -> None:
-        payload: dict[str, Any] = {
-            "version": 1,
-            "notices": {
-                notice_id: {
-                    "noticed_at": format_time(entry.noticed_at),
-                    "signalled": sorted(entry.signalled),
-                }
-                for notice_id, entry in self.notices.items()
-            },
-        }
-        write_json_atomic(self.path, payload, mode=0o600)
-
-
-@dataclass
-class Watched:
-    target: Target
-    notice_id: str
-    signalled_at: float
-    deadline: float
+        return f"{pid}@{psutil.Process(int(pid)).create_time():.2f}" == identity
+    except (psutil.Error, ValueError):
+        return False
 
 
 class Agent:
@@ -157,48 +84,54 @@ class Agent:
         self._clock = clock
         self.watches = watches_from_config(config)
         self._due = {watch.name: 0.0 for watch in self.watches}
+        #: Watches that have answered since start: until all have, an old notice file stays.
+        self._answered: set[str] = set()
         self.state = HandledState(config.state_dir / "agent-state.json")
         self.finder = TargetFinder(
-            config.state_dir,
             patterns=config.target_patterns,
             units=config.target_units,
             default_signal=config.target_signal,
         )
+        self.registry = Registry(config.state_dir, self._on_register, clock=clock)
         self.actions = NoticeActions(config, self._action_ended)
-        self.active: dict[str, Notice] = {}
-        self.published: Notice | None = None
-        self.watched: dict[str, Watched] = {}
+        self.notices = ActiveNotices(config.notice_grace)
+        self.notice_file = NoticeFile(config.state_dir)
+        self.outcomes = Outcomes(self.metrics, config.target_watch_timeout, now, clock)
         self.failures = 0
         self._error_logged_at = -ERROR_LOG_EVERY
-        self._problems_logged: set[str] = set()
+        self._bad_logged_at: dict[str, float] = {}
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         prepare_state_dir(self.config.state_dir)
+        raise_fd_limit()
         self.state.load()
-        server = None
-        if self.config.metrics_address:
-            host, port = self.config.metrics_bind()
-            try:
-                server = MetricsServer(self.metrics, host, port, self.config.health_max_age)
-            except OSError as exc:
-                raise ConfigError(
-                    f"metrics_address: cannot listen on {self.config.metrics_address}: "
-                    f"{exc.strerror}"
-                ) from None
-            server.start()
-        log.info(
-            "agent started",
-            extra={
-                "imds_endpoint": self.config.imds_endpoint,
-                "state_dir": str(self.config.state_dir),
-                "poll_interval": self.config.poll_interval,
-                "watches": ",".join(watch.name for watch in self.watches),
-            },
+        self.registry.open()
+        # A signal (SIGTERM from systemd) wakes the socket wait at once, not at its timeout.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = (
+            signal.set_wakeup_fd(self.registry.wakeup_fd, warn_on_full_buffer=False)
+            if in_main
+            else -1
         )
-        self.notifier.notify("READY=1")
+        server = None
         try:
+            if self.config.metrics_address:
+                host, port = self.config.metrics_bind()
+                # A port already taken is retried in the background: polling must go on.
+                server = MetricsServer(self.metrics, host, port, self.config.health_max_age)
+                server.start()
+            log.info(
+                "agent started",
+                extra={
+                    "imds_endpoint": self.config.imds_endpoint,
+                    "state_dir": str(self.config.state_dir),
+                    "poll_interval": self.config.poll_interval,
+                    "watches": ",".join(watch.name for watch in self.watches),
+                },
+            )
+            self.notifier.notify("READY=1")
             next_tick = self._clock()
             while not stop.is_set():
                 started = self._clock()
@@ -207,21 +140,29 @@ class Agent:
                 self._wait_until(next_tick, stop)
         finally:
             self.notifier.notify("STOPPING=1")
+            if in_main:
+                signal.set_wakeup_fd(previous)
             if server:
                 server.stop()
+            self.registry.close()
             self.actions.join(timeout=1.0)
             self.client.close()
             log.info("agent stopped")
 
     def _wait_until(self, moment: float, stop: threading.Event) -> None:
-        """Sleep until ``moment``, waking to feed the systemd watchdog when it asks for it."""
+        """Serve the socket until ``moment``, feeding the systemd watchdog when it asks."""
         interval = self.notifier.watchdog_interval
         while not stop.is_set():
             self.notifier.notify("WATCHDOG=1")
             remaining = moment - self._clock()
             if remaining <= 0:
                 return
-            stop.wait(min(remaining, interval) if interval else remaining)
+            wait = min(remaining, interval) if interval else remaining
+            try:
+                self.registry.serve(wait)
+            except Exception:  # a bug in the socket code must not stop the polling
+                log.exception("registration socket failed; polling goes on")
+                stop.wait(wait)
 
     def delay(self) -> float:
         """Time to the next tick: the poll interval, doubled per failed tick up to the cap."""
@@ -233,8 +174,19 @@ class Agent:
     def tick(self) -> None:
         try:
             self._poll()
-            self._signal_targets()
-            self._check_watched()
+            for notice in self.notices.expire(self._now()):
+                log.warning(
+                    "notice %s expired: its deadline passed more than %.0f s ago",
+                    notice.id,
+                    self.config.notice_grace,
+                    extra={"notice_id": notice.id},
+                )
+            if self._answered.issuperset(self._due) or self.notices.active:
+                self.notice_file.publish(self.notices.most_urgent())
+            self._tell_registered()
+            self._signal_selected()
+            self.outcomes.check()
+            self._save_state()
         except Exception:  # the agent must outlive any bug in one tick
             self.failures += 1
             self.metrics.inc("spotguard_imds_errors_total", reason="internal")
@@ -256,16 +208,27 @@ class Agent:
             try:
                 notice = watch.evaluate(self.client.get(watch.path), self._now())
             except ImdsError as exc:
-                failed = exc
                 self.metrics.inc("spotguard_polls_total", watch=watch.name, outcome="error")
                 self.metrics.inc("spotguard_imds_errors_total", reason=exc.reason)
+                if isinstance(exc, ImdsBadAnswer):
+                    # IMDS answered, with something this watch cannot read: this watch's
+                    # state is unknown; the others, and the poll interval, go on.
+                    self._due[watch.name] = now + watch.interval
+                    self._bad_answer(watch.name, exc, now)
+                    continue
+                failed = exc
                 if isinstance(exc, ImdsUnreachable):
                     break  # the rest would only time out too
                 continue
             self._due[watch.name] = now + watch.interval
+            self._answered.add(watch.name)
             outcome = "notice" if notice else "none"
             self.metrics.inc("spotguard_polls_total", watch=watch.name, outcome=outcome)
-            if notice:
+            for gone in self.notices.observe(watch.name, notice):
+                how = "expired: its window ended" if self.notices.ended(gone, self._now()) else (
+                    "withdrawn by IMDS")  # fmt: skip
+                log.warning("notice %s %s", gone.id, how, extra={"notice_id": gone.id})
+            if notice and self.notices.is_new(notice, self._now()):
                 self._on_notice(notice)
         if failed is not None:
             self._on_failure(failed)
@@ -275,6 +238,13 @@ class Agent:
                 self._error_logged_at = -ERROR_LOG_EVERY
             self.failures = 0
             self.metrics.good_poll()
+
+    def _bad_answer(self, watch: str, error: ImdsError, now: float) -> None:
+        """Log an unreadable answer once a minute per watch (it may come every poll)."""
+        if now - self._bad_logged_at.get(watch, -ERROR_LOG_EVERY) >= ERROR_LOG_EVERY:
+            self._bad_logged_at[watch] = now
+            log.warning("the %s watch cannot read what IMDS answers (state unknown): %s",
+                        watch, error, extra={"reason": error.reason})  # fmt: skip
 
     def _on_failure(self, error: ImdsError) -> None:
         self.failures += 1
@@ -288,8 +258,6 @@ class Agent:
             )
 
     def _on_notice(self, notice: Notice) -> None:
-        if notice.id in self.active:
-            return
         handled = self.state.notices.get(notice.id)
         if handled:
             # Seen by an earlier run of the agent: keep its detection time, do not redo actions.
@@ -298,7 +266,7 @@ class Agent:
             )
         else:
             self.state.notices[notice.id] = HandledNotice(notice.noticed_at, set())
-            self.state.save()
+            self.state.dirty = True
             lead = (
                 (notice.deadline - notice.noticed_at).total_seconds() if notice.deadline else None
             )
@@ -313,36 +281,88 @@ class Agent:
                 extra={"notice_id": notice.id, "lead_seconds": lead},
             )
             self.actions.start(notice)
-        self.active[notice.id] = notice
-        most_urgent = min(self.active.values(), key=lambda n: n.urgency)
-        if most_urgent is not self.published:
-            write_notice(self.config.state_dir, most_urgent)
-            self.published = most_urgent
+        self.notices.add(notice)
 
-    # -- signalling ---------------------------------------------------------------------
+    # -- telling and signalling ---------------------------------------------------------
 
-    def _signal_targets(self) -> None:
-        signalling = [notice for notice in self.active.values() if notice.signals_targets]
-        if not signalling:
+    def _tell_registered(self) -> None:
+        """Each active notice to every registered process (once), signals where due."""
+        if not self.notices.active:
             return
-        targets, problems = self.finder.find()
-        for problem in problems:
-            if problem not in self._problems_logged:
-                self._problems_logged.add(problem)
-                log.warning("target registration: %s", problem)
+        for client in self.registry.clients():
+            self._tell(client)
+
+    def _on_register(self, client: Client) -> None:
+        """A process registered: tell it of the active notices (and signal it) at once; the
+        state is saved at the end of the next tick."""
+        self._tell(client)
+
+    def _save_state(self) -> None:
+        """Once per tick at most, when something changed: prune, then write (a failure is
+        logged, and the next tick tries again)."""
+        if not self.state.dirty:
+            return
+        registered = {client.identity for client in self.registry.clients()}
+        self.state.prune(self.notices.active, lambda i: i in registered or is_alive(i), self._now())
+        try:
+            self.state.save()
+        except OSError as exc:
+            self.state.dirty = True
+            log.error("cannot save %s: %s", self.state.path, exc)
+
+    def _tell(self, client: Client) -> bool:
+        """Push the active notices ``client`` has not had yet, least urgent first, and send its
+        signal once per signalling notice. Returns whether the handled state changed."""
         changed = False
+        for notice in self.notices.by_urgency():
+            if client.closed:
+                break
+            if notice.id not in client.pushed:
+                if not self.registry.push(client, encode_message("notice", **notice.to_json())):
+                    break
+                client.pushed.add(notice.id)
+            done = self.state.notices[notice.id].signalled
+            if not notice.signals_targets or client.exit_code is not None:
+                continue
+            if client.identity in done:
+                continue
+            done.add(client.identity)
+            self.state.dirty = changed = True
+            self._signal_client(client, notice)
+        return changed
+
+    def _signal_client(self, client: Client, notice: Notice) -> None:
+        assert client.signal is not None
+        fields = {"pid": client.pid, "notice_id": notice.id, "source": "socket"}
+        try:
+            client.send_signal()
+        except ProcessLookupError:
+            self.registry.drop(client, "the registered process is gone", reply=False)
+            log.info("registered process %s exited before it could be signalled", client.pid)
+            return
+        except OSError as exc:
+            self.metrics.inc("spotguard_signals_failed_total")
+            log.error("could not signal %s: %s", client.pid, exc, extra=fields)
+            return
+        self.outcomes.sent(client, client.signal.name, notice, "socket")
+
+    def _signal_selected(self) -> None:
+        """Signal the processes the selectors pick (registered ones are told by the socket)."""
+        signalling = self.notices.signalling()
+        if not signalling or not self.finder.selects:
+            return
+        registered = {client.pid for client in self.registry.clients()}
+        targets = [t for t in self.finder.find() if t.pid not in registered]
         for notice in signalling:
             done = self.state.notices[notice.id].signalled
             for target in targets:
                 if target.identity in done:
                     continue
                 done.add(target.identity)
-                changed = True
-                self._signal(target, notice)
-        if changed:
-            self.state.save()
+                self.state.dirty = True
+                self._signal_target(target, notice)
 
-    def _signal(self, target: Target, notice: Notice) -> None:
+    def _signal_target(self, target: Target, notice: Notice) -> None:
         fields = {"pid": target.pid, "notice_id": notice.id, "source": target.source}
         try:
             send_signal(target)
@@ -353,47 +373,7 @@ class Agent:
             self.metrics.inc("spotguard_signals_failed_total")
             log.error("could not signal %s: %s", target.pid, exc, extra=fields)
             return
-        self.metrics.inc("spotguard_signals_sent_total")
-        log.warning("sent %s to pid %s", target.signal, target.pid, extra=fields)
-        now = self._clock()
-        if notice.deadline:
-            remaining = (notice.deadline - self._now()).total_seconds()
-        else:
-            remaining = self.config.target_watch_timeout
-        self.watched[target.identity] = Watched(target, notice.id, now, now + max(remaining, 0))
-
-    def _check_watched(self) -> None:
-        now = self._clock()
-        for identity, entry in list(self.watched.items()):
-            target = entry.target
-            fields = {"pid": target.pid, "notice_id": entry.notice_id}
-            elapsed = now - entry.signalled_at
-            if not is_running(target):
-                del self.watched[identity]
-                try:
-                    record = read_exit_record(self.config.state_dir, target.pid, target.create_time)
-                except ProtocolError as exc:
-                    log.warning("exit record unreadable: %s", exc, extra=fields)
-                    record = None
-                code = str(record.exit_code) if record else "unknown (no exit record)"
-                log.info(
-                    "target %s exited %.1f s after the signal, exit code %s, %.1f s before "
-                    "the deadline",
-                    target.pid,
-                    elapsed,
-                    code,
-                    entry.deadline - now,
-                    extra={**fields, "exit_code": record.exit_code if record else None},
-                )
-            elif now >= entry.deadline:
-                del self.watched[identity]
-                log.error(
-                    "target %s still running at the deadline, %.1f s after the signal",
-                    target.pid,
-                    elapsed,
-                    extra=fields,
-                )
-        self.metrics.set("spotguard_targets_running", len(self.watched))
+        self.outcomes.sent(target, target.signal, notice, target.source)
 
     def _action_ended(self, action: str, ok: bool) -> None:
         self.metrics.inc("spotguard_actions_total", action=action, result="ok" if ok else "failed")

@@ -1,15 +1,13 @@
-"""Which processes the agent may signal, and signalling them without hitting a stranger.
+"""Processes that do not use spotguard, picked by the explicit selectors, and signalling them
+without hitting a stranger.
 
-A process becomes a target in exactly three ways, each explicit:
-
-* it registered itself (``<state_dir>/targets/<pid>.json``, written by the trainer hooks);
-* its command line matches a regex in ``target_patterns``;
-* it runs in a systemd unit whose name matches a glob in ``target_units`` (read from its cgroup).
+Training processes that use spotguard register through the socket
+(:mod:`spotguard.agent.registry`). For the others, a process becomes a target in one of two
+ways, each explicit: its command line matches a regex in ``target_patterns``, or it runs in a
+systemd unit whose name matches a glob in ``target_units`` (read from its cgroup).
 
 Every target is pinned by pid *and* start time, checked again right before the signal, so a
-recycled PID is never hit. A registration only counts when the file's owner is root or the
-owner of the process: an unprivileged user cannot point the agent (which holds CAP_KILL) at
-someone else's process. The agent never signals itself, and never "all python processes".
+recycled PID is never hit. The agent never signals itself, and never "all python processes".
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ from pathlib import Path
 
 import psutil
 
-from spotguard.protocol import read_registrations
-
 __all__ = ["Target", "TargetFinder", "is_running", "send_signal"]
 
 log = logging.getLogger(__name__)
@@ -39,9 +35,8 @@ class Target:
     pid: int
     create_time: float
     signal: str
-    #: Why it is a target: ``registration``, ``pattern:<regex>`` or ``unit:<glob>``.
+    #: Why it is a target: ``pattern:<regex>`` or ``unit:<glob>``.
     source: str
-    rank: int | None = None
 
     @property
     def identity(self) -> str:
@@ -90,73 +85,28 @@ def units_of(pid: int, proc_root: Path = Path("/proc")) -> list[str]:
 
 
 class TargetFinder:
-    """Finds the current targets. Cheap enough to run every poll while a notice is active."""
+    """Finds the selected processes. Cheap enough to run every poll while a notice is active."""
 
     def __init__(
         self,
-        state_dir: Path,
         *,
         patterns: tuple[str, ...] = (),
         units: tuple[str, ...] = (),
         default_signal: str = "SIGUSR1",
         proc_root: Path = Path("/proc"),
     ) -> None:
-        self.state_dir = state_dir
         self.patterns = [re.compile(pattern) for pattern in patterns]
         self.units = units
         self.default_signal = default_signal
         self.proc_root = proc_root
         self._own_pid = os.getpid()
 
-    def find(self) -> tuple[list[Target], list[str]]:
-        """The targets, and a one-line reason for each registration that was refused."""
-        targets, problems = self._registered()
-        if self.patterns or self.units:
-            known = {target.pid for target in targets}
-            targets.extend(t for t in self._selected() if t.pid not in known)
-        return targets, problems
+    @property
+    def selects(self) -> bool:
+        """Whether any selector is configured (else there is nothing to look for)."""
+        return bool(self.patterns or self.units)
 
-    def _registered(self) -> tuple[list[Target], list[str]]:
-        targets: list[Target] = []
-        registrations, problems = read_registrations(self.state_dir)
-        for path, registration in registrations:
-            pid = registration.pid
-            if pid == self._own_pid:
-                problems.append(f"{path}: registers the agent itself; ignored")
-                continue
-            try:
-                process = psutil.Process(pid)
-                alive = _same_process(process, registration.create_time)
-                process_uid = process.uids().real if alive else -1
-            except psutil.Error:
-                alive, process_uid = False, -1
-            if not alive:
-                # The process is gone (or its PID was recycled): the registration is stale.
-                path.unlink(missing_ok=True)
-                problems.append(f"{path}: stale registration (process {pid} gone); removed")
-                continue
-            try:
-                file_uid = path.stat().st_uid
-            except OSError:
-                continue
-            if file_uid not in (0, process_uid):
-                problems.append(
-                    f"{path}: owned by uid {file_uid} but process {pid} runs as uid "
-                    f"{process_uid}; ignored"
-                )
-                continue
-            targets.append(
-                Target(
-                    pid=pid,
-                    create_time=registration.create_time,
-                    signal=registration.signal,
-                    source="registration",
-                    rank=registration.rank,
-                )
-            )
-        return targets, problems
-
-    def _selected(self) -> list[Target]:
+    def find(self) -> list[Target]:
         """Processes matched by the selectors, topmost only.
 
         A data-loader worker inherits its parent's command line and cgroup; signalling it

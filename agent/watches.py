@@ -1,14 +1,18 @@
 """What the agent watches in IMDS, and how often: one :class:`Watch` per metadata path.
 
 The parsing lives in :mod:`spotguard.imds.parsers` (shared with the trainer hooks' agentless
-mode); this module pairs each parser with its path and the interval the config asks for.
+mode); this module pairs each parser with its path and the interval the config asks for, and
+guards it: whatever a parser raises on an odd answer becomes :class:`ImdsBadAnswer`, "unknown"
+for that watch, so one path's garbage never takes down the tick that polls the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from spotguard.agent.config import AgentConfig
+from spotguard.errors import ImdsBadAnswer, ImdsError
 from spotguard.imds.parsers import (
     LIFECYCLE_PATH,
     MAINTENANCE_PATH,
@@ -20,8 +24,9 @@ from spotguard.imds.parsers import (
     evaluate_spot_action,
     scheduled_maintenance_evaluator,
 )
+from spotguard.protocol import Notice
 
-__all__ = ["Watch", "watches_from_config"]
+__all__ = ["Watch", "guarded", "watches_from_config"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,24 @@ class Watch:
     path: str
     interval: float
     evaluate: Evaluate
+
+
+def guarded(name: str, evaluate: Evaluate) -> Evaluate:
+    """``evaluate``, raising only :class:`ImdsError`: the parsers promise that, and a broken
+    promise (an ``OverflowError`` from a year-1 date did break it) must cost one watch's
+    answer, not every watch polled after it and the signals of the same tick."""
+
+    def evaluate_guarded(body: str | None, now: datetime) -> Notice | None:
+        try:
+            return evaluate(body, now)
+        except ImdsError:
+            raise
+        except Exception as exc:
+            raise ImdsBadAnswer(
+                f"{name}: answer could not be parsed ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    return evaluate_guarded
 
 
 def watches_from_config(config: AgentConfig) -> list[Watch]:
@@ -61,7 +84,8 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
                 "scheduled-maintenance",
                 MAINTENANCE_PATH,
                 max(config.maintenance_interval, config.poll_interval),
-                scheduled_maintenance_evaluator(config.maintenance_lead),
+                # Expired by the watch itself, at NotAfter + grace (see ActiveNotices).
+                scheduled_maintenance_evaluator(config.maintenance_lead, config.notice_grace),
             ),
         ),
         (
@@ -74,4 +98,8 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
             ),
         ),
     ]
-    return [watch for enabled, watch in candidates if enabled]
+    return [
+        Watch(watch.name, watch.path, watch.interval, guarded(watch.name, watch.evaluate))
+        for enabled, watch in candidates
+        if enabled
+    ]

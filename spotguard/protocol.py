@@ -1,14 +1,17 @@
-"""The files through which the agent and the training processes talk.
+"""How the agent and the training processes talk (DESIGN.md, "Agent ↔ trainer").
 
-Both sides share one *state dir* (``/run/spotguard`` by default, ``SPOTGUARD_STATE_DIR``)::
+Both sides share one *state dir* (``/run/spotguard`` by default, ``SPOTGUARD_STATE_DIR``),
+owned by the agent and writable by it alone::
 
-    <state_dir>/notice.json          the most urgent active notice (written by the agent)
-    <state_dir>/targets/<pid>.json   "signal me": one per training process (written by the hooks)
-    <state_dir>/exits/<pid>.json     how a registered process ended (written by the hooks)
+    <state_dir>/agent.sock     the registration socket (Unix stream, newline-delimited JSON)
+    <state_dir>/notice.json    the most urgent active notice (written by the agent)
 
-Files go through a plain filesystem instead of a socket so that a container with the state dir
-bind-mounted can take part, and so that either side can restart without losing anything. Every
-write is atomic (temp file + rename): a reader never sees half a file.
+A training process connects and sends ``{"v": 2, "op": "register", "signal", "rank"}``; the
+agent takes its pid and uid from the kernel (``SO_PEERCRED``), never from the message, and the
+registration lives exactly as long as the connection. The agent pushes every notice down each
+connection (``{"op": "notice", ...}``) as well as signalling; the process says how it ends
+(``{"op": "exit", "code", "step"}``) before it leaves. The notice file serves consumers without
+the socket; its writes are atomic (temp file + rename): a reader never sees half a file.
 
 It also holds the numbers both sides must agree on (the exit code of a preempted run, the
 lead time of a spot notice) and the one atomic-write helper. This module imports nothing outside
@@ -29,26 +32,27 @@ from typing import Any
 from spotguard.errors import ProtocolError
 
 __all__ = [
+    "AGENT_OPS",
     "ALLOWED_SIGNALS",
+    "CLIENT_OPS",
     "DEFAULT_STATE_DIR",
     "EXIT_PREEMPTED",
+    "MAX_MESSAGE_BYTES",
+    "NOTICE_GRACE_SECONDS",
     "NOTICE_KINDS",
     "SIGNALLING_KINDS",
+    "SOCKET_NAME",
+    "SOCKET_VERSION",
     "SPOT_NOTICE_SECONDS",
-    "ExitRecord",
     "Notice",
-    "Registration",
+    "decode_message",
+    "encode_message",
     "format_time",
     "parse_time",
-    "read_exit_record",
     "read_notice",
-    "read_registrations",
-    "register",
-    "registration_dir",
+    "socket_path",
     "state_dir_from_env",
-    "unregister",
     "write_atomic",
-    "write_exit_record",
     "write_json_atomic",
     "write_notice",
 ]
@@ -61,6 +65,9 @@ DEFAULT_STATE_DIR = Path("/run/spotguard")
 EXIT_PREEMPTED = 75
 #: The lead time EC2 gives with a spot interruption notice: the action is two minutes away.
 SPOT_NOTICE_SECONDS = 120.0
+#: A notice this long past its deadline is a leftover, not news: the agent drops it (its
+#: ``notice_grace`` default) and a training process ignores it.
+NOTICE_GRACE_SECONDS = 300.0
 
 #: Notice kinds, most urgent first: the notice file holds the most urgent active one.
 NOTICE_KINDS = (
@@ -207,124 +214,85 @@ def read_notice(state_dir: Path) -> Notice | None:
     return Notice.from_json(_read_json(path))
 
 
-@dataclass(frozen=True)
-class Registration:
-    """A process that asked to be signalled when the instance is about to go away."""
+# -- the registration socket (version 2) ------------------------------------------------------
 
-    pid: int
-    create_time: float
-    signal: str = "SIGUSR1"
-    rank: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pid, int) or isinstance(self.pid, bool) or self.pid <= 1:
-            raise ProtocolError(f"registration pid must be an integer > 1, got {self.pid!r}")
-        if self.signal not in ALLOWED_SIGNALS:
-            raise ProtocolError(
-                f"registration signal {self.signal!r} is not one of {sorted(ALLOWED_SIGNALS)}"
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "signal": self.signal,
-            "rank": self.rank,
-        }
-
-    @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> Registration:
-        try:
-            return cls(
-                pid=payload["pid"],
-                create_time=float(payload["create_time"]),
-                signal=str(payload.get("signal", "SIGUSR1")),
-                rank=int(payload.get("rank", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed registration: {exc!r}") from None
+#: The agent's registration socket, in the state dir.
+SOCKET_NAME = "agent.sock"
+SOCKET_VERSION = 2
+#: A message longer than this (newline included) is not one: the agent drops the connection.
+MAX_MESSAGE_BYTES = 4096
+#: What each side may send: the client ``register`` and ``exit``; the agent ``registered``
+#: (the pid it took from the kernel), ``notice`` and ``error`` (just before it hangs up).
+CLIENT_OPS = frozenset({"register", "exit"})
+AGENT_OPS = frozenset({"registered", "notice", "error"})
 
 
-def registration_dir(state_dir: Path) -> Path:
-    """Where the hooks put their registrations (the agent creates it, sticky, mode 1777)."""
-    return state_dir / "targets"
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / SOCKET_NAME
 
 
-def register(state_dir: Path, registration: Registration) -> Path:
-    """Ask the agent to signal this process. The file's owner must own the process."""
-    path = registration_dir(state_dir) / f"{registration.pid}.json"
-    write_json_atomic(path, registration.to_json())
-    return path
+def encode_message(op: str, **fields: Any) -> bytes:
+    """One message: a JSON object on one line, ``{"v": 2, "op": ..., ...}``."""
+    line = json.dumps({"v": SOCKET_VERSION, "op": op, **fields}, separators=(",", ":")) + "\n"
+    data = line.encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{op} message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return data
 
 
-def unregister(state_dir: Path, pid: int) -> None:
-    (registration_dir(state_dir) / f"{pid}.json").unlink(missing_ok=True)
-
-
-def read_registrations(state_dir: Path) -> tuple[list[tuple[Path, Registration]], list[str]]:
-    """All registrations, and a one-line problem for each file that is not one."""
-    found: list[tuple[Path, Registration]] = []
-    problems: list[str] = []
-    directory = registration_dir(state_dir)
-    if not directory.is_dir():
-        return found, problems
-    for path in sorted(directory.glob("*.json")):
-        try:
-            registration = Registration.from_json(_read_json(path))
-            if path.stem != str(registration.pid):
-                raise ProtocolError(f"{path}: names pid {registration.pid}, not {path.stem}")
-            found.append((path, registration))
-        except ProtocolError as exc:
-            problems.append(str(exc))
-    return found, problems
-
-
-@dataclass(frozen=True)
-class ExitRecord:
-    """How a registered process ended, written by the process itself just before it exits.
-
-    The agent cannot read the exit status of a process that is not its child; this record is
-    how it learns (and logs) that the emergency checkpoint ended in exit code 75.
-    """
-
-    pid: int
-    create_time: float
-    exit_code: int
-    exited_at: datetime
-
-
-def write_exit_record(state_dir: Path, record: ExitRecord) -> Path:
-    path = state_dir / "exits" / f"{record.pid}.json"
-    write_json_atomic(
-        path,
-        {
-            "pid": record.pid,
-            "create_time": record.create_time,
-            "exit_code": record.exit_code,
-            "exited_at": format_time(record.exited_at),
-        },
-    )
-    return path
-
-
-def read_exit_record(
-    state_dir: Path, pid: int, create_time: float | None = None
-) -> ExitRecord | None:
-    """The exit record of exactly that process (pid *and* start time, when given), if it left
-    one."""
-    path = state_dir / "exits" / f"{pid}.json"
-    if not path.exists():
-        return None
-    payload = _read_json(path)
+def decode_message(line: bytes, ops: frozenset[str]) -> dict[str, Any]:
+    """Check one received line (without or with its newline) against the ops this side may
+    receive; :class:`ProtocolError` with a one-line reason for anything else."""
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        record = ExitRecord(
-            pid=int(payload["pid"]),
-            create_time=float(payload["create_time"]),
-            exit_code=int(payload["exit_code"]),
-            exited_at=parse_time(payload["exited_at"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"{path}: malformed exit record: {exc!r}") from None
-    if create_time is not None and abs(record.create_time - create_time) >= 0.01:
-        return None
-    return record
+        payload = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"not a JSON message: {type(exc).__name__}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(payload).__name__}")
+    if payload.get("v") != SOCKET_VERSION:
+        raise ProtocolError(f"unsupported protocol version {payload.get('v')!r:.40}")
+    op = payload.get("op")
+    if op not in ops:
+        raise ProtocolError(f"unexpected op {op!r:.40}")
+    check = _CHECKS.get(op)
+    if check is not None:
+        check(payload)
+    return payload
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_register(payload: dict[str, Any]) -> None:
+    if payload.get("signal") not in ALLOWED_SIGNALS:
+        raise ProtocolError(f"register: signal must be one of {sorted(ALLOWED_SIGNALS)}")
+    if not _is_int(payload.get("rank", 0), 0, 1 << 20):
+        raise ProtocolError("register: rank must be a small non-negative integer")
+
+
+def _check_exit(payload: dict[str, Any]) -> None:
+    if not _is_int(payload.get("code"), 0, 255):
+        raise ProtocolError("exit: code must be an integer 0-255")
+    step = payload.get("step")
+    if step is not None and not _is_int(step, 0, 1 << 62):
+        raise ProtocolError("exit: step must be a non-negative integer or null")
+
+
+def _check_registered(payload: dict[str, Any]) -> None:
+    if not _is_int(payload.get("pid"), 1, 1 << 31):
+        raise ProtocolError("registered: pid must be a positive integer")
+
+
+def _check_notice(payload: dict[str, Any]) -> None:
+    Notice.from_json({key: value for key, value in payload.items() if key not in ("v", "op")})
+
+
+_CHECKS = {
+    "register": _check_register,
+    "exit": _check_exit,
+    "registered": _check_registered,
+    "notice": _check_notice,
+}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,3 +142,13 @@ def s3rver_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     }
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is root's alone): the state dir
+    goes below it when another user must connect to the socket."""
+    path = Path(tempfile.mkdtemp(prefix="spotguard-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

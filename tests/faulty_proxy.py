@@ -33,7 +33,7 @@ DENIED_BODY = (
 class Rule:
     method: str
     path_contains: str
-    action: str  # "deny", "delay", "hold", "flip", "append"
+    action: str  # "deny", "delay", "hold", "flip", "append"; "flip-reply": the answer's body
     count: int = -1  # -1: forever
     seconds: float = 0.0
     hits: int = 0
@@ -134,7 +134,8 @@ class FaultyProxy:
                     rule.gate.wait(HOLD_LIMIT)
                 elif rule is not None and rule.action == "deny":
                     verdict = "deny"
-                elif rule is not None and body:  # flip / append: the server keeps other bytes
+                elif rule is not None and rule.action != "flip-reply" and body:
+                    # flip / append: the server keeps other bytes than were sent
                     body = (
                         body[:-1] + bytes([body[-1] ^ 0xFF])
                         if rule.action == "flip"
@@ -167,6 +168,9 @@ class FaultyProxy:
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 answer = upstream.getresponse()
                 data = answer.read()
+                if rule is not None and rule.action == "flip-reply" and data:
+                    # what this client reads is damaged on its way: the store's bytes are fine
+                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -92,7 +92,7 @@ class SpotGuard:
             else:
                 state[name] = value
         self.epoch = int(restored.meta["epoch"])
-        core.resumed_from(restored.manifest.step)
+        core.resumed_from(restored.manifest.step, newest_in_store=restored.manifest.step)
         rng.restore(restored.meta["rng"])  # last: nothing above may draw random numbers after it
         return int(restored.meta["step"])
 

@@ -16,20 +16,17 @@ from pathlib import Path
 
 import requests
 
-from spotguard.errors import DrillFailed, ProtocolError
+from spotguard.errors import DrillFailed
 from spotguard.imds.simulator import ImdsSimulator
-from spotguard.protocol import (
-    SPOT_NOTICE_SECONDS,
-    Notice,
-    read_exit_record,
-    read_notice,
-    registration_dir,
-)
+from spotguard.protocol import SPOT_NOTICE_SECONDS, Notice, read_notice
 
 __all__ = ["Node"]
 
 _GOOD_POLL = re.compile(r'^spotguard_polls_total\{[^}]*outcome="(?!error)[^"]*"[^}]*\} (\S+)', re.M)
 _IMDS_ERROR = re.compile(r'^spotguard_imds_errors_total\{reason="([^"]*)"\} (\S+)', re.M)
+# What the agent logs about the registration socket: who registered, how each one ended.
+_REGISTERED = re.compile(r"\bpid (\d+) \(uid \d+, rank \d+\) registered for ")
+_EXIT = r"\bpid {pid} reports exit code (\d+)\b"
 
 
 def _free_port() -> int:
@@ -45,8 +42,8 @@ class Node:
         self, name: str, folder: Path, *, poll_interval: float, imds_endpoint: str | None = None
     ) -> None:
         self.name = name
-        self.state_dir = folder / "state"
-        registration_dir(self.state_dir).mkdir(parents=True)
+        folder.mkdir(parents=True)
+        self.state_dir = folder / "state"  # the agent creates it, writable by itself alone
         self.sim = ImdsSimulator().start()
         self.imds_endpoint = imds_endpoint or self.sim.url
         self._metrics = f"127.0.0.1:{_free_port()}"
@@ -111,13 +108,17 @@ class Node:
     def notice(self) -> Notice | None:
         return read_notice(self.state_dir)
 
+    def registered_pids(self) -> list[int]:
+        """The pids that registered with this node's agent (as the agent saw them)."""
+        return [int(pid) for pid in _REGISTERED.findall(self._log_text())]
+
     def recorded_exit_code(self, pid: int) -> int | None:
-        """The exit code the trainer hooks recorded for ``pid`` on this node, if any."""
-        try:
-            record = read_exit_record(self.state_dir, pid)
-        except ProtocolError:
-            return None
-        return record.exit_code if record is not None else None
+        """The exit code ``pid`` told this node's agent before it left, if it did."""
+        found = re.findall(_EXIT.format(pid=pid), self._log_text())
+        return int(found[-1]) if found else None
+
+    def _log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def last_log_line(self) -> str:
         lines = [line for line in self.log_path.read_text().splitlines() if line.strip()]

@@ -167,7 +167,7 @@ class _Drill:
 
     def _wait_registered(self, launch: Launch, node: Node) -> None:
         give_up = time.monotonic() + self.options.launch_timeout
-        while not any((node.state_dir / "targets").glob("*.json")):
+        while not node.registered_pids():
             code = launch.process.poll()
             if code not in (None, 0):
                 raise DrillFailed(
@@ -179,8 +179,8 @@ class _Drill:
                 how = "exited with code 0" if code == 0 else "kept running"
                 raise DrillFailed(
                     "registration",
-                    f"the training {how} without registering with the agent (no "
-                    f"{node.state_dir}/targets/<pid>.json): does it use SpotCheckpoint or "
+                    f"the training {how} without registering with the agent (nothing "
+                    f"connected to {node.state_dir}/agent.sock): does it use SpotCheckpoint or "
                     "SpotGuard, with the state dir from SPOTGUARD_STATE_DIR?",
                 )
             time.sleep(0.05)

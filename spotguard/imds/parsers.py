@@ -3,9 +3,11 @@
 Each parser takes ``(body, now)``, where ``body`` is ``None`` when IMDS answered 404, and returns
 a :class:`~spotguard.protocol.Notice` or ``None``. They raise only
 :class:`~spotguard.errors.ImdsBadAnswer`, whatever bytes they are fed (the property tests hold
-them to that), so a garbled answer is "unknown" and never "no notice". The agent polls them on
-a schedule (:mod:`spotguard.agent.watches`); the trainer hooks poll the spot and rebalance
-paths themselves where no agent runs.
+them to that), so a garbled answer is "unknown" and never "no notice". Dates at the edges of
+the calendar (year 1, year 9999 with an offset) overflow ``datetime`` arithmetic and JSON nested
+thousands deep exhausts the recursion limit: both are bad answers too, never a crash. The agent
+polls them on a schedule (:mod:`spotguard.agent.watches`); the trainer hooks poll the spot and
+rebalance paths themselves where no agent runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from spotguard.errors import ImdsBadAnswer
@@ -44,19 +46,26 @@ MAINTENANCE_TIME_FORMAT = "%d %b %Y %H:%M:%S %Z"
 LIFECYCLE_STATE = re.compile(r"^[A-Za-z]+(?::[A-Za-z]+)?$")
 
 
-def _json_object(body: str, what: str) -> dict[str, Any]:
+def _json(body: str, what: str) -> Any:
     try:
-        payload = json.loads(body)
-    except ValueError:
+        return json.loads(body)
+    except (ValueError, RecursionError):
         raise ImdsBadAnswer(f"{what}: answer is not JSON: {body[:80]!r}") from None
+
+
+def _json_object(body: str, what: str) -> dict[str, Any]:
+    payload = _json(body, what)
     if not isinstance(payload, dict):
         raise ImdsBadAnswer(f"{what}: expected a JSON object, got {type(payload).__name__}")
     return payload
 
 
-def _iso_time(value: Any, what: str) -> datetime:
+def _iso_time(value: Any, what: str) -> tuple[datetime, str]:
+    """The time and its canonical UTC text (the notice key); formatting converts to UTC,
+    which overflows for year 1 with a positive offset or year 9999 with a negative one."""
     try:
-        return parse_time(value)
+        moment = parse_time(value)
+        return moment, format_time(moment)
     except (TypeError, ValueError, OverflowError):
         raise ImdsBadAnswer(f"{what}: not an ISO-8601 time: {str(value)[:80]!r}") from None
 
@@ -69,13 +78,13 @@ def evaluate_spot_action(body: str | None, now: datetime) -> Notice | None:
     action = payload.get("action")
     if not isinstance(action, str) or action not in SPOT_ACTIONS:
         raise ImdsBadAnswer(f"spot/instance-action: unknown action {str(action)[:40]!r}")
-    deadline = _iso_time(payload.get("time"), "spot/instance-action time")
+    deadline, key = _iso_time(payload.get("time"), "spot/instance-action time")
     return Notice(
         kind="spot-interruption",
         action=action,
         deadline=deadline,
         noticed_at=now,
-        key=format_time(deadline),
+        key=key,
     )
 
 
@@ -84,13 +93,13 @@ def evaluate_rebalance(body: str | None, now: datetime) -> Notice | None:
     if body is None:
         return None
     payload = _json_object(body, "rebalance recommendation")
-    notice_time = _iso_time(payload.get("noticeTime"), "rebalance noticeTime")
+    _, key = _iso_time(payload.get("noticeTime"), "rebalance noticeTime")
     return Notice(
         kind="rebalance-recommendation",
         action="rebalance",
         deadline=None,
         noticed_at=now,
-        key=format_time(notice_time),
+        key=key,
     )
 
 
@@ -104,21 +113,22 @@ def _maintenance_time(value: Any, what: str) -> datetime:
     return moment.replace(tzinfo=timezone.utc)
 
 
-def scheduled_maintenance_evaluator(lead: float) -> Evaluate:
+def scheduled_maintenance_evaluator(lead: float, grace: float | None = None) -> Evaluate:
     """``events/maintenance/scheduled``, acted on ``lead`` seconds before ``NotBefore``.
 
     Maintenance is announced days ahead; stopping training the moment it is announced would
     waste those days. ``[]`` and 404 both mean "none"; ``NotAfter`` may be missing; events that
-    are not active (completed, canceled) are ignored.
+    are not active (completed, canceled) are ignored. AWS may act until ``NotAfter``: with
+    ``grace``, an event whose window ended (``NotAfter``, else ``NotBefore``) more than
+    ``grace`` seconds ago is over and skipped, so the next due event, if any, is reported (the
+    notice's deadline stays ``NotBefore``: the time to be ready by). Of the due events, the one
+    with the earliest ``NotBefore`` is reported.
     """
 
     def evaluate(body: str | None, now: datetime) -> Notice | None:
         if body is None or not body.strip():
             return None
-        try:
-            events = json.loads(body)
-        except ValueError:
-            raise ImdsBadAnswer(f"scheduled events: answer is not JSON: {body[:80]!r}") from None
+        events = _json(body, "scheduled events")
         if not isinstance(events, list):
             raise ImdsBadAnswer("scheduled events: expected a JSON array")
         due: list[Notice] = []
@@ -131,7 +141,12 @@ def scheduled_maintenance_evaluator(lead: float) -> Evaluate:
             not_before = _maintenance_time(event.get("NotBefore"), "NotBefore")
             if str(event.get("State", "active")).lower() != "active":
                 continue
-            if now >= not_before - timedelta(seconds=lead):
+            # Compared as a duration: ``not_before - lead`` overflows for a year-1 date.
+            not_after = event.get("NotAfter")
+            end = _maintenance_time(not_after, "NotAfter") if not_after else not_before
+            if grace is not None and (now - end).total_seconds() > grace:
+                continue  # its window is over: whatever was announced did not happen
+            if (not_before - now).total_seconds() <= lead:
                 due.append(
                     Notice(
                         kind="scheduled-maintenance",

@@ -39,11 +39,20 @@ class SimControl:
     def rebalance(self) -> None:
         self._post("rebalance")
 
+    def clear_rebalance(self) -> None:
+        self._post("rebalance/clear")
+
     def maintenance(self, **event: Any) -> None:
         self._post("maintenance", **event)
 
+    def cancel_maintenance(self, event_id: str) -> None:
+        self._post("maintenance/cancel", event_id=event_id)
+
     def lifecycle(self, state: str) -> None:
         self._post("lifecycle", state=state)
+
+    def clear_lifecycle(self) -> None:
+        self._post("lifecycle/clear")
 
     def fault(self, **fault: Any) -> None:
         self._post("fault", **fault)

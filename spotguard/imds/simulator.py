@@ -10,9 +10,12 @@ A control API under ``/_sim/`` (no token needed) schedules notices and injects f
     POST /_sim/spot         {"action": "terminate", "in_seconds": 120}  or  {"time": ISO}
     POST /_sim/spot/clear
     POST /_sim/rebalance    {"notice_time": ISO}               (default: now)
+    POST /_sim/rebalance/clear
     POST /_sim/maintenance  {"code": "system-reboot", "not_before_in": 3600,
                              "not_after_in": 7200, "event_id": "...", "state": "active"}
+    POST /_sim/maintenance/cancel  {"event_id": "..."}  (moves it to events/maintenance/history)
     POST /_sim/lifecycle    {"state": "Terminated"}
+    POST /_sim/lifecycle/clear
     POST /_sim/fault        {"status": 503, "count": 5}  {"latency": 0.5}  {"garbage": 3}
                             {"drop": 3}  {"expire_tokens": true}  {"clear": true}
                             (count -1 = until cleared)
@@ -84,6 +87,7 @@ class _State:
     spot: dict[str, str] | None = None
     rebalance: str | None = None
     maintenance: list[dict[str, str]] = field(default_factory=list)
+    maintenance_history: list[dict[str, str]] = field(default_factory=list)
     lifecycle: str | None = None
     faults: _Faults = field(default_factory=_Faults)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -146,10 +150,16 @@ class ImdsSimulator:
             elif command == "rebalance":
                 when = parse_time(body["notice_time"]) if "notice_time" in body else _now()
                 state.rebalance = _iso_seconds(when)
+            elif command == "rebalance/clear":
+                state.rebalance = None
             elif command == "maintenance":
                 state.maintenance.append(self._maintenance_event(body))
+            elif command == "maintenance/cancel":
+                self._cancel_maintenance(str(body["event_id"]))
             elif command == "lifecycle":
                 state.lifecycle = str(body["state"])
+            elif command == "lifecycle/clear":
+                state.lifecycle = None
             elif command == "fault":
                 self._fault(body)
             elif command == "reset":
@@ -175,6 +185,15 @@ class ImdsSimulator:
                 MAINTENANCE_TIME_FORMAT
             )
         return event
+
+    def _cancel_maintenance(self, event_id: str) -> None:
+        """As EC2 does with a cancelled event: gone from ``scheduled``, kept in ``history``."""
+        state = self._state
+        events = [event for event in state.maintenance if event["EventId"] == event_id]
+        if not events:
+            raise ValueError(f"no scheduled event {event_id!r}")
+        state.maintenance = [event for event in state.maintenance if event not in events]
+        state.maintenance_history.extend({**event, "State": "canceled"} for event in events)
 
     def _fault(self, body: dict[str, Any]) -> None:
         faults = self._state.faults
@@ -217,6 +236,8 @@ class ImdsSimulator:
             return 404, ""
         if key == "events/maintenance/scheduled":
             return 200, json.dumps(state.maintenance)
+        if key == "events/maintenance/history":
+            return 200, json.dumps(state.maintenance_history)
         if key == "autoscaling/target-lifecycle-state":
             return (200, state.lifecycle) if state.lifecycle else (404, "")
         if key in STATIC_METADATA:

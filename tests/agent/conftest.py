@@ -1,5 +1,5 @@
 """Agent fixtures live in support.py, importable by tests for their helpers too."""
 
-from tests.agent.support import agents, targets
+from tests.agent.support import agents, targets, throwaway_user
 
-__all__ = ["agents", "targets"]
+__all__ = ["agents", "targets", "throwaway_user"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +50,20 @@ class AgentRunner:
     tmp_path: Path
     started: list[AgentProcess] = field(default_factory=list)
 
-    def start(self, endpoint: str, **settings: Any) -> AgentProcess:
-        """Run ``spotguard agent`` as the systemd unit would, with a TOML config file."""
+    def start(
+        self,
+        endpoint: str,
+        *,
+        preamble: str = "",
+        popen: dict[str, Any] | None = None,
+        check: bool = True,
+        **settings: Any,
+    ) -> AgentProcess:
+        """Run ``spotguard agent`` as the systemd unit would, with a TOML config file.
+
+        ``preamble``: Python code run in the agent process first (e.g. to act as an older
+        kernel would); ``popen``: more arguments for :class:`subprocess.Popen`; without
+        ``check``, an agent that exits at once is returned rather than failing the test."""
         state_dir = Path(settings.pop("state_dir", self.tmp_path / "state"))
         config = {
             "poll_interval": 0.2,
@@ -66,11 +80,13 @@ class AgentRunner:
         config_path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
         log_path = self.tmp_path / f"agent-{len(self.started)}.log"
         with log_path.open("w") as log:
+            python = [sys.executable, "-m", "spotguard"]
+            if preamble:
+                run = "import runpy; runpy.run_module('spotguard', run_name='__main__')"
+                python = [sys.executable, "-c", f"{preamble}\n{run}"]
             process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "spotguard",
+                    *python,
                     "agent",
                     "--config",
                     str(config_path),
@@ -83,6 +99,7 @@ class AgentRunner:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env={k: v for k, v in os.environ.items() if not k.startswith("SPOTGUARD_")},
+                **(popen or {}),
             )
         agent = AgentProcess(process, log_path, state_dir)
         self.started.append(agent)
@@ -90,7 +107,8 @@ class AgentRunner:
             lambda: "agent started" in agent.log() or process.poll() is not None,
             what="the agent to start",
         )
-        assert process.poll() is None, agent.log()
+        if check:
+            assert process.poll() is None, agent.log()
         return agent
 
 
@@ -121,17 +139,33 @@ class TargetProcess:
     def signals(self) -> list[str]:
         return [e["signal"] for e in self.events() if e["event"] == "signal"]
 
+    def received(self, op: str) -> list[dict[str, Any]]:
+        """The messages of that op the agent sent it (``registered``, ``notice``, ``error``)."""
+        return [e for e in self.events() if e["event"] == op]
+
 
 @pytest.fixture
 def targets(tmp_path: Path) -> Iterator[Callable[..., TargetProcess]]:
     started: list[TargetProcess] = []
 
     def start(
-        state_dir: Path, *, register: bool = True, exit_code: int | None = 75, tag: str = "trainer"
+        state_dir: Path,
+        *,
+        register: bool = True,
+        exit_code: int | None = 75,
+        tag: str = "trainer",
+        extra: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+        python: str = sys.executable,
+        record: Path | None = None,
+        **popen: Any,
     ) -> TargetProcess:
-        record = tmp_path / f"target-{len(started)}.jsonl"
+        """Start target_proc.py with ``python`` (behind ``prefix``, e.g. ``unshare``); with
+        ``register``, return once the agent has answered its registration."""
+        record = record or tmp_path / f"target-{len(started)}.jsonl"
         command = [
-            sys.executable,
+            *prefix,
+            python,
             str(TARGET_SCRIPT),
             "--state-dir",
             str(state_dir),
@@ -139,16 +173,17 @@ def targets(tmp_path: Path) -> Iterator[Callable[..., TargetProcess]]:
             str(record),
             "--tag",
             tag,
+            *extra,
         ]
         if register:
             command.append("--register")
         if exit_code is not None:
             command += ["--exit-code", str(exit_code)]
-        process = subprocess.Popen(command, text=True)
+        process = subprocess.Popen(command, text=True, **popen)
         target = TargetProcess(process, record)
         started.append(target)
         wait_for(
-            lambda: any(e["event"] == "ready" for e in target.events()),
+            lambda: target.received("registered" if register else "ready"),
             what="the target process to be ready",
         )
         return target
@@ -158,3 +193,36 @@ def targets(tmp_path: Path) -> Iterator[Callable[..., TargetProcess]]:
         if target.process.poll() is None:
             target.process.kill()
         target.process.wait()
+
+
+#: The system Python: a throwaway user cannot run this environment's interpreter (under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[User]:
+    """A new unprivileged user for an attacker, removed afterwards (its processes must be
+    gone by then). Skipped, saying why, where one cannot be created."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a throwaway user needs root")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is missing: the throwaway user has no Python to run")
+    name = f"sgtest-{uuid.uuid4().hex[:10]}"
+    created = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if created.returncode != 0:
+        pytest.skip(f"useradd failed: {created.stderr.strip()}")
+    entry = pwd.getpwnam(name)
+    try:
+        yield User(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,11 +11,10 @@ from pathlib import Path
 from threading import Thread
 from typing import ClassVar
 
-import psutil
 import pytest
 
 from spotguard.imds.simulator import ImdsSimulator
-from spotguard.protocol import Registration, parse_time, register
+from spotguard.protocol import parse_time
 from tests.conftest import free_port
 from tests.support import wait_for
 
@@ -40,45 +38,29 @@ def test_spot_notice_signals_registered_target_and_logs_its_exit(sim, agents, ta
     assert notice["deadline"] == deadline.replace("Z", ".000Z")
     assert notice["id"] == f"spot-interruption/{notice['deadline']}"
     assert oct((agent.state_dir / "notice.json").stat().st_mode & 0o777) == "0o644"
-    wait_for(lambda: "exit code 75" in agent.log(), what="the agent to log the exit code")
-    assert not (agent.state_dir / "targets" / f"{target.pid}.json").exists()
+    wait_for(lambda: "signal, exit code 75" in agent.log(), what="the agent to log the exit code")
+    # Told over the socket too, with the same notice as the file; registered with its own pid.
+    assert [m["id"] for m in target.received("notice")] == [notice["id"]]
+    assert target.received("registered")[0]["pid"] == target.pid
+    assert "reports exit code 75 at step 7" in agent.log()
 
 
-def test_unregistered_twin_and_stale_registrations_are_never_signalled(sim, agents, targets):
+def test_unregistered_twin_and_a_closed_registration_are_never_signalled(sim, agents, targets):
     agent = agents.start(sim.url)
     registered = targets(agent.state_dir, exit_code=None)
     twin = targets(agent.state_dir, register=False, exit_code=None)  # same command line
-    bystander = targets(agent.state_dir, register=False, exit_code=None)
-    # PID reuse: a registration naming a live PID with another start time.
-    reused = Registration(bystander.pid, psutil.Process(bystander.pid).create_time() - 1000)
-    register(agent.state_dir, reused)
-    # A registration for a process that is gone.
-    register(agent.state_dir, Registration(2**22 + 17, 1.0))
+    # Registered, then hung up while it runs on: a registration lives as long as its connection.
+    hung_up = targets(agent.state_dir, exit_code=None, extra=("--once",))
+    wait_for(lambda: f"pid {hung_up.pid} disconnected" in agent.log(), what="the hang-up")
 
     sim.control.spot()
     wait_for(lambda: registered.signals(), what="the registered target's signal")
     time.sleep(1.0)  # several more polls: nothing else may happen
     assert registered.signals() == ["SIGUSR1"]
     assert twin.signals() == []
-    assert bystander.signals() == []
+    assert hung_up.signals() == []
     assert twin.process.poll() is None
-    assert bystander.process.poll() is None
-    assert not (agent.state_dir / "targets" / f"{bystander.pid}.json").exists()
-    assert "stale registration" in agent.log()
-
-
-def test_registration_by_another_user_is_refused(sim, agents, targets, tmp_path):
-    agent = agents.start(sim.url)
-    victim = targets(agent.state_dir, register=False, exit_code=None)
-    path = register(
-        agent.state_dir, Registration(victim.pid, psutil.Process(victim.pid).create_time())
-    )
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a file owned by another user")
-    os.chown(path, 4242, 4242)
-    sim.control.spot()
-    wait_for(lambda: "owned by uid 4242" in agent.log(), what="the refusal to be logged")
-    assert victim.signals() == []
+    assert hung_up.process.poll() is None
 
 
 def test_restarted_agent_does_not_signal_again_but_signals_newcomers(sim, agents, targets):
@@ -88,9 +70,14 @@ def test_restarted_agent_does_not_signal_again_but_signals_newcomers(sim, agents
     wait_for(lambda: target.signals(), what="the first signal")
     assert first.stop() == 0
 
+    wait_for(lambda: target.received("disconnected"), what="the hang-up of the stopped agent")
+
     second = agents.start(sim.url, state_dir=first.state_dir)
     newcomer = targets(first.state_dir, exit_code=None)
     wait_for(lambda: newcomer.signals(), what="the newcomer's signal")
+    # The first target reconnected by itself and was told again, but not signalled again.
+    wait_for(lambda: len(target.received("registered")) == 2, what="the first to reconnect")
+    wait_for(lambda: len(target.received("notice")) == 2, what="the notice pushed again")
     time.sleep(0.6)
     assert target.signals() == ["SIGUSR1"]
     assert newcomer.signals() == ["SIGUSR1"]
@@ -321,7 +308,7 @@ def test_metrics_and_health_endpoints(sim, agents, targets):
     target = targets(agent.state_dir)
     sim.control.spot(in_seconds=100)
     wait_for(lambda: target.process.poll() is not None, what="the target to exit")
-    wait_for(lambda: "exit code 75" in agent.log(), what="the exit to be seen")
+    wait_for(lambda: "signal, exit code 75" in agent.log(), what="the exit to be seen")
     metrics = requests.get(f"http://{address}/metrics", timeout=5).text
     assert 'spotguard_notices_total{kind="spot-interruption"} 1' in metrics
     assert "spotguard_signals_sent_total 1" in metrics

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,10 @@ def test_env_values_are_parsed_by_type():
         ('imds_endpoint = "ftp://x"', "imds_endpoint"),
         ('log_format = "xml"', "log_format"),
         ("max_backoff = 0.5", "max_backoff"),
+        ("webhook_retries = 11", "webhook_retries"),
+        ("webhook_retries = 1000000", "webhook_retries"),
+        ("webhook_retries = -1", "webhook_retries"),
+        ('hook_command = ["/bin/echo", "a\\u0000b"]', "hook_command"),
         ("poll_interval = [", "not valid TOML"),
     ],
 )
@@ -99,3 +106,21 @@ def test_metrics_address_accepts_loopback_only():
     assert AgentConfig(metrics_address="").metrics_address == ""
     with pytest.raises(ConfigError):
         AgentConfig(metrics_address="10.0.0.1:9000")
+
+
+def test_webhook_retries_bound_is_a_one_line_usage_error(tmp_path):
+    """Through the real CLI: exit code 2 and one line naming the key."""
+    path = tmp_path / "agent.toml"
+    path.write_text("webhook_retries = 1000\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "spotguard", "agent", "--config", str(path),
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPOTGUARD_")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "webhook_retries" in lines[0]
+    assert "0..10" in lines[0]
+    assert AgentConfig(webhook_retries=10).webhook_retries == 10

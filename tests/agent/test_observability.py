@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import requests
@@ -52,6 +54,109 @@ def test_health_turns_503_when_polls_go_stale():
         assert answer.status_code == 503
         assert "stale" in answer.text
     finally:
+        server.stop()
+
+
+def healthz_status(port: int) -> int | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code
+    except requests.RequestException:  # refused, or (the squatter) accepted and never answered
+        return None
+
+
+def test_a_taken_metrics_port_leaves_the_agent_polling_until_it_frees(sim, agents):
+    """The port is held by the test: the agent keeps polling and publishing notices, logs the
+    problem once however often it retries, and serves metrics once the port is free."""
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = squatter.getsockname()[1]
+        agent = agents.start(sim.url, metrics_address=f"127.0.0.1:{port}")
+        wait_for(lambda: "cannot listen" in agent.log(), what="the bind error to be logged")
+        sim.control.spot()
+        wait_for(
+            lambda: (agent.notice() or {}).get("kind") == "spot-interruption",
+            what="the notice while the port is taken",
+        )
+        # 25 polls 0.2 s apart span several bind retries (1 s, then 2 s, ... apart).
+        polls = len(sim.spot_polls())
+        wait_for(lambda: len(sim.spot_polls()) >= polls + 25, timeout=30, what="more polls")
+        assert healthz_status(port) is None  # the squatter answers nothing
+    wait_for(lambda: healthz_status(port) == 200, timeout=60, what="/healthz once the port frees")
+    log = agent.log()
+    assert log.count("cannot listen") == 1, log
+    assert "metrics: listening on" in log
+    assert agent.process.poll() is None
+
+
+def slow_clients(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that each send the start of a request line and nothing more."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.sendall(b"GET /metr")
+        clients.append(client)
+    return clients
+
+
+def closed_by_server(client: socket.socket) -> bool:
+    client.settimeout(0.01)
+    try:
+        return client.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def handler_threads() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_metrics_connections_are_capped_and_slow_ones_cut_off():
+    """60 connections that never finish their request: the server runs at most its cap of 16
+    handler threads, closes the rest at once, closes the slow ones at their 5 s deadline, and
+    answers a scraper afterwards."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, max_age=30)
+    server.start()
+    assert server.address is not None
+    port = server.address[1]
+    clients = slow_clients(port, 60)
+    try:
+        most = 0
+
+        def all_closed() -> bool:
+            nonlocal most
+            most = max(most, handler_threads())
+            return all(closed_by_server(client) for client in clients)
+
+        wait_for(all_closed, timeout=30, what="the server to close every slow connection")
+        assert most <= 16, f"{most} handler threads for 60 slow clients"
+        assert healthz_status(port) == 200
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_a_dripping_metrics_client_is_cut_off_at_the_request_deadline():
+    """A byte every 0.5 s resets any per-read timeout; the 5 s deadline for the whole request
+    still closes the connection long before its 60 s request line is through."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, max_age=30)
+    server.start()
+    assert server.address is not None
+    client = socket.create_connection(server.address, timeout=30)
+    try:
+        request = b"GET /" + b"m" * 120
+        for sent, byte in enumerate(request):
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                break
+            if closed_by_server(client):
+                break
+            time.sleep(0.5)
+        assert sent < len(request) - 1, "the server waited for the whole dripped request"
+    finally:
+        client.close()
         server.stop()
 
 
@@ -106,3 +211,18 @@ def test_notifier_is_a_no_op_outside_systemd():
         SystemdNotifier({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}).watchdog_interval
         is None
     )  # the watchdog is someone else's
+
+
+def test_plain_logs_escape_control_characters_everywhere(capsys):
+    """Message, extra fields and a traceback's text each stay on lines of their own making."""
+    configure_logging("plain", "info")
+    forged = "\nINFO spotguard.agent.daemon: sent SIGKILL to pid 1"
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        logging.getLogger("spotguard.test").exception("bad %s", forged, extra={"who": forged})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ERROR spotguard.test: bad \\nINFO")
+    assert "who=\\nINFO" in lines[0]
+    assert all(line.startswith("  | ") for line in lines[1:])
+    assert not any(line.startswith("INFO") for line in lines)

@@ -26,7 +26,10 @@ def unit(tmp_path: Path, systemd_analyze: str) -> Path:
 def test_unit_declares_what_the_agent_relies_on():
     text = UNIT.read_text()
     for line in ("Type=notify", "Restart=always", "RuntimeDirectory=spotguard",
-                 "RuntimeDirectoryPreserve=yes", "AmbientCapabilities=CAP_KILL"):  # fmt: skip
+                 "RuntimeDirectoryMode=0755", "RuntimeDirectoryPreserve=yes",
+                 "AmbientCapabilities=CAP_KILL",
+                 # the registration socket
+                 "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX"):  # fmt: skip
         assert f"\n{line}\n" in text, line
     assert re.search(r"\nWatchdogSec=\d+\n", text)
 

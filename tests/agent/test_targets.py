@@ -31,9 +31,8 @@ def test_unit_selector_matches_globs_via_proc(tmp_path):
         (tmp_path / str(child.pid) / "cgroup").write_text(
             "0::/system.slice/spotguard-training@x.service\n"
         )
-        finder = TargetFinder(tmp_path, units=("spotguard-training@*.service",),
-                              proc_root=tmp_path)  # fmt: skip
-        targets, _ = finder.find()
+        finder = TargetFinder(units=("spotguard-training@*.service",), proc_root=tmp_path)
+        targets = finder.find()
         assert [t.pid for t in targets] == [child.pid]
         assert targets[0].source == "unit:spotguard-training@*.service"
     finally:
@@ -57,7 +56,7 @@ def test_pattern_selects_the_topmost_process_not_its_workers(tmp_path):
         while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert psutil.Process(parent.pid).children(), "the worker did not start"
-        targets, _ = TargetFinder(tmp_path, patterns=("topmost_trainer",)).find()
+        targets = TargetFinder(patterns=("topmost_trainer",)).find()
         assert [t.pid for t in targets] == [parent.pid]
     finally:
         for child in psutil.Process(parent.pid).children():
@@ -70,14 +69,14 @@ def test_signal_refuses_a_recycled_pid():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         real = psutil.Process(child.pid).create_time()
-        impostor = Target(child.pid, real - 100, "SIGTERM", "registration")
+        impostor = Target(child.pid, real - 100, "SIGTERM", "pattern:x")
         assert not is_running(impostor)
         with pytest.raises(psutil.NoSuchProcess):
             send_signal(impostor)
         assert child.poll() is None
-        send_signal(Target(child.pid, real, "SIGTERM", "registration"))
+        send_signal(Target(child.pid, real, "SIGTERM", "pattern:x"))
         assert child.wait(10) == -15
-        assert not is_running(Target(child.pid, real, "SIGTERM", "registration"))
+        assert not is_running(Target(child.pid, real, "SIGTERM", "pattern:x"))
     finally:
         child.kill()
         child.wait()

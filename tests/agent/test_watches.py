@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
 from spotguard.agent.config import AgentConfig
-from spotguard.agent.watches import watches_from_config
+from spotguard.agent.watches import guarded, watches_from_config
+from spotguard.errors import ImdsBadAnswer
+from spotguard.imds.parsers import evaluate_spot_action
+from spotguard.protocol import Notice
+from tests.support import Sim, wait_for
+
+NOW = datetime(2026, 11, 29, 8, 20, tzinfo=timezone.utc)
 
 
 def test_watches_follow_the_config():
@@ -13,3 +25,51 @@ def test_watches_follow_the_config():
     assert watches["spot-interruption"].interval == 1.0
     assert watches["asg-termination"].interval == 1.0  # never faster than the poll interval
     assert watches["scheduled-maintenance"].interval == 60.0
+
+
+def test_whatever_a_parser_raises_is_a_bad_answer_for_that_watch():
+    def broken(body: str | None, now: datetime) -> Notice | None:
+        raise OverflowError("date value out of range")
+
+    with pytest.raises(ImdsBadAnswer, match=r"scheduled-maintenance.*OverflowError"):
+        guarded("scheduled-maintenance", broken)("[]", NOW)
+    with pytest.raises(ImdsBadAnswer, match="not JSON"):  # its own errors pass unchanged
+        guarded("spot-interruption", evaluate_spot_action)("{", NOW)
+    assert guarded("spot-interruption", evaluate_spot_action)(None, NOW) is None
+
+
+def serve_raw(sim: Sim, **state: Any) -> None:
+    """Put answers in the simulator that its control API cannot write: it formats the times it
+    is given itself (and ``%Y`` leaves year 1 unpadded on glibc)."""
+    with sim.server._lock:
+        for name, value in state.items():
+            setattr(sim.server._state, name, value)
+
+
+@pytest.mark.parametrize("broken", ["spot-year-1", "maintenance-year-1", "lifecycle-garbage"])
+def test_one_watch_with_a_bad_answer_leaves_the_others_working(sim, agents, broken):
+    """Through the simulator over HTTP: one watch gets a year-1 time or garbage, and the
+    rebalance watch (polled after the others) still sees its notice."""
+    if broken == "spot-year-1":  # converting it to UTC overflows
+        serve_raw(sim, spot={"action": "terminate", "time": "0001-01-01T00:00:00+01:00"})
+    elif broken == "maintenance-year-1":  # NotBefore minus the lead overflows
+        event = {"Code": "system-reboot", "EventId": "instance-event-year-one",
+                 "NotBefore": "01 Jan 0001 00:05:00 GMT", "State": "active"}  # fmt: skip
+        serve_raw(sim, maintenance=[event])
+    else:
+        sim.control.lifecycle("<html>\x00garbage")
+    sim.control.rebalance()
+    agent = agents.start(sim.url)
+    wait_for(
+        lambda: "notice: rebalance-recommendation" in agent.log(),
+        timeout=20,
+        what="the rebalance notice next to the broken watch",
+    )
+    assert "tick failed" not in agent.log()
+    if broken == "maintenance-year-1":
+        return  # readable after all: a maintenance long overdue
+    # IMDS answered: unknown for that watch alone, no backoff slowing the other watches down
+    wait_for(lambda: "cannot read what IMDS answers" in agent.log(), timeout=20,
+             what="the unreadable answer logged")  # fmt: skip
+    time.sleep(2.0)  # ten poll intervals with the same answer
+    assert "retrying with backoff" not in agent.log()

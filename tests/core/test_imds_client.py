@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -142,3 +145,61 @@ def test_real_http_ignores_proxy_settings(monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     with ImdsSimulator() as sim:
         assert ImdsClient(sim.url).get("latest/meta-data/instance-id").startswith("i-")
+
+
+class DrippingServer:
+    """A loopback HTTP server that answers the token PUT at once and then drips its GET answer
+    a byte every ``interval`` seconds: the body only, or status line and headers too. It counts
+    the bytes it got out before the client hung up."""
+
+    BODY = b"x" * 100
+
+    def __init__(self, drip: str, interval: float = 0.1) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n"
+        self.prompt, self.slow = (head, self.BODY) if drip == "body" else (b"", head + self.BODY)
+        self.interval = interval
+        self.dripped = 0
+        self.hung_up = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn, conn.makefile("rb") as requests:
+            while True:
+                request_line = requests.readline()
+                while requests.readline() not in (b"\r\n", b""):
+                    pass  # headers
+                if request_line.startswith(b"PUT"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntok")
+                    continue
+                try:
+                    conn.sendall(self.prompt)
+                    for byte in self.slow:
+                        conn.sendall(bytes([byte]))
+                        self.dripped += 1
+                        time.sleep(self.interval)
+                except OSError:
+                    self.hung_up.set()
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("drip", ["body", "headers"])
+def test_a_dripped_answer_is_cut_off_at_the_total_deadline(drip):
+    """Each byte comes well inside the per-read timeout; the whole answer would take 10 s or
+    more. The request gives up at its deadline and hangs up before the drip is through."""
+    server = DrippingServer(drip)
+    imds = ImdsClient(server.url, timeout=1.0)
+    try:
+        with pytest.raises(ImdsUnreachable, match="timed out"):
+            imds.get("latest/meta-data/spot/instance-action")
+        imds.close()
+        assert server.hung_up.wait(30), "the server never saw the client hang up"
+        assert server.dripped < len(server.slow)
+    finally:
+        imds.close()
+        server.close()

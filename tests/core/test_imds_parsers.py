@@ -105,3 +105,32 @@ def test_lifecycle_state():
     assert evaluate_lifecycle_state("Terminated", NOW).kind == "asg-termination"
     with pytest.raises(ImdsBadAnswer):
         evaluate_lifecycle_state("<html>", NOW)
+
+
+@pytest.mark.parametrize("parse", PARSERS)
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"action": "terminate", "time": "0001-01-01T00:00:00+01:00"}',
+        '{"action": "terminate", "time": "9999-12-31T23:59:59-01:00"}',
+        '{"noticeTime": "0001-01-01T00:30:00+01:00"}',
+        "[" * 100_000,
+    ],
+)
+def test_calendar_edges_and_deep_nesting_are_bad_answers(parse, body):
+    """Converting year 1 or year 9999 to UTC overflows; JSON nested 100,000 deep exhausts the
+    recursion limit. Both are a bad answer, never OverflowError or RecursionError."""
+    with contextlib.suppress(ImdsBadAnswer):
+        result = parse(body, NOW)
+        assert result is None or isinstance(result, Notice)
+
+
+def test_maintenance_in_year_one_is_due_not_an_overflow():
+    """``NotBefore`` minus the lead would fall before year 1: compared as a duration, the
+    event is simply overdue."""
+    body = json.dumps(
+        [{"Code": "system-reboot", "EventId": "e0", "NotBefore": "01 Jan 0001 00:05:00 GMT"}]
+    )
+    due = scheduled_maintenance_evaluator(lead=900)(body, NOW)
+    assert due.deadline == datetime(1, 1, 1, 0, 5, tzinfo=timezone.utc)
+    assert scheduled_maintenance_evaluator(lead=1e12)(body.replace("0001", "2027"), NOW)

@@ -1,4 +1,4 @@
-"""The agent/trainer files: atomic, validated, round-trippable."""
+"""The agent/trainer protocol: the notice file and the socket messages, validated."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import pytest
 
 from spotguard.errors import ProtocolError
 from spotguard.protocol import (
-    ExitRecord,
+    AGENT_OPS,
+    CLIENT_OPS,
+    MAX_MESSAGE_BYTES,
     Notice,
-    Registration,
-    read_exit_record,
+    decode_message,
+    encode_message,
     read_notice,
-    read_registrations,
-    register,
     state_dir_from_env,
-    unregister,
-    write_exit_record,
     write_notice,
 )
 
@@ -57,35 +55,43 @@ def test_unknown_notice_kind_is_refused():
         Notice("meteor-strike", "terminate", None, NOW, key="x")
 
 
-def test_registrations_round_trip_and_bad_files_are_reported(tmp_path):
-    register(tmp_path, Registration(pid=4321, create_time=12.5, signal="SIGTERM", rank=1))
-    (tmp_path / "targets" / "99.json").write_text('{"pid": 98, "create_time": 1}')
-    (tmp_path / "targets" / "7.json").write_text("nonsense")
-    found, problems = read_registrations(tmp_path)
-    assert [r for _, r in found] == [Registration(4321, 12.5, "SIGTERM", 1)]
-    assert len(problems) == 2
-    unregister(tmp_path, 4321)
-    assert read_registrations(tmp_path)[0] == []
+def test_socket_messages_round_trip_on_one_line():
+    line = encode_message("register", signal="SIGUSR1", rank=3)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    message = decode_message(line, CLIENT_OPS)
+    assert message == {"v": 2, "op": "register", "signal": "SIGUSR1", "rank": 3}
+    notice = Notice("spot-interruption", "terminate", NOW, NOW, key="k")
+    pushed = decode_message(encode_message("notice", **notice.to_json()), AGENT_OPS)
+    fields = {key: value for key, value in pushed.items() if key not in ("v", "op")}
+    assert Notice.from_json(fields) == notice
 
 
 @pytest.mark.parametrize(
-    "payload",
+    ("line", "reason"),
     [
-        {"pid": 1, "create_time": 1},
-        {"pid": True, "create_time": 1},
-        {"pid": 5, "create_time": 1, "signal": "SIGKILL"},
+        (b"[" * 3000, "not a JSON message"),  # nesting deep enough for a RecursionError
+        (b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
+        (b"\xff\xfe", "not a JSON message"),
+        (b"[1]", "expected a JSON object"),
+        (b'{"v": 1, "op": "register", "signal": "SIGUSR1"}', "version"),
+        (b'{"v": 2, "op": "notice"}', "unexpected op"),  # an agent's op, sent by a client
+        (b'{"v": 2, "op": "register", "signal": "SIGKILL"}', "signal must be one of"),
+        (b'{"v": 2, "op": "register", "signal": "SIGUSR1", "rank": -1}', "rank"),
+        (b'{"v": 2, "op": "register", "signal": "SIGUSR1", "rank": true}', "rank"),
+        (b'{"v": 2, "op": "exit", "code": 256}', "code"),
+        (b'{"v": 2, "op": "exit", "code": 75, "step": "7"}', "step"),
     ],
 )
-def test_dangerous_registrations_are_refused(payload):
-    with pytest.raises(ProtocolError):
-        Registration.from_json(payload)
+def test_bad_client_messages_are_refused_in_one_line(line, reason):
+    with pytest.raises(ProtocolError, match=reason) as caught:
+        decode_message(line, CLIENT_OPS)
+    assert "\n" not in str(caught.value)
 
 
-def test_exit_record_is_tied_to_the_process_start_time(tmp_path):
-    write_exit_record(tmp_path, ExitRecord(4321, 100.0, 75, NOW))
-    assert read_exit_record(tmp_path, 4321, 100.0).exit_code == 75
-    assert read_exit_record(tmp_path, 4321, 200.0) is None  # a recycled PID
-    assert read_exit_record(tmp_path, 1234, 100.0) is None
+def test_a_message_too_long_to_send_is_refused_before_it_is_sent():
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode_message("exit", code=0, note="x" * MAX_MESSAGE_BYTES)
 
 
 def test_state_dir_from_env():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import threading
@@ -16,6 +15,7 @@ import torch
 from spotguard.protocol import Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore, Preempted, SpotGuard
 from tests.support import wait_for
+from tests.trainer_hooks.agent_double import AgentDouble
 
 
 def notice(kind: str, deadline_in: float | None) -> Notice:
@@ -27,8 +27,14 @@ def notice(kind: str, deadline_in: float | None) -> Notice:
 @pytest.fixture
 def state_dir(tmp_path):
     path = tmp_path / "run"
-    (path / "targets").mkdir(parents=True)
+    path.mkdir()
     return path
+
+
+@pytest.fixture
+def agent(state_dir):
+    with AgentDouble(state_dir) as double:
+        yield double
 
 
 def model_state(size: int = 16) -> dict:
@@ -53,7 +59,7 @@ def test_rebalance_triggers_an_early_save_and_training_goes_on(tmp_path, state_d
 
 
 def test_emergency_that_cannot_fit_keeps_the_last_checkpoint_and_says_so(
-    tmp_path, state_dir, caplog
+    tmp_path, state_dir, agent, caplog
 ):
     uri = str(tmp_path / "store")
     state = model_state()
@@ -69,8 +75,7 @@ def test_emergency_that_cannot_fit_keeps_the_last_checkpoint_and_says_so(
     assert caught.value.saved is False
     assert CheckpointStore(uri).latest().step == 5
     assert "keeping the last verified checkpoint (step 5)" in caplog.text
-    exit_record = json.loads((state_dir / "exits" / f"{os.getpid()}.json").read_text())
-    assert exit_record["exit_code"] == 75
+    assert agent.exits[os.getpid()] == {"v": 2, "op": "exit", "code": 75, "step": 7}
 
 
 def test_signals_during_the_emergency_save_do_not_corrupt_it(tmp_path, state_dir):
@@ -105,14 +110,43 @@ def test_signals_during_the_emergency_save_do_not_corrupt_it(tmp_path, state_dir
         signal.signal(signum, handler)
 
 
-def test_registration_lives_exactly_as_long_as_the_guard(tmp_path, state_dir):
-    registration = state_dir / "targets" / f"{os.getpid()}.json"
+def test_registration_lives_exactly_as_long_as_the_guard(tmp_path, state_dir, agent):
     guard = SpotGuard(str(tmp_path / "store"), state_dir=state_dir)
     guard.restore({})
-    assert json.loads(registration.read_text())["pid"] == os.getpid()
+    registered = agent.wait_registered(1)
+    assert registered[os.getpid()]["signal"] == "SIGUSR1"  # the pid is the kernel's word
+    assert registered[os.getpid()]["rank"] == 0
+    wait_for(lambda: guard._core.stops._link.registered_pid == os.getpid(), what="the ack")
     guard.close()
-    assert not registration.exists()
+    wait_for(lambda: not agent.registered, what="the connection to end")
+    assert os.getpid() not in agent.exits  # it did not end: no exit code to tell
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_a_notice_pushed_by_the_agent_stops_training_without_a_signal(tmp_path, state_dir, agent):
+    """In a container the agent may not be able to signal us: the pushed notice is enough."""
+    uri = str(tmp_path / "store")
+    state = model_state()
+    guard = SpotGuard(uri, state_dir=state_dir, notice_poll_interval=3600)  # no file watching
+    guard.restore(state)
+    agent.wait_registered(1)
+    guard.step(1, state)
+    agent.push(notice("spot-interruption", deadline_in=120))
+    wait_for(lambda: guard.stop_requested, what="the pushed notice")
+    with pytest.raises(Preempted) as caught:
+        guard.step(2, state)
+    assert caught.value.saved is True
+    assert CheckpointStore(uri).latest().step == 2
+    assert agent.exits[os.getpid()]["step"] == 2
+
+
+def test_the_guard_registers_again_when_the_agent_restarts(tmp_path, state_dir, agent):
+    with SpotGuard(str(tmp_path / "store"), state_dir=state_dir) as guard:
+        guard.restore({})
+        agent.wait_registered(1)
+        agent.close()  # the agent restarts: its connections end
+        with AgentDouble(state_dir) as restarted:
+            assert os.getpid() in restarted.wait_registered(1)
 
 
 def test_time_based_saves(tmp_path):

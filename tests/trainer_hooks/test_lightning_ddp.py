@@ -3,7 +3,6 @@ the save, both exit 75, nobody deadlocks, and the resumed run ends bit-exact."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from spotguard.trainer_hooks import CheckpointStore
 from tests.support import wait_for
+from tests.trainer_hooks.agent_double import AgentDouble
 from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
 
 SCRIPT = Path(__file__).with_name("train_lightning.py")
@@ -38,23 +38,24 @@ def reference(tmp_path_factory) -> Path:
 
 def test_only_rank_1_signalled_all_ranks_stop_save_and_exit_75(tmp_path, reference):
     state_dir = tmp_path / "run-spotguard"
-    (state_dir / "targets").mkdir(parents=True)
+    agent = AgentDouble(state_dir)
     progress, go = tmp_path / "progress", tmp_path / "go"
     env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
     rank0 = fit(tmp_path, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at",
                 "8", "--go-file", str(go), env=env)  # fmt: skip
     wait_for(lambda: steps_done(progress) >= 8, timeout=180, what="step 8")
-    registrations = [json.loads(p.read_text()) for p in (state_dir / "targets").glob("*.json")]
-    assert sorted(r["rank"] for r in registrations) == [0, 1]
-    rank1_pid = next(r["pid"] for r in registrations if r["rank"] == 1)
-    assert rank1_pid != rank0.pid
-    os.kill(rank1_pid, signal.SIGUSR1)
+    ranks = {message["rank"]: pid for pid, message in agent.wait_registered(2).items()}
+    assert sorted(ranks) == [0, 1]
+    assert ranks[0] == rank0.pid  # Lightning launched rank 1 itself: we learn its pid here
+    os.kill(ranks[1], signal.SIGUSR1)
     go.touch()
     assert rank0.wait(120) == 75, rank0.stderr.read()[-3000:]
-    exit_records = {
-        int(p.stem): json.loads(p.read_text())["exit_code"] for p in (state_dir / "exits").glob("*")
+    wait_for(lambda: len(agent.exits) == 2, what="both ranks' exit messages")
+    assert {pid: exit["code"] for pid, exit in agent.exits.items()} == {
+        rank0.pid: 75,
+        ranks[1]: 75,
     }
-    assert exit_records == {rank0.pid: 75, rank1_pid: 75}
+    agent.close()
     latest = CheckpointStore(str(tmp_path / "store")).latest()
     assert latest.step == 9  # ranks read the flags of step 8's boundary at step 9's
     assert latest.kind == "emergency"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,51 +10,43 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import boto3
 import pytest
 
 from spotguard.protocol import Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore
 from tests.conftest import free_port
 from tests.support import wait_for
+from tests.trainer_hooks.agent_double import AgentDouble
 from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
 
 SCRIPT = Path(__file__).with_name("train_plain.py")
 
 
 def launch(
-    store: Path,
+    store: Path | str,
     out: Path,
     *extra: str,
     env: dict | None = None,
     rank_env: dict[int, dict] | None = None,
+    logs: list[Path] | None = None,
 ) -> list[subprocess.Popen]:
     """Both ranks, started the way torchrun would (RANK, WORLD_SIZE, MASTER_*); ``rank_env``
-    adds variables for one rank only (each rank on a node of its own)."""
+    adds variables for one rank only (each rank on a node of its own); ``logs`` take each
+    rank's stderr."""
     port = str(free_port())
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(SCRIPT),
-                "--ddp",
-                "--store",
-                str(store),
-                "--out",
-                str(out),
-                *extra,
-            ],
-            env={
-                **os.environ,
-                **(env or {}),
-                **(rank_env or {}).get(rank, {}),
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-            },
+    command = [sys.executable, str(SCRIPT), "--ddp", "--store", str(store), "--out", str(out)]
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    ranks = []
+    for rank in (0, 1):
+        own = {**os.environ, **(env or {}), **(rank_env or {}).get(rank, {}), **world}
+        stderr = logs[rank].open("w") if logs else None
+        ranks.append(
+            subprocess.Popen([*command, *extra], env={**own, "RANK": str(rank)}, stderr=stderr)
         )
-        for rank in (0, 1)
-    ]
+        if stderr is not None:
+            stderr.close()
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +59,22 @@ def reference(tmp_path_factory) -> Path:
 
 def test_rank_1_signalled_both_ranks_save_exit_75_and_resume_bit_exact(tmp_path, reference):
     state_dir = tmp_path / "run-spotguard"
-    (state_dir / "targets").mkdir(parents=True)
+    agent = AgentDouble(state_dir)
     progress, go, store = tmp_path / "progress", tmp_path / "go", tmp_path / "store"
     env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
     ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "12",
                    "--go-file", str(go), env=env)  # fmt: skip
     wait_for(lambda: steps_done(progress) >= 12, timeout=120, what="step 12")
-    registrations = {
-        json.loads(p.read_text())["rank"]: json.loads(p.read_text())["pid"]
-        for p in (state_dir / "targets").glob("*.json")
-    }
+    registrations = {message["rank"]: pid for pid, message in agent.wait_registered(2).items()}
     assert registrations == {0: ranks[0].pid, 1: ranks[1].pid}
     ranks[1].send_signal(signal.SIGUSR1)
     go.touch()
     assert [rank.wait(120) for rank in ranks] == [75, 75]
+    assert {pid: exit["code"] for pid, exit in agent.exits.items()} == {
+        ranks[0].pid: 75,
+        ranks[1].pid: 75,
+    }
+    agent.close()
     latest = CheckpointStore(str(store)).latest()
     # Ranks agree without blocking: the flags of step 12's boundary are read at step 13's
     # (of 18: 3 epochs of 6 steps per rank), and the relaunch trains the 5 steps left.
@@ -106,7 +99,7 @@ def test_the_notified_nodes_deadline_governs_every_rank(tmp_path):
     seconds, all of them eaten by the safety margin, and skip the emergency save."""
     node_dirs = {rank: tmp_path / f"node-{rank}" for rank in (0, 1)}
     for folder in node_dirs.values():
-        (folder / "targets").mkdir(parents=True)
+        folder.mkdir(parents=True)
     progress, go, store = tmp_path / "progress", tmp_path / "go", tmp_path / "store"
     ranks = launch(store, tmp_path / "unused.pt", "--progress", str(progress), "--pause-at", "12",
                    "--go-file", str(go), "--budget", "1", "--margin", "1",
@@ -145,3 +138,25 @@ def test_a_rank_file_that_fails_verification_sends_every_rank_to_the_next_older(
     assert [rank.wait(180) for rank in ranks] == [0, 0]
     assert (store / f"ckpt-{newest.step:012d}" / "quarantined.json").exists()
     assert_same_weights(tmp_path / "final.pt", reference)  # resumed from the older one: exact
+
+
+def test_one_node_reading_bad_bytes_raises_on_every_rank_and_quarantines_nothing(
+    faulty_s3, moto_server, tmp_path
+):
+    """Rank 1's node damages what it reads (bad memory, a broken proxy): rank 0 reads the
+    same file back intact, so the store is fine and no checkpoint may be quarantined."""
+    bucket, proxy = faulty_s3
+    store = f"s3://{bucket}/run"
+    direct = {0: {"AWS_ENDPOINT_URL": moto_server}, 1: {"AWS_ENDPOINT_URL": moto_server}}
+    ranks = launch(store, tmp_path / "first.pt", rank_env=direct)
+    assert [rank.wait(180) for rank in ranks] == [0, 0]
+    proxy.on("GET", "rank-1.pt", "flip-reply")
+    damaged = {**direct, 1: {"AWS_ENDPOINT_URL": proxy.url}}
+    logs = [tmp_path / f"rank-{rank}.log" for rank in (0, 1)]
+    ranks = launch(store, tmp_path / "again.pt", rank_env=damaged, logs=logs)
+    assert all(rank.wait(180) not in (0, 75) for rank in ranks)
+    for log in logs:
+        assert "a fault on that node, not in the store" in log.read_text(), log.read_text()[-2000:]
+    client = boto3.client("s3", endpoint_url=moto_server)
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]
+    assert not [item["Key"] for item in listing if item["Key"].endswith("quarantined.json")]

@@ -16,6 +16,7 @@ import torch
 
 from spotguard.trainer_hooks import CheckpointStore
 from tests.support import wait_for
+from tests.trainer_hooks.agent_double import AgentDouble
 
 SCRIPT = Path(__file__).with_name("train_plain.py")
 
@@ -77,14 +78,12 @@ def test_interrupted_run_resumes_bit_exact(tmp_path, reference, stop_at, signum)
 
 def test_notice_file_stops_training_and_the_agent_protocol_holds(tmp_path, reference):
     state_dir = tmp_path / "run-spotguard"
-    (state_dir / "targets").mkdir(parents=True)
+    agent = AgentDouble(state_dir)
     store, progress = str(tmp_path / "store"), tmp_path / "progress"
     env = {"SPOTGUARD_STATE_DIR": str(state_dir)}
     first = train(store, tmp_path / "unused.pt", "--progress", str(progress),
                   "--step-sleep", "0.05", env=env)  # fmt: skip
-    registration = state_dir / "targets" / f"{first.pid}.json"
-    wait_for(registration.exists, timeout=60, what="the registration")
-    assert json.loads(registration.read_text())["signal"] == "SIGUSR1"
+    assert agent.wait_registered(1)[first.pid]["signal"] == "SIGUSR1"
     wait_for(lambda: steps_done(progress) >= 3, timeout=60, what="a few steps")
     deadline = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
     notice = {"version": 1, "id": f"spot-interruption/{deadline}", "kind": "spot-interruption",
@@ -92,9 +91,11 @@ def test_notice_file_stops_training_and_the_agent_protocol_holds(tmp_path, refer
               "source": "imds"}  # fmt: skip
     (state_dir / "notice.json").write_text(json.dumps(notice))
     assert first.wait(60) == 75
-    assert not registration.exists()
-    exit_record = json.loads((state_dir / "exits" / f"{first.pid}.json").read_text())
-    assert exit_record["exit_code"] == 75
+    stopped_at = CheckpointStore(store).latest().step
+    assert agent.exits[first.pid]["code"] == 75
+    assert agent.exits[first.pid]["step"] == stopped_at
+    wait_for(lambda: not agent.registered, what="the registration to end with the process")
+    agent.close()
     stopped_at = CheckpointStore(store).latest().step
     assert 3 <= stopped_at < 36
 

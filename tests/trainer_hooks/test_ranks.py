@@ -4,10 +4,12 @@ acts, and must never spend more than the notice leaves."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_a_process_group_made_after_the_first_use_is_refused(tmp_path):
 @pytest.fixture
 def state_dir(tmp_path):
     path = tmp_path / "run"
-    (path / "targets").mkdir(parents=True)
+    path.mkdir()
     return path
 
 
@@ -105,3 +107,58 @@ def test_with_nothing_to_fall_back_on_the_emergency_save_is_tried_anyway(
     assert caught.value.saved is True
     assert CheckpointStore(uri).latest().step == 3
     assert "no checkpoint to fall back on: trying" in caplog.text
+
+
+def test_a_bare_signals_budget_runs_from_the_signal_not_from_the_save(tmp_path, state_dir, caplog):
+    """SIGTERM gives ``default_budget`` seconds from its arrival: time spent before the next
+    step boundary is already gone (the stop agreement adds a step with several ranks)."""
+    uri = str(tmp_path / "store")
+    state = {"weights": torch.zeros(16)}
+    guard = SpotGuard(uri, state_dir=state_dir, default_budget=3.0, safety_margin=0.0)
+    guard.restore(state)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2.0)  # the step the signal arrived in runs on
+    with pytest.raises(Preempted):
+        guard.step(1, state)
+    left = float(re.search(r"at step 1; (-?[\d.]+) s left", caplog.text).group(1))
+    assert left <= 1.0
+
+
+GROUP_TIMEOUT = textwrap.dedent(
+    """
+    import sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from spotguard.trainer_hooks import SpotGuard
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=42))
+    guard = SpotGuard(sys.argv[1], state_dir="/none")
+    guard.restore({})
+    group = guard._core.ranks._group
+    print(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    guard.close()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_the_agreement_group_gives_up_when_the_jobs_collectives_do(tmp_path):
+    """Not after torch's 30-minute default for a new group: a peer that vanished without a
+    TCP reset would hold every rank's exit 75 that long."""
+    port = str(free_port())
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", GROUP_TIMEOUT, str(tmp_path / "store")],
+            env={**os.environ, **world, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert [float(output.split()[-1]) for output in outputs] == [42.0, 42.0]

@@ -7,7 +7,6 @@ its files and the read-back are real.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import psutil
 import pytest
@@ -107,17 +106,33 @@ def test_page_aligned_buffers_own_their_pages_without_rounding(count):
     assert float(buffer.sum()) == 1.5 * count
 
 
-def test_a_cgroup_limit_above_this_process_bounds_the_available_memory(tmp_path):
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    group = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if group is None:
-        pytest.skip("no cgroup v2 hierarchy here")
-    leaf = tmp_path / group.lstrip("/")
-    leaf.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "memory.max").write_text(f"{1024 * MiB}\n")  # the topmost group has the limit
-    (tmp_path / "memory.current").write_text(f"{900 * MiB}\n")
-    (tmp_path / "memory.stat").write_text(f"anon 1\ninactive_file {100 * MiB}\n")
-    if leaf != tmp_path:
-        (leaf / "memory.max").write_text("max\n")
-    assert available_memory(cgroup_root=tmp_path) == 224 * MiB
+@pytest.mark.parametrize(
+    ("membership", "root", "files"),
+    [
+        ("0::/system.slice/job.service\n", "", ("memory.max", "memory.current", "inactive_file")),
+        (
+            "9:memory:/docker/abc\n8:pids:/docker/abc\n1:name=systemd:/docker/abc\n",
+            "memory",
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+        ),
+    ],
+    ids=["cgroup-v2", "cgroup-v1"],
+)
+def test_a_cgroup_limit_above_this_process_bounds_the_available_memory(
+    tmp_path, membership, root, files
+):
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(membership)
+    mount = tmp_path / "cgroup"
+    group = membership.split("\n")[0].split(":", 2)[2]
+    top, leaf = mount / root, mount / root / group.lstrip("/")
+    leaf.mkdir(parents=True)
+    limit, usage, inactive = files
+    (top / limit).write_text(f"{1024 * MiB}\n")  # the topmost group has the limit
+    (top / usage).write_text(f"{900 * MiB}\n")
+    (top / "memory.stat").write_text(f"anon 1\n{inactive} {100 * MiB}\n")
+    (leaf / limit).write_text("max\n" if root == "" else f"{2**63 - 4096}\n")
+    (leaf / usage).write_text(f"{10 * MiB}\n")
+    (leaf / "memory.stat").write_text(f"{inactive} 0\n")
+    assert available_memory(cgroup_root=mount, membership=proc) == 224 * MiB
     assert 0 < available_memory() <= psutil.virtual_memory().total

@@ -125,11 +125,12 @@ class GuardCore:
         *,
         deadline: float | None = None,
         keep_lease: bool = False,
+        step: int | None = None,
     ) -> None:
         """Stop the threads (waiting for an upload at most until ``deadline``, a
-        ``time.monotonic()`` value), give the signals back, leave the agent's list (with the
-        exit record first: the agent learns how it ended even if what follows is cut short),
-        and give the writer lease back within the deadline, unless ``keep_lease`` or an
+        ``time.monotonic()`` value), give the signals back, leave the agent (telling it
+        ``exit_code`` and ``step`` first: it learns how this ended even if what follows is cut
+        short), and give the writer lease back within the deadline, unless ``keep_lease`` or an
         abandoned upload may still land (it then expires by itself)."""
         if deadline is not None:
             self._exit_deadline = deadline
@@ -139,7 +140,7 @@ class GuardCore:
             log.warning("the last stop agreement did not complete: %s", exc)
         self._stop_threads(deadline)
         atexit.unregister(self._at_interpreter_exit)
-        self.stops.close(exit_code)
+        self.stops.close(exit_code, step)
         if self.saver.saving and self._exit_code is not None:
             # threading's hooks run before it joins threads (concurrent.futures uses the
             # same one); atexit handlers would run too late.
@@ -157,10 +158,13 @@ class GuardCore:
     def request_stop(self, reason: str) -> None:
         self.stops.request_stop(reason)
 
-    def resumed_from(self, step: int) -> None:
-        """The run resumed from ``step``: the newest known-good checkpoint until the next
-        commit, and recorded in every manifest this run commits."""
-        self.saver.last_committed_step = self.saver.resumed_from = step
+    def resumed_from(self, step: int, *, newest_in_store: int | None) -> None:
+        """The run resumed from ``step`` (recorded in every manifest this run commits);
+        ``newest_in_store`` is the newest known-good checkpoint until the next commit: ``step``
+        itself when it came from the store, else what the store holds (Lightning given a
+        ``ckpt_path`` newer than the store; ``None`` for an empty store)."""
+        self.saver.resumed_from = step
+        self.saver.last_committed_step = newest_in_store
 
     @property
     def failed_saves(self) -> int:
@@ -202,7 +206,7 @@ class GuardCore:
         else:
             stop, want_save, busy, failed = self._flags(step)
         if stop:  # first: an earlier failure must not cost the emergency save
-            self.stops.request_stop("another rank was notified")
+            self.stops.request_stop("another rank was notified", own=False)
             self.emergency(step, epoch, tree_fn)
         if failed:
             saver.pending = None
@@ -250,13 +254,36 @@ class GuardCore:
             (uploading,) = self.ranks.any(self.saver.saving)
         except Exception:
             uploading = True
-        self.close(exit_code=self.settings.exit_code, deadline=deadline, keep_lease=uploading)
+        self.close(
+            exit_code=self.settings.exit_code, deadline=deadline, keep_lease=uploading, step=step
+        )
+        raise Preempted(step, saved, self.settings.exit_code)
+
+    def agreed_stop(self) -> bool:
+        """Whether any rank was asked to stop, agreed now: a blocking collective, for points
+        off the step boundary (between validation batches, before the first step)."""
+        (stop,) = self.ranks.any(self.stop_requested)
+        if stop:
+            self.stops.request_stop("another rank was notified", own=False)
+        return stop
+
+    def leave(self, step: int, why: str) -> NoReturn:
+        """Exit with the exit code without a save, for a stop before anything was trained
+        since the start or the resumed checkpoint (``why`` says where). Registration and
+        writer lease are given back as on any exit: no save has run, none is uploading."""
+        log.warning("stop requested (%s) %s: nothing trained since step %d, leaving without "
+                    "a save", self.stops.reason or "request", why, step)  # fmt: skip
+        self._exit_code = self.settings.exit_code
+        self.events["exiting"] = time.time()
+        self.close(exit_code=self.settings.exit_code, step=step)
+        saved = self.saver.last_committed_step == step
         raise Preempted(step, saved, self.settings.exit_code)
 
     def _seconds_left(self) -> float:
-        """Until the instance goes away: the earliest notice deadline of any rank governs
-        every rank (only the notified node knows it); ``default_budget`` when none has one."""
-        own = self.stops.notice_seconds_left()
+        """Until the instance goes away: the earliest of every rank's own time (a notice's
+        deadline, or ``default_budget`` from a bare signal) governs every rank: only the
+        node that was told knows it. ``default_budget`` from now when no rank knows."""
+        own = self.stops.own_seconds_left()
         try:
             earliest = self.ranks.earliest(own)
         except Exception as exc:

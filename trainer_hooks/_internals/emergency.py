@@ -67,14 +67,16 @@ def emergency_save(
     (same_step,) = ranks.any(running == step)
     if same_step:
         # Its files would land over this save's (same keys) after the commit: keep the last
-        # verified checkpoint instead (Lightning: a stop inside a gradient-accumulation window).
+        # verified checkpoint instead (Lightning: a stop during validation right after a
+        # periodic save of the same step whose upload outlived half the time left).
         log.error("an upload of step %d is still running: keeping the last verified "
                   "checkpoint (step %s)", step, saver.last_committed_step)  # fmt: skip
         return False
     tree = tree_fn()
     estimate = tree_nbytes(tree) / (saver.throughput or UNMEASURED_BYTES_PER_SECOND)
-    (too_slow,) = ranks.any(estimate > left)
-    if too_slow and saver.last_committed_step is not None:
+    # Both agreed: after a failed commit only rank 0 knows there is nothing to fall back on.
+    too_slow, nothing_older = ranks.any(estimate > left, saver.last_committed_step is None)
+    if too_slow and not nothing_older:
         log.error(
             "emergency save would take ~%.1f s (%s) but only %.1f s are left: keeping the "
             "last verified checkpoint (step %s)", estimate,
@@ -98,8 +100,7 @@ def _put_and_commit(saver: Saver, ranks: Ranks, step: int, epoch: int, tree: Any
     if failed or entry is None:
         return False
     # Not pruning: a periodic save may still be uploading into its directory.
-    committed = saver.commit(step, epoch, "emergency", entry, prune=False)
-    (failed,) = ranks.any(not committed and ranks.rank == 0)
-    if failed:
+    committed = saver.commit(step, epoch, "emergency", entry, prune=False)  # agreed
+    if not committed:
         log.error("emergency checkpoint of step %d not committed: %s", step, saver.failure)
-    return not failed
+    return committed

@@ -18,7 +18,6 @@ import logging
 from typing import Any
 
 from spotguard.errors import (
-    CheckpointError,
     CorruptCheckpoint,
     ResumeRefused,
     UnloadableCheckpoint,
@@ -61,11 +60,13 @@ def load_newest(
 
     Rank 0 proposes the newest that verifies for it (quarantining what fails on the way down)
     and the others load exactly that step: ranks never resume from different checkpoints,
-    even while another writer commits. When another rank's file of that checkpoint fails
-    verification, rank 0 quarantines the checkpoint and every rank tries the next older one:
-    all resume from the newest that every rank can load. Any other failure to load (memory,
-    a missing file) raises on every rank alike. When the store holds checkpoint data and none
-    verifies, :class:`~spotguard.errors.ResumeRefused` is raised on every rank, unless
+    even while another writer commits. When another rank's file fails verification, rank 0
+    reads it back itself: if the store's bytes are bad, the checkpoint is quarantined and every
+    rank tries the next older one (all resume from the newest that every rank can load); if
+    rank 0 reads them fine, the fault is that node's and every rank raises instead (one bad
+    node must not quarantine the whole history). Any other failure to load (memory, a missing
+    file) raises on every rank alike. When the store holds checkpoint data and none verifies,
+    :class:`~spotguard.errors.ResumeRefused` is raised on every rank, unless
     ``allow_fresh_start`` (then the log says so and all start from 0).
     """
     while True:
@@ -77,14 +78,42 @@ def load_newest(
         unloadable = "; ".join(f"rank {k}: {why}" for k, (_, why) in enumerate(problems) if why)
         if unloadable:
             raise UnloadableCheckpoint(f"checkpoint {step} cannot be loaded ({unloadable})")
-        broken = [f"rank {k}: {why}" for k, (why, _) in enumerate(problems) if why]
+        broken = [(k, *bad) for k, (bad, _) in enumerate(problems) if bad]
         if not broken:
             assert restored is not None  # every rank loaded it
             return restored
-        if ranks.rank == 0:  # the writer: the others must not find it again
-            store.quarantine(step, "; ".join(broken))
-        log.error("checkpoint %d failed verification on another rank (%s): trying the next "
-                  "older one", step, "; ".join(broken))  # fmt: skip
+        verdict = _confirm(store, step, found, broken) if ranks.rank == 0 else None
+        quarantined, reason = ranks.gather(verdict)[0]
+        if not quarantined:
+            raise UnloadableCheckpoint(f"checkpoint {step} cannot be loaded: {reason}")
+        log.error("checkpoint %d quarantined (%s): trying the next older one", step, reason)
+
+
+def _confirm(
+    store: CheckpointStore,
+    step: int,
+    found: tuple[Manifest, Any] | None,
+    broken: list[tuple[int, str, str]],
+) -> tuple[bool, str]:
+    """Rank 0's verdict on files other ranks could not verify: read back from the store, bad
+    bytes quarantine the checkpoint (``True``); good bytes mean a fault on that node."""
+    if found is None:  # rank 0 proposed this step: it has loaded its manifest
+        return False, "rank 0 has no manifest to check the other ranks' files against"
+    manifest = found[0]
+    try:
+        for rank, name, why in broken:
+            try:
+                store.read_back_payload(step, name, manifest.files[name])
+            except CorruptCheckpoint:
+                reason = f"rank {rank}: {why}"
+                store.quarantine(step, reason)
+                return True, reason
+        nodes = ", ".join(f"rank {rank}" for rank, _, _ in broken)
+        details = "; ".join(why for _, _, why in broken)
+        return False, (f"{nodes} could not verify files that rank 0 reads back intact: a fault "
+                       f"on that node, not in the store ({details})")  # fmt: skip
+    except Exception as exc:
+        return False, f"rank 0 could not check the other ranks' report: {exc}"
 
 
 def _proposed(
@@ -94,7 +123,7 @@ def _proposed(
     on rank 0 what it loaded on the way."""
     step: int | None = None
     found: tuple[Manifest, Any] | None = None
-    problem: CheckpointError | None = None
+    problem: Exception | None = None
     if ranks.rank == 0:
         try:
             found = store.resume(WHOLE_STATE_FILE)
@@ -110,7 +139,7 @@ def _proposed(
                 problem = exc
             else:
                 log.error("starting from step 0 (allow_fresh_start=True) although %s", exc)
-        except CheckpointError as exc:
+        except Exception as exc:  # raised below, after the others heard of it
             problem = exc
     step, message = ranks.gather((step, str(problem) if problem else None))[0]
     if message is not None:
@@ -122,17 +151,19 @@ def _proposed(
 
 def _load_step(
     store: CheckpointStore, ranks: Ranks, step: int, found: tuple[Manifest, Any] | None
-) -> tuple[Restored | None, str | None, str | None]:
+) -> tuple[Restored | None, tuple[str, str] | None, str | None]:
     """This rank's view of ``step`` (``found``: rank 0 has loaded it already): what it
-    restored, or why not (corrupt, or otherwise)."""
+    restored, or why not: (file, reason) when a file failed verification, else a reason."""
+    name = WHOLE_STATE_FILE
     try:
-        manifest, whole = found or store.load_state(step=step, name=WHOLE_STATE_FILE)
+        manifest, whole = found or store.load_state(step=step, name=name)
         own = whole[META_KEY]
         if ranks.rank != 0:
             # Rank 0's file carries rank 0's random streams; this rank's are its own.
-            own = store.load_state(step=step, name=rank_file(ranks.rank))[1][META_KEY]
+            name = rank_file(ranks.rank)
+            own = store.load_state(step=step, name=name)[1][META_KEY]
     except CorruptCheckpoint as exc:
-        return None, str(exc), None
-    except (CheckpointError, KeyError) as exc:
+        return None, (name, str(exc)), None
+    except Exception as exc:  # every rank must reach the gather that follows: never raise
         return None, None, f"{type(exc).__name__}: {exc}"
     return Restored(manifest, whole, own), None, None

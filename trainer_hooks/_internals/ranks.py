@@ -19,6 +19,7 @@ Two choices keep them cheap and correct:
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ class Ranks:
         if not self._group_made:
             self._group_made = True
             if dist.is_gloo_available():
-                self._group = dist.new_group(backend="gloo")
+                self._group = dist.new_group(backend="gloo", timeout=_job_timeout())
         if self._group is not None or dist.get_backend() == "gloo":
             return self._group, None
         return None, torch.device("cuda", torch.cuda.current_device())
@@ -161,3 +162,19 @@ class Ranks:
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, item, group=group)
         return gathered
+
+
+def _job_timeout() -> timedelta | None:
+    """The collective timeout the job gave its default group (``init_process_group``'s
+    ``timeout``), so that a lost peer ends our agreements when it ends the job's own
+    collectives, not after torch's 30-minute default for a new group. ``None`` (that default)
+    where this torch does not tell."""
+    import torch.distributed as dist
+
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        timeout = group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return timeout if isinstance(timeout, timedelta) else None

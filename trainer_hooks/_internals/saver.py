@@ -196,6 +196,7 @@ class Saver:
         """Commit ``step`` with every rank's entry (a collective: every rank alike). A failure
         is kept for the next boundary, not raised: ``True`` when it committed."""
         entries = self.ranks.gather((self.my_file, entry))
+        problem: Exception | None = None
         try:
             if self.ranks.rank == 0:  # rank 0 owns the manifest
                 files = dict(entries)
@@ -206,7 +207,13 @@ class Saver:
                 log.info("checkpoint %s at step %d committed (%d bytes)", kind, step,
                          sum(e.size for e in files.values()))  # fmt: skip
         except Exception as exc:
-            self._fail(step, "commit", exc)
+            problem = exc
+        # Every rank learns the outcome: none may count a checkpoint rank 0 could not commit
+        # (their decisions, like the emergency's fallback, must stay the same on all ranks).
+        (failed,) = self.ranks.any(problem is not None)
+        if failed:
+            if problem is not None:  # rank 0 keeps it; the next boundary raises it everywhere
+                self._fail(step, "commit", problem)
             return False
         self.last_committed_step = max(step, self.last_committed_step or step)
         if prune and self.settings.keep_last and self.ranks.rank == 0:

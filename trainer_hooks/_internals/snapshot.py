@@ -42,8 +42,8 @@ USABLE_SHARE = 0.9
 #: GPU tensors at least this large get page-locked buffers (each costs up to two pages of
 #: alignment and a registration); smaller ones are copied synchronously, as DCP does.
 PIN_MIN_BYTES = 2**20
-#: Where cgroup v2 is mounted; limits set there (containers, systemd ``MemoryMax``) OOM-kill
-#: long before the host runs out.
+#: Where cgroups are mounted (v2 there, v1's memory controller below it); limits set there
+#: (containers, systemd ``MemoryMax``) OOM-kill long before the host runs out.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -62,37 +62,51 @@ def tree_nbytes(tree: Any) -> int:
     return 0
 
 
-def available_memory(cgroup_root: Path = CGROUP_ROOT) -> int:
+def available_memory(
+    cgroup_root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")
+) -> int:
     """Bytes this process can still allocate: the host's available memory, or less when a
-    cgroup v2 limit on this process (or on a group above it) leaves less."""
+    cgroup limit on this process (or on a group above it) leaves less: cgroup v2
+    (``memory.max``) or v1 (the ``memory`` controller's ``memory.limit_in_bytes``, as on
+    Amazon Linux 2 with Docker or ECS). ``membership`` lists this process's groups."""
     room = psutil.virtual_memory().available
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         return room
-    group = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if group is None:
-        return room
-    leaf = cgroup_root / group.lstrip("/")
-    for folder in (leaf, *leaf.parents):
-        if not folder.is_relative_to(cgroup_root):
-            break
-        room = min(room, _cgroup_room(folder))
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":
+            root, files = cgroup_root, _V2_FILES
+        elif "memory" in controllers.split(","):
+            root, files = cgroup_root / "memory", _V1_FILES
+        else:
+            continue
+        leaf = root / group.lstrip("/")
+        for folder in (leaf, *leaf.parents):
+            if not folder.is_relative_to(root):
+                break
+            room = min(room, _cgroup_room(folder, *files))
     return room
 
 
-def _cgroup_room(folder: Path) -> int:
-    """What the cgroup in ``folder`` leaves below its ``memory.max`` (page cache it can drop
-    counts as free); unlimited when it sets no limit or cannot be read."""
+#: (limit, usage, inactive page cache in memory.stat) of each cgroup version.
+_V2_FILES = ("memory.max", "memory.current", "inactive_file")
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_room(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int:
+    """What the cgroup in ``folder`` leaves below its limit (page cache it can drop counts as
+    free); unlimited when it sets no limit or cannot be read."""
     try:
-        limit = (folder / "memory.max").read_text().strip()
+        limit = (folder / limit_file).read_text().strip()
         if limit == "max":
             return 2**63
-        used = int((folder / "memory.current").read_text())
+        used = int((folder / usage_file).read_text())
         stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
     except (OSError, ValueError):
         return 2**63
-    return max(int(limit) - used + int(stat.get("inactive_file", 0)), 0)
+    return max(int(limit) - used + int(stat.get(inactive, 0)), 0)
 
 
 def page_aligned(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,11 @@
 * **IMDS itself**, polled by a thread where no agent runs (``imds_endpoint``);
 * a **rebalance recommendation**: not a stop, an early periodic save (training goes on).
 
-It also keeps the process's **registration** with the agent (``<state_dir>/targets/<pid>.json``
-while running, an exit record when leaving) and knows the **deadline**: from the notice when
-there is one (the ranks take the earliest of theirs), else ``default_budget`` seconds from
-the stop.
+It also keeps the process's **registration** with the agent (a connection to
+``<state_dir>/agent.sock``: :mod:`.agent_link`; notices pushed down it stop training like the
+file does, and the exit code is told before leaving) and knows the **deadline**: from the
+notice when there is one, else ``default_budget`` seconds from the signal (the ranks take
+the earliest of theirs).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from stat import S_ISREG
 from types import FrameType
 from typing import Any
-
-import psutil
 
 from spotguard.errors import ImdsError, ProtocolError
 from spotguard.imds.client import ImdsClient
@@ -34,20 +34,15 @@ from spotguard.imds.parsers import (
     evaluate_rebalance,
     evaluate_spot_action,
 )
-from spotguard.protocol import (
-    ExitRecord,
-    Notice,
-    Registration,
-    read_notice,
-    register,
-    unregister,
-    write_exit_record,
-)
+from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, read_notice
+from spotguard.trainer_hooks._internals.agent_link import AgentLink
 from spotguard.trainer_hooks.settings import GuardSettings
 
 __all__ = ["StopIntake"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
+
+NOTICE_GRACE = timedelta(seconds=NOTICE_GRACE_SECONDS)
 
 
 class StopIntake:
@@ -65,8 +60,10 @@ class StopIntake:
         self._previous_handlers: dict[int, Any] = {}
         self._watchers: list[threading.Thread] = []
         self._closing = threading.Event()
-        self._registered = False
-        self._create_time = psutil.Process().create_time()
+        self._link: AgentLink | None = None
+        #: When this process itself was told to stop (``time.monotonic()``).
+        self._own_stop_at: float | None = None
+        self._stale_told: set[str] = set()
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -78,12 +75,9 @@ class StopIntake:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         else:
             log.warning("not in the main thread: signals cannot be handled, relying on notices")
-        if self.state_dir.is_dir():
-            signal_name = self.settings.signals[0] if self.settings.signals else "SIGUSR1"
-            register(
-                self.state_dir, Registration(os.getpid(), self._create_time, signal_name, rank)
-            )
-            self._registered = True
+        signal_name = self.settings.signals[0] if self.settings.signals else "SIGUSR1"
+        self._link = AgentLink(self.state_dir, signal_name, rank, self._on_agent_notice)
+        self._link.start()
         self._closing.clear()
         self._watchers = [
             threading.Thread(target=self._watch_notice, name="spotguard-notice", daemon=True)
@@ -112,21 +106,16 @@ class StopIntake:
             watcher.join()
         self._watchers = []
 
-    def close(self, exit_code: int | None) -> None:
-        """Give the signals back and leave the agent's list (with an exit record when the
-        exit code is known). The watchers must be stopped already."""
+    def close(self, exit_code: int | None, step: int | None = None) -> None:
+        """Give the signals back and leave the agent (telling it the exit code and step when
+        they are known). The watchers must be stopped already."""
         for signum, handler in self._previous_handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous_handlers.clear()
-        if self._registered:
-            if exit_code is not None:
-                record = ExitRecord(
-                    os.getpid(), self._create_time, exit_code, datetime.now(timezone.utc)
-                )
-                write_exit_record(self.state_dir, record)
-            unregister(self.state_dir, os.getpid())
-            self._registered = False
+        if self._link is not None:
+            self._link.close(exit_code, step)
+            self._link = None
 
     # -- stop requests --------------------------------------------------------------------
 
@@ -135,7 +124,11 @@ class StopIntake:
         # second signal during the save changes nothing.
         self.request_stop(signal.Signals(signum).name)
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, *, own: bool = True) -> None:
+        """Stop at the next step boundary. ``own``: this process was told (a signal, a
+        notice), not merely following another rank: its budget runs from now."""
+        if own and self._own_stop_at is None:
+            self._own_stop_at = time.monotonic()
         if self.reason is None:
             self.events.setdefault("stop_requested", time.time())
             self.reason = reason
@@ -149,19 +142,31 @@ class StopIntake:
         seen: tuple[int, int] | None = None
         while not self._closing.wait(self.settings.notice_poll_interval):
             try:
-                stat = path.stat()
+                stat = path.lstat()
             except OSError:
                 continue
             if (stat.st_mtime_ns, stat.st_size) == seen:
                 continue
             seen = (stat.st_mtime_ns, stat.st_size)
             try:
-                notice = read_notice(self.state_dir)
+                notice = self._read_notice_file()
             except ProtocolError as exc:
-                log.warning("ignoring unreadable notice file: %s", exc)
+                log.warning("ignoring the notice file: %s", exc)
                 continue
             if notice is not None:
                 self._on_notice(notice, "notice file")
+
+    def _read_notice_file(self) -> Notice | None:
+        """The notice file, if the agent wrote it: a regular file owned by root or by this
+        user (a file anyone else could place must not stop training)."""
+        path = self.state_dir / "notice.json"
+        try:
+            stat = path.lstat()
+        except OSError:
+            return None
+        if not S_ISREG(stat.st_mode) or stat.st_uid not in (0, os.getuid()):
+            raise ProtocolError(f"{path} is not a regular file owned by root or this user")
+        return read_notice(self.state_dir)
 
     def _watch_imds(self, endpoint: str) -> None:
         """Poll IMDS from the training process itself, for nodes where no agent runs."""
@@ -187,7 +192,17 @@ class StopIntake:
         finally:
             client.close()
 
+    def _on_agent_notice(self, notice: Notice) -> None:
+        self._on_notice(notice, "the agent")
+
     def _on_notice(self, notice: Notice, source: str) -> None:
+        now = datetime.now(timezone.utc)
+        if notice.deadline is not None and now > notice.deadline + NOTICE_GRACE:
+            if notice.id not in self._stale_told:  # a leftover, not news: told once
+                self._stale_told.add(notice.id)
+                log.warning("%s holds %s, whose deadline passed more than %.0f s ago: "
+                            "ignored", source, notice.id, NOTICE_GRACE.total_seconds())  # fmt: skip
+            return
         if notice.signals_targets:
             if notice.deadline is not None:
                 self._notice_deadline = notice.deadline
@@ -198,11 +213,21 @@ class StopIntake:
             log.info("rebalance recommendation: checkpointing early, training goes on")
             self.early_save = True
 
-    def notice_seconds_left(self) -> float | None:
-        """Seconds until the instance goes away by this node's notice; ``None`` without one
-        (a bare signal, or another node's notice: ranks share theirs, see ``GuardCore``)."""
+    def own_seconds_left(self) -> float | None:
+        """Seconds this process has by what it was told: its node's notice deadline, else
+        ``default_budget`` from the moment a bare signal arrived; ``None`` when it was told
+        nothing itself (it follows another rank, whose time governs: see ``GuardCore``)."""
+        left = self._notice_seconds_left()
+        if left is not None:
+            return left
+        if self._own_stop_at is None:
+            return None
+        return self.settings.default_budget - (time.monotonic() - self._own_stop_at)
+
+    def _notice_seconds_left(self) -> float | None:
+        """Seconds until the instance goes away by this node's notice; ``None`` without one."""
         try:
-            notice = read_notice(self.state_dir)
+            notice = self._read_notice_file()
         except ProtocolError:
             notice = None
         deadline = self._notice_deadline
