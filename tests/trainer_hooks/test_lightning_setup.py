@@ -4,6 +4,7 @@ what it resumes from when ``fit`` is given a ``ckpt_path``, and no log noise on 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,18 @@ PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 
 @pytest.fixture
 def no_process_group() -> Iterator[None]:
-    """A strategy that sets up torch.distributed in this process leaves no group behind."""
+    """A strategy that sets up torch.distributed in this process leaves nothing behind: no
+    group, and none of the variables Lightning exports for it (``MASTER_PORT`` and the like).
+    A later test's DDP subprocesses inherit the environment: with this run's ``MASTER_PORT``
+    their rank 1 once met a stale store and never joined its rank 0."""
+    environment = dict(os.environ)
     yield
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def trainer(*callbacks: Any, **options: Any) -> Any:
