@@ -102,4 +102,7 @@ def test_a_stop_at_an_epochs_last_batch_resumes_every_step_bit_exact(
     assert process.returncode == 0, stderr[-3000:]
     steps = [int(line) for line in progress.read_text().split()]
     assert steps == list(range(1, STEPS + 1)), "the resumed run skipped or redid steps"
+    at_an_epoch_end = stops[-1][1] % (STEPS // 3) == 0
+    # Lightning skips that epoch's end on resume: said, not silent
+    assert ("resumed at the end of epoch" in stderr) == at_an_epoch_end
     assert_same_weights(out, reference(loader, devices))

@@ -45,12 +45,15 @@ before their iterator is created, and its ``on_advance_start`` (an epoch's start
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = ["TrainSamplers"]
+
+log = logging.getLogger("spotguard.trainer_hooks")
 
 
 def _samplers(dataloader: Any) -> Iterator[Any]:
@@ -127,6 +130,11 @@ class TrainSamplers:
             moved_on = saved is not None and fit_loop.epoch_progress.current.processed > saved
             if moved_on:  # the saved epoch ended at the checkpoint: this one starts afresh
                 fit_loop.reset_restart_stage()
+                log.warning(
+                    "resumed at the end of epoch %d: Lightning does not run that epoch's "
+                    "end (on_train_epoch_end hooks, a ReduceLROnPlateau stepped there): what "
+                    "they keep may differ from an uninterrupted run", saved,
+                )  # fmt: skip
             start_epoch()
             if moved_on and _passes(fit_loop._combined_loader):
                 iter(fit_loop._data_fetcher)  # as at the start of every epoch not resumed
