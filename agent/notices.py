@@ -81,8 +81,10 @@ class ActiveNotices:
     def _past_grace(self, notice: Notice, now: datetime) -> bool:
         if notice.kind in WATCH_EXPIRES:
             return False
-        return notice.deadline is not None and now > notice.deadline + self.grace
+        return self.ended(notice, now)
 
     def ended(self, notice: Notice, now: datetime) -> bool:
-        """Whether ``notice``, dropped by its watch, expired rather than was withdrawn."""
-        return notice.deadline is not None and now > notice.deadline + self.grace
+        """Whether ``notice``'s deadline is more than the grace period past (for one dropped
+        by its watch: it expired rather than was withdrawn). Compared as ``now - grace``: a
+        deadline near the end of the calendar (year 9999, from IMDS) must not overflow."""
+        return notice.deadline is not None and now - self.grace > notice.deadline

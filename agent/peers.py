@@ -121,16 +121,17 @@ class Client:
         try:
             process = psutil.Process(self.pid)
             started = process.create_time()
-            real_uid = process.uids().real
+            uids = process.uids()
             since_boot = _started_after_boot(self.pid)
         except (psutil.Error, OSError, ValueError, IndexError):
             raise ProcessLookupError("the connecting process is gone") from None
         if self.pidfd is not None:  # still alive, so what was read above was its own
             signal.pidfd_send_signal(self.pidfd, 0)
         if not vouched:
-            if real_uid != self.uid:
+            # SO_PEERCRED gives the effective uid; a setuid trainer's real uid differs.
+            if self.uid not in (uids.real, uids.effective, uids.saved):
                 raise ProcessLookupError(
-                    f"pid {self.pid} now belongs to uid {real_uid}, not the connecting uid "
+                    f"pid {self.pid} now belongs to uid {uids.real}, not the connecting uid "
                     f"{self.uid}: the connecting process is gone"
                 )
             if since_boot > self.accepted_at:

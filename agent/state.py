@@ -89,15 +89,26 @@ def prepare_state_dir(state_dir: Path) -> None:
                 log.warning("state dir %s was writable by others; now mode 0755", state_dir)
                 os.fchmod(fd, 0o755)  # readable by all, writable by the agent
             for name in VERSION_1_DIRS:
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                        shutil.rmtree(name, dir_fd=fd)
-                        log.info("removed %s (version 1 registrations; the socket replaced "
-                                 "them)", state_dir / name)  # fmt: skip
+                _remove_version_1(fd, state_dir, name)
         finally:
             os.close(fd)
     except OSError as exc:
         raise ConfigError(f"state_dir: cannot use {state_dir}: {exc}") from None
+
+
+def _remove_version_1(fd: int, state_dir: Path, name: str) -> None:
+    """Best effort: what another user left in the old world-writable ``targets/`` may be
+    unreadable to the agent, and a leftover must never keep the agent from starting."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+            log.info("removed %s (version 1 registrations; the socket replaced them)",
+                     state_dir / name)  # fmt: skip
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("could not remove %s (version 1 registrations, unused now): %s",
+                    state_dir / name, exc)  # fmt: skip
 
 
 def _check_parents(state_dir: Path) -> None:
@@ -191,16 +202,14 @@ class HandledState:
 
     def prune(self, active: Collection[str], alive: Callable[[str], bool], now: datetime) -> None:
         """Keep only the identities for which ``alive`` holds, the ``active`` notices and those
-        noticed less than ``KEEP_INACTIVE`` ago, within ``MAX_NOTICES`` and ``MAX_SIGNALLED``."""
+        noticed less than ``KEEP_INACTIVE`` ago, within ``MAX_NOTICES``. Live identities are
+        never dropped here (that would signal them again at the next tick); only what is
+        written to disk is capped (:meth:`save`)."""
         for notice_id, entry in list(self.notices.items()):
             if notice_id not in active and (now - entry.noticed_at).total_seconds() > KEEP_INACTIVE:
                 del self.notices[notice_id]
                 continue
             entry.signalled = {identity for identity in entry.signalled if alive(identity)}
-            if len(entry.signalled) > MAX_SIGNALLED:
-                log.warning("%d live processes signalled for %s: only %d are remembered",
-                            len(entry.signalled), notice_id, MAX_SIGNALLED)  # fmt: skip
-                entry.signalled = set(sorted(entry.signalled)[:MAX_SIGNALLED])
         newest = sorted(self.notices, key=lambda n: (n in active, self.notices[n].noticed_at))
         for notice_id in newest[: max(0, len(newest) - MAX_NOTICES)]:
             del self.notices[notice_id]
@@ -212,7 +221,8 @@ class HandledState:
             "notices": {
                 notice_id: {
                     "noticed_at": format_time(entry.noticed_at),
-                    "signalled": sorted(entry.signalled),
+                    # a restart forgets the rest: at most one more signal each, then
+                    "signalled": sorted(entry.signalled)[:MAX_SIGNALLED],
                 }
                 for notice_id, entry in self.notices.items()
             },

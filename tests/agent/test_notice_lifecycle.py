@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 
 import psutil
 import pytest
 
+from spotguard.agent.notices import ActiveNotices
+from spotguard.protocol import Notice
 from tests.support import wait_for
 
 MIB = 1024 * 1024
@@ -151,3 +154,13 @@ def test_maintenance_lasts_until_not_after_and_the_next_due_event_follows(sim, a
     assert notice_id(agent) == "scheduled-maintenance/first"
     wait_for(lambda: notice_id(agent) == "scheduled-maintenance/second", what="the second event")
     assert "notice scheduled-maintenance/first expired" in agent.log()
+
+
+def test_a_deadline_at_the_end_of_the_calendar_is_a_notice_not_a_crash():
+    """IMDS said year 9999: adding the grace period to it overflowed and failed every tick."""
+    notices = ActiveNotices(300.0)
+    now = datetime.now(timezone.utc)
+    far = Notice("spot-interruption", "terminate", datetime.max.replace(tzinfo=timezone.utc),
+                 now, key="9999")  # fmt: skip
+    assert notices.is_new(far, now)
+    assert not notices.ended(far, now)

@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import spotguard.agent.state as state_module
+from spotguard.agent.state import HandledNotice, HandledState
 from tests.support import wait_for
 
 #: Registers, then waits to be signalled (SIGUSR1's default action ends it).
@@ -108,3 +111,18 @@ def test_a_state_dir_below_a_directory_others_can_write_is_refused(sim, agents, 
     assert agent.process.wait(10) != 0
     assert f"lies below {shared}" in agent.log()
     assert not os.path.exists(state_dir / "agent.sock")
+
+
+def test_live_processes_past_the_saved_cap_are_never_forgotten(tmp_path, monkeypatch):
+    """Forgetting a live, signalled process signals it again at the next tick: only what is
+    written to disk is capped."""
+    monkeypatch.setattr(state_module, "MAX_SIGNALLED", 3)
+    handled = HandledState(tmp_path / "agent-state.json")
+    now = datetime.now(timezone.utc)
+    live = {f"{pid}@1.0" for pid in range(100, 110)}
+    handled.notices["spot-interruption/x"] = HandledNotice(noticed_at=now, signalled=set(live))
+    handled.prune({"spot-interruption/x"}, lambda identity: True, now)
+    assert handled.notices["spot-interruption/x"].signalled == live
+    handled.save()
+    saved = json.loads((tmp_path / "agent-state.json").read_text())
+    assert len(saved["notices"]["spot-interruption/x"]["signalled"]) == 3

@@ -77,7 +77,7 @@ def test_a_notice_file_placed_by_another_user_does_not_stop_training(tmp_path, c
         g.restore({})
         path = write_notice(state_dir, notice(120))
         os.chown(path, NOBODY, NOBODY)
-        wait_for(lambda: "not a regular file owned by root or this user" in caplog.text,
+        wait_for(lambda: f"is not a regular file of the agent's (uid {NOBODY})" in caplog.text,
                  what="the notice file refused")  # fmt: skip
         assert not g.stop_requested
 
@@ -124,6 +124,27 @@ def test_a_socket_served_by_another_user_is_not_trusted(tmp_path, public_dir, ca
             wait_for(lambda: f"is served by uid {NOBODY}, not root" in caplog.text,
                      what="the fake agent refused")  # fmt: skip
             assert guard._core.stops._link.registered_pid is None
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_an_agent_run_as_the_owner_of_its_state_dir_is_trusted(public_dir, caplog):
+    """systemd runs the agent as a dynamic user owning /run/spotguard: its socket and its
+    notices count, as long as nobody else could have made that directory."""
+    state_dir = public_dir / "state"
+    state_dir.mkdir(mode=0o755)
+    os.chown(state_dir, NOBODY, NOBODY)
+    fake = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", FAKE_AGENT, str(state_dir)], user=NOBODY, group=NOBODY,
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        with SpotGuard(str(public_dir / "store"), state_dir=state_dir) as guard:
+            guard.restore({})
+            wait_for(lambda: guard._core.stops._link.registered_pid == os.getpid(),
+                     what="the registration")  # fmt: skip
     finally:
         fake.kill()
         fake.wait()

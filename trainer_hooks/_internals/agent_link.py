@@ -13,6 +13,7 @@ restarting) means retrying in the background; the notice file and the signals st
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from stat import S_ISDIR, S_ISVTX
 
 from spotguard.errors import ProtocolError
 from spotguard.protocol import (
@@ -32,7 +34,7 @@ from spotguard.protocol import (
     socket_path,
 )
 
-__all__ = ["AgentLink"]
+__all__ = ["AgentLink", "trusted_uids"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
@@ -139,7 +141,7 @@ class AgentLink:
         try:
             sock.settimeout(2.0)
             sock.connect(str(self.path))
-            _check_agent(sock)
+            _check_agent(sock, trusted_uids(self.path.parent))
             sock.sendall(encode_message("register", signal=self.signal_name, rank=self.rank))
         except (OSError, ProtocolError) as exc:
             with self._lock:
@@ -189,13 +191,39 @@ class AgentLink:
             log.warning("the agent refused this process: %s", message.get("reason"))
 
 
-def _check_agent(sock: socket.socket) -> None:
-    """Trust only an agent run by root or by this user: whoever else serves the socket (a
-    state dir someone else could write to) could push fake notices and stop training."""
+def trusted_uids(state_dir: Path) -> frozenset[int]:
+    """Whom to believe about notices: root, this user, and the owner of the state dir when
+    nobody else can have put it there. systemd runs the agent as a dynamic user that owns
+    ``/run/spotguard``; a directory that someone else could create or replace (a parent
+    writable by others without the sticky bit, or the state dir itself writable by others,
+    or any directory above it owned by another user) earns its owner nothing."""
+    mine = {0, os.getuid()}
+    try:
+        own = state_dir.lstat()
+        chain = [state_dir.resolve(), *state_dir.resolve().parents]
+        stats = [folder.stat() for folder in chain]
+    except OSError:
+        return frozenset(mine)
+    if not S_ISDIR(own.st_mode) or own.st_mode & 0o022:
+        return frozenset(mine)
+    for child, parent in itertools.pairwise(stats):
+        if parent.st_uid not in mine:
+            return frozenset(mine)
+        if parent.st_mode & 0o022 and not (parent.st_mode & S_ISVTX and child.st_uid in mine):
+            return frozenset(mine)  # anyone could have made (or swapped in) the child
+    return frozenset({*mine, own.st_uid})
+
+
+def _check_agent(sock: socket.socket, trusted: frozenset[int]) -> None:
+    """Register only with an agent of a trusted uid: whoever else serves the socket could
+    push fake notices and stop training."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
-    if uid not in (0, os.getuid()):
-        raise ProtocolError(f"{sock.getpeername()} is served by uid {uid}, not root or this user")
+    if uid not in trusted:
+        raise ProtocolError(
+            f"{sock.getpeername()} is served by uid {uid}, not root, this user or the owner "
+            "of a state dir only they control"
+        )
 
 
 #: The links of this process, for the fork handler (weak: a closed guard is not kept alive).

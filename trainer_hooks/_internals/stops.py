@@ -16,7 +16,6 @@ the earliest of theirs).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -35,7 +34,7 @@ from spotguard.imds.parsers import (
     evaluate_spot_action,
 )
 from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, read_notice
-from spotguard.trainer_hooks._internals.agent_link import AgentLink
+from spotguard.trainer_hooks._internals.agent_link import AgentLink, trusted_uids
 from spotguard.trainer_hooks.settings import GuardSettings
 
 __all__ = ["StopIntake"]
@@ -157,15 +156,16 @@ class StopIntake:
                 self._on_notice(notice, "notice file")
 
     def _read_notice_file(self) -> Notice | None:
-        """The notice file, if the agent wrote it: a regular file owned by root or by this
-        user (a file anyone else could place must not stop training)."""
+        """The notice file, if the agent wrote it: a regular file of a trusted uid (root,
+        this user, the owner of a state dir only they control: see ``trusted_uids``); a
+        file anyone else could place must not stop training."""
         path = self.state_dir / "notice.json"
         try:
             stat = path.lstat()
         except OSError:
             return None
-        if not S_ISREG(stat.st_mode) or stat.st_uid not in (0, os.getuid()):
-            raise ProtocolError(f"{path} is not a regular file owned by root or this user")
+        if not S_ISREG(stat.st_mode) or stat.st_uid not in trusted_uids(self.state_dir):
+            raise ProtocolError(f"{path} is not a regular file of the agent's (uid {stat.st_uid})")
         return read_notice(self.state_dir)
 
     def _watch_imds(self, endpoint: str) -> None:
