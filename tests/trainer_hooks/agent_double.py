@@ -53,6 +53,17 @@ class AgentDouble:
             time.sleep(0.05)
         raise AssertionError(f"{count} registration(s) expected, got {self.registered}")
 
+    def exit_of(self, pid: int, timeout: float = 30.0) -> dict[str, Any]:
+        """``pid``'s exit message; it is read by this double's thread, a moment after the
+        process sent it (and possibly after the process is gone)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if pid in self.exits:
+                    return self.exits[pid]
+            time.sleep(0.05)
+        raise AssertionError(f"no exit message from pid {pid}; got {self.exits}")
+
     def close(self) -> None:
         """Stop, as an agent that goes away: every connection is hung up."""
         self._closing.set()

@@ -75,7 +75,7 @@ def test_emergency_that_cannot_fit_keeps_the_last_checkpoint_and_says_so(
     assert caught.value.saved is False
     assert CheckpointStore(uri).latest().step == 5
     assert "keeping the last verified checkpoint (step 5)" in caplog.text
-    assert agent.exits[os.getpid()] == {"v": 2, "op": "exit", "code": 75, "step": 7}
+    assert agent.exit_of(os.getpid()) == {"v": 2, "op": "exit", "code": 75, "step": 7}
 
 
 def test_signals_during_the_emergency_save_do_not_corrupt_it(tmp_path, state_dir):
@@ -137,7 +137,7 @@ def test_a_notice_pushed_by_the_agent_stops_training_without_a_signal(tmp_path, 
         guard.step(2, state)
     assert caught.value.saved is True
     assert CheckpointStore(uri).latest().step == 2
-    assert agent.exits[os.getpid()]["step"] == 2
+    assert agent.exit_of(os.getpid())["step"] == 2
 
 
 def test_the_guard_registers_again_when_the_agent_restarts(tmp_path, state_dir, agent):

@@ -150,7 +150,10 @@ def test_a_stop_during_validation_is_taken_within_one_batch_and_resumes_bit_exac
     assert [b for b in val_batches(val_progress) if b[0] == 12] == [(12, 0)]
     assert steps_done(progress) == 12
     latest = CheckpointStore(str(tmp_path / "store")).latest()
-    assert (latest.step, latest.kind) == (12, "emergency")
+    # A periodic save deferred to step 12 (its predecessor still uploading on a busy machine)
+    # may have committed first: the emergency then has nothing to add. Either way, step 12.
+    assert latest.step == 12
+    assert latest.kind in ("emergency", "periodic")
     assert exit_codes(tmp_path, 1) == [75]
 
     out = tmp_path / "final.pt"

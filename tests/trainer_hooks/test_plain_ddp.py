@@ -70,6 +70,7 @@ def test_rank_1_signalled_both_ranks_save_exit_75_and_resume_bit_exact(tmp_path,
     ranks[1].send_signal(signal.SIGUSR1)
     go.touch()
     assert [rank.wait(120) for rank in ranks] == [75, 75]
+    wait_for(lambda: len(agent.exits) == 2, what="both ranks' exit messages")
     assert {pid: exit["code"] for pid, exit in agent.exits.items()} == {
         ranks[0].pid: 75,
         ranks[1].pid: 75,

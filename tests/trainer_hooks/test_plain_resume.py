@@ -92,7 +92,7 @@ def test_notice_file_stops_training_and_the_agent_protocol_holds(tmp_path, refer
     (state_dir / "notice.json").write_text(json.dumps(notice))
     assert first.wait(60) == 75
     stopped_at = CheckpointStore(store).latest().step
-    assert agent.exits[first.pid]["code"] == 75
+    assert agent.exit_of(first.pid)["code"] == 75
     assert agent.exits[first.pid]["step"] == stopped_at
     wait_for(lambda: not agent.registered, what="the registration to end with the process")
     agent.close()
