@@ -31,6 +31,7 @@ from spotguard.agent.metrics import Metrics, MetricsServer
 from spotguard.agent.notices import ActiveNotices
 from spotguard.agent.outcomes import Outcomes
 from spotguard.agent.peers import Client
+from spotguard.agent.processes import is_alive
 from spotguard.agent.registry import Registry
 from spotguard.agent.sd_notify import SystemdNotifier
 from spotguard.agent.state import HandledNotice, HandledState, NoticeFile, prepare_state_dir
@@ -50,15 +51,6 @@ ERROR_LOG_EVERY = 60.0
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def is_alive(identity: str) -> bool:
-    """Whether the process ``pid@start time`` still runs (that very process, not its pid)."""
-    pid = identity.partition("@")[0]
-    try:
-        return f"{pid}@{psutil.Process(int(pid)).create_time():.2f}" == identity
-    except (psutil.Error, ValueError):
-        return False
 
 
 class Agent:
@@ -175,6 +167,7 @@ class Agent:
         try:
             self._poll()
             for notice in self.notices.expire(self._now()):
+                self.state.dirty = True  # records when it went inactive (kept a while)
                 log.warning(
                     "notice %s expired: its deadline passed more than %.0f s ago",
                     notice.id,
@@ -228,6 +221,7 @@ class Agent:
                 how = "expired: its window ended" if self.notices.ended(gone, self._now()) else (
                     "withdrawn by IMDS")  # fmt: skip
                 log.warning("notice %s %s", gone.id, how, extra={"notice_id": gone.id})
+                self.state.dirty = True  # records when it went inactive (kept a while)
             if notice and self.notices.is_new(notice, self._now()):
                 self._on_notice(notice)
         if failed is not None:

@@ -5,8 +5,9 @@ agent raises its soft limit to the hard one at startup. A registered connection 
 descriptors (the socket, and the pidfd taken at register), so the caps keep ``RESERVED_FDS``
 for the agent's own files (IMDS connections, the metrics server, state and notice files, hook
 pipes) below the limit: total connections ``<= (soft limit - RESERVED_FDS) / 2``, at most
-``MAX_CONNECTIONS``; one uid gets at most a quarter of that (and ``MAX_PER_UID``), so a single
-local user can never fill the table, nor the agent's file descriptors.
+``MAX_CONNECTIONS``; one user (a uid with its subordinate uids, see
+:mod:`spotguard.agent.connections`) gets at most a quarter of that (and ``MAX_PER_USER``), so a
+single local user can never fill the table, nor the agent's file descriptors.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import logging
 import resource
 from dataclasses import dataclass
 
-__all__ = ["MAX_CONNECTIONS", "MAX_PER_UID", "RESERVED_FDS", "Caps", "raise_fd_limit"]
+__all__ = ["MAX_CONNECTIONS", "MAX_PER_USER", "RESERVED_FDS", "Caps", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 
-#: Upper bounds on connections held at once, in total and per uid, whatever the fd limit.
+#: Upper bounds on connections held at once, in total and per user, whatever the fd limit.
 MAX_CONNECTIONS = 512
-MAX_PER_UID = 128
+MAX_PER_USER = 128
 #: File descriptors kept for the agent's own use, never spent on connections.
 RESERVED_FDS = 128
 
@@ -29,7 +30,7 @@ RESERVED_FDS = 128
 @dataclass(frozen=True)
 class Caps:
     total: int
-    per_uid: int
+    per_user: int
 
     @classmethod
     def for_limit(cls, soft: int) -> Caps:
@@ -37,7 +38,7 @@ class Caps:
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 30
         total = max(1, min(MAX_CONNECTIONS, (soft - RESERVED_FDS) // 2))
-        return cls(total, max(1, min(MAX_PER_UID, total // 4)))
+        return cls(total, max(1, min(MAX_PER_USER, total // 4)))
 
 
 def raise_fd_limit() -> int:

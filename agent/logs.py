@@ -96,7 +96,7 @@ class LogBudget:
                 self._logger.warning(
                     "%d more log line(s) about local clients (%s) held back in %.0f s",
                     entry[2],
-                    "the agent" if key == "agent" else f"uid {key}",
+                    "the agent" if key == "agent" else key,
                     self._window,
                 )
             self._forget(now)

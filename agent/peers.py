@@ -21,29 +21,31 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
 
 import psutil
 
-__all__ = ["Client", "PidfdUnsupported", "boot_clock", "peer_credentials"]
+from spotguard.agent.processes import (
+    TICKS_PER_SECOND,
+    boot_clock,
+    identity,
+    is_alive,
+    start_ticks,
+)
+
+__all__ = ["Client", "PidfdUnsupported", "peer_credentials"]
 
 #: Not in Python 3.11's socket module; Linux >= 6.5 (the generic value, x86-64 and arm64).
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _PEERCRED = struct.Struct("3i")
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class PidfdUnsupported(Exception):
     """Neither ``SO_PEERPIDFD`` nor ``pidfd_open`` exists here: signals go by pid."""
-
-
-def boot_clock() -> float:
-    """Seconds since boot, the clock of a process's start time in ``/proc/<pid>/stat``."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int]:
@@ -52,14 +54,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int]:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
     return pid, uid
-
-
-def _started_after_boot(pid: int) -> float:
-    """When ``pid`` started, in :func:`boot_clock` seconds (rounded down to a clock tick)."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        data = handle.read()
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    return int(data[data.rindex(b")") + 2 :].split()[19]) / _TICKS
 
 
 def _pidfd_of_peer(sock: socket.socket, pid: int) -> tuple[int, bool]:
@@ -90,6 +84,9 @@ class Client:
     pid: int
     uid: int
     connected_at: float
+    #: Who answers for ``uid`` (its user, for a subordinate uid): connections are counted and
+    #: log lines budgeted by it (:mod:`spotguard.agent.connections`).
+    principal: str = ""
     #: :func:`boot_clock` at accept: the connecting process started before.
     accepted_at: float = field(default_factory=boot_clock)
     #: Pins the registrant (not whoever holds its PID later); taken at register, ``None``
@@ -97,7 +94,8 @@ class Client:
     pidfd: int | None = None
     signal: signal.Signals | None = None
     rank: int = 0
-    #: ``pid@start time``: the same process is the same target across agent restarts.
+    #: ``pid@start ticks@boot id`` (:mod:`spotguard.agent.processes`): the same process is the
+    #: same target across agent restarts and clock steps.
     identity: str = ""
     exit_code: int | None = None
     exit_step: int | None = None
@@ -119,11 +117,9 @@ class Client:
         if use_pidfd:
             self.pidfd, vouched = _pidfd_of_peer(self.sock, self.pid)
         try:
-            process = psutil.Process(self.pid)
-            started = process.create_time()
-            uids = process.uids()
-            since_boot = _started_after_boot(self.pid)
-        except (psutil.Error, OSError, ValueError, IndexError):
+            uids = psutil.Process(self.pid).uids()
+            ticks = start_ticks(self.pid)
+        except (psutil.Error, ProcessLookupError):
             raise ProcessLookupError("the connecting process is gone") from None
         if self.pidfd is not None:  # still alive, so what was read above was its own
             signal.pidfd_send_signal(self.pidfd, 0)
@@ -134,12 +130,19 @@ class Client:
                     f"pid {self.pid} now belongs to uid {uids.real}, not the connecting uid "
                     f"{self.uid}: the connecting process is gone"
                 )
-            if since_boot > self.accepted_at:
+            if ticks / TICKS_PER_SECOND > self.accepted_at:
                 raise ProcessLookupError(
                     f"pid {self.pid} started after the connection was accepted: the connecting "
                     "process is gone"
                 )
-        self.identity = f"{self.pid}@{started:.2f}"
+        self.identity = identity(self.pid, ticks=ticks)
+
+    def alive(self) -> bool:
+        """Whether the registrant itself still runs (an exited one is gone here even while it
+        is a zombie, or while a child of it holds the connection)."""
+        if self.pidfd is not None:
+            return not select.select([self.pidfd], [], [], 0)[0]  # readable once it exited
+        return is_alive(self.identity)
 
     def close_pidfd(self) -> None:
         if self.pidfd is not None:
@@ -152,10 +155,6 @@ class Client:
         if self.pidfd is not None:
             signal.pidfd_send_signal(self.pidfd, self.signal)
             return
-        try:
-            process = psutil.Process(self.pid)
-            if f"{self.pid}@{process.create_time():.2f}" != self.identity:
-                raise ProcessLookupError(self.pid)
-            process.send_signal(self.signal)
-        except psutil.NoSuchProcess:
-            raise ProcessLookupError(self.pid) from None
+        if not is_alive(self.identity):
+            raise ProcessLookupError(self.pid)
+        os.kill(self.pid, self.signal)

@@ -10,14 +10,16 @@ registration per process: a second one from a registered pid is refused. A regis
 exactly as long as its connection: nothing goes stale.
 
 Every local user can connect, so everything here is bounded and nothing blocks: connections are
-capped (per uid and in total, below the file descriptor limit: :mod:`spotguard.agent.limits`),
-log lines about clients are budgeted per uid, a message is at most ``MAX_MESSAGE_BYTES``, the
+capped (per user and in total, below the file descriptor limit: :mod:`spotguard.agent.limits`;
+a full table makes room from the user holding the most: :mod:`spotguard.agent.connections`),
+log lines about clients are budgeted per user, a message is at most ``MAX_MESSAGE_BYTES``, the
 register message must come within ``REGISTER_TIMEOUT``, a write that would block drops that
-client. Anything
-wrong with one connection (malformed, oversized, unexpected) gets an ``error`` message and
-drops that connection only. It is single-threaded: the agent's loop calls :meth:`Registry.serve`
-while it waits for its next tick, so a registration is answered (and, during a notice,
-signalled) at once rather than at the next poll.
+client. Anything wrong with one connection (malformed, oversized, unexpected) gets an
+``error`` message and drops that connection only. A registrant that exits while another process
+(a forked child) still holds its connection is dropped when its pidfd says so, and its pid is
+free for the next process at once. It is single-threaded: the agent's loop calls
+:meth:`Registry.serve` while it waits for its next tick, so a registration is answered (and,
+during a notice, signalled) at once rather than at the next poll.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ import selectors
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from spotguard.agent.limits import MAX_CONNECTIONS, MAX_PER_UID, Caps
+from spotguard.agent.connections import Connections, Principals
+from spotguard.agent.limits import MAX_CONNECTIONS, MAX_PER_USER, Caps
 from spotguard.agent.logs import LogBudget
 from spotguard.agent.peers import Client, PidfdUnsupported, peer_credentials
-from spotguard.agent.state import is_directory, remove_path
+from spotguard.agent.state import bind_socket
 from spotguard.errors import ConfigError, ProtocolError
 from spotguard.protocol import (
     CLIENT_OPS,
@@ -48,7 +51,7 @@ from spotguard.protocol import (
     socket_path,
 )
 
-__all__ = ["MAX_CONNECTIONS", "MAX_PER_UID", "REGISTER_TIMEOUT", "Client", "Registry"]
+__all__ = ["MAX_CONNECTIONS", "MAX_PER_USER", "REGISTER_TIMEOUT", "Client", "Registry"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,13 @@ REGISTER_TIMEOUT = 5.0
 ACCEPT_BATCH = 64
 #: After the process ran out of file descriptors, accepting pauses this long (no hot loop).
 ACCEPT_PAUSE = 1.0
+
+
+@dataclass(frozen=True)
+class _Exited:
+    """Selector key data of a registrant's pidfd: readable once that process exited."""
+
+    client: Client
 
 
 class Registry:
@@ -77,74 +87,49 @@ class Registry:
         self._listener: socket.socket | None = None
         self._inode = 0
         self._wake_read, self.wakeup_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._clients: dict[socket.socket, Client] = {}
-        #: Not yet registered, oldest first: the register deadline is checked from the front.
-        self._pending: dict[socket.socket, Client] = {}
-        self._per_uid: Counter[int] = Counter()
-        #: Registered processes by pid: one registration each.
-        self._by_pid: dict[int, Client] = {}
-        self.caps = Caps(MAX_CONNECTIONS, MAX_PER_UID)
+        self._connections = Connections(Caps(MAX_CONNECTIONS, MAX_PER_USER), Principals())
         self._accept_paused_until: float | None = None
         self._use_pidfd = True
-        self._refused = 0
-        self._cap_logged_at: float | None = None
-        #: Per uid: one user's misbehaving connections cannot hide another's lines. Lines about
+        #: Per user: one user's misbehaving connections cannot hide another's lines. Lines about
         #: registered processes (registered, exit code, disconnected) have their own, larger
-        #: budget per uid; the agent's own trouble (accept failing) has its own key.
+        #: budget per user; the agent's own trouble (accept failing) has its own key.
         self._budget = LogBudget(log, clock=clock)
         self._lifecycle = LogBudget(log, burst=200, clock=clock)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Bind ``agent.sock`` (mode 0666) under a temporary name, then rename it into place:
-        a client never finds a socket with the wrong mode, and whatever was at that path (a
-        socket of an earlier run, a symlink, a FIFO, a directory) is replaced, never followed.
-        The connection caps follow the file descriptor limit in force now."""
-        self.caps = Caps.for_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Bind ``agent.sock`` (:func:`~spotguard.agent.state.bind_socket`). The connection
+        caps follow the file descriptor limit in force now."""
+        caps = Caps.for_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._connections.caps = caps
         try:
-            remove_path(temporary)
-            listener.bind(str(temporary))
-            os.chmod(temporary, 0o666)  # noqa: S103 - any local process may register itself
-            listener.listen(128)
-            listener.setblocking(False)
-            if is_directory(self.path):
-                log.warning("%s was a directory; removed", self.path)
-                remove_path(self.path)
-            os.replace(temporary, self.path)
-            self._inode = os.stat(self.path, follow_symlinks=False).st_ino
+            self._listener, self._inode = bind_socket(self.path)
         except OSError as exc:
-            listener.close()
-            remove_path(temporary)
             raise ConfigError(f"state_dir: cannot create {self.path}: {exc}") from None
-        self._listener = listener
-        self._selector.register(listener, selectors.EVENT_READ, "listener")
+        self._selector.register(self._listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._wake_read, selectors.EVENT_READ, "wakeup")
-        log.info("registration socket %s ready (at most %d connections, %d per uid)",
-                 self.path, self.caps.total, self.caps.per_uid)  # fmt: skip
+        log.info("registration socket %s ready (at most %d connections, %d per user)",
+                 self.path, caps.total, caps.per_user)  # fmt: skip
 
     def close(self) -> None:
         """Hang up on every client (they reconnect to the next agent) and remove the socket
         unless another agent has replaced it since."""
-        for client in list(self._clients.values()):
+        for client in list(self._connections.by_socket.values()):
             self._close(client)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            try:
+            with contextlib.suppress(OSError):
                 if os.stat(self.path, follow_symlinks=False).st_ino == self._inode:
                     self.path.unlink()
-            except OSError:
-                pass
         self._selector.close()
         os.close(self._wake_read)
         os.close(self.wakeup_fd)
 
     def clients(self) -> list[Client]:
         """The registered connections."""
-        return [client for client in self._clients.values() if client.registered]
+        return [client for client in self._connections.by_socket.values() if client.registered]
 
     # -- the event loop -------------------------------------------------------------------
 
@@ -160,8 +145,8 @@ class Registry:
             wait = deadline - now
             if wait <= 0:
                 return False
-            if self._pending:
-                oldest = next(iter(self._pending.values()))
+            if self._connections.pending:
+                oldest = next(iter(self._connections.pending.values()))
                 wait = min(wait, oldest.connected_at + REGISTER_TIMEOUT - now)
             if self._accept_paused_until is not None:
                 wait = min(wait, self._accept_paused_until - now)
@@ -177,14 +162,20 @@ class Registry:
                             "registration socket: accept failed", key="agent", exc_info=True
                         )
                     continue
-                client: Client = key.data
+                exited = isinstance(key.data, _Exited)
+                client: Client = key.data.client if exited else key.data
+                if client.closed:  # both its events came in one wake-up
+                    continue
                 try:
-                    self._receive(client)
+                    if exited:
+                        self._on_exit(client)
+                    else:
+                        self._receive(client)
                 except Exception:  # one connection's trouble is never the agent's
                     self._budget.error(
                         "registration socket: error on pid %s's connection",
                         client.pid,
-                        key=client.uid,
+                        key=client.principal,
                         exc_info=True,
                     )
                     self._close(client)
@@ -209,7 +200,7 @@ class Registry:
         if reply:
             _send_quietly(client.sock, encode_message("error", reason=reason[:200]))
         self._budget.warning("registration socket: dropped pid %s (uid %s): %s",
-                             client.pid, client.uid, reason, key=client.uid)  # fmt: skip
+                             client.pid, client.uid, reason, key=client.principal)  # fmt: skip
         self._close(client)
 
     # -- connections ----------------------------------------------------------------------
@@ -235,56 +226,47 @@ class Registry:
             except OSError:
                 sock.close()
                 continue
-            if len(self._clients) >= self.caps.total or self._per_uid[uid] >= self.caps.per_uid:
-                self._refuse(sock, uid)
+            principal = self._connections.principals.of(uid)
+            admitted, victim = self._connections.admit(principal)
+            if not admitted:
+                self._refuse(sock, uid, principal)
                 continue
-            client = Client(sock, pid, uid, self._clock())
-            self._clients[sock] = client
-            self._pending[sock] = client
-            self._per_uid[uid] += 1
+            if victim is not None:
+                self.drop(victim, f"the connection table is full and {victim.principal} holds the "
+                          "most connections: making room for another user")  # fmt: skip
+            client = Client(sock, pid, uid, self._clock(), principal)
+            self._connections.add(client)
             self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def _refuse(self, sock: socket.socket, uid: int) -> None:
-        """Over the cap: an error message and hang up. Logged when first hit, then at most
-        once a minute with the count refused meanwhile."""
+    def _refuse(self, sock: socket.socket, uid: int, principal: str) -> None:
+        """Over the cap: an error message and hang up (logged by the table, rate-limited)."""
         _send_quietly(sock, encode_message("error", reason="too many connections"))
         sock.close()
-        self._refused += 1
-        now = self._clock()
-        if self._cap_logged_at is None or now - self._cap_logged_at >= 60.0:
-            self._cap_logged_at = now
-            log.error("registration socket: connection cap reached (%d in total, %d for uid %s; "
-                      "caps %d and %d per uid); refused %d connection(s) so far",
-                      len(self._clients), self._per_uid[uid], uid, self.caps.total,
-                      self.caps.per_uid, self._refused)  # fmt: skip
+        self._connections.refused(uid, principal, self._clock())
 
     def _close(self, client: Client) -> None:
         if client.closed:
             return
         client.closed = True
         self._selector.unregister(client.sock)
+        if client.pidfd is not None and client.registered:
+            self._selector.unregister(client.pidfd)
         client.sock.close()
         client.close_pidfd()
-        del self._clients[client.sock]
-        if self._by_pid.get(client.pid) is client:
-            del self._by_pid[client.pid]
-        self._pending.pop(client.sock, None)
-        self._per_uid[client.uid] -= 1
-        if not self._per_uid[client.uid]:
-            del self._per_uid[client.uid]
+        self._connections.remove(client)
         if client.registered:
             self._lifecycle.info(
                 "pid %s disconnected (exit code %s, step %s)",
                 client.pid,
                 client.exit_code if client.exit_code is not None else "not reported",
                 client.exit_step,
-                key=client.uid,
+                key=client.principal,
                 extra={"pid": client.pid, "rank": client.rank},
             )
 
     def _expire_pending(self, now: float) -> None:
-        while self._pending:
-            client = next(iter(self._pending.values()))
+        while self._connections.pending:
+            client = next(iter(self._connections.pending.values()))
             if now < client.connected_at + REGISTER_TIMEOUT:
                 return
             self.drop(client, f"no register message within {REGISTER_TIMEOUT:g} s")
@@ -295,28 +277,40 @@ class Registry:
             assert self._listener is not None
             self._selector.register(self._listener, selectors.EVENT_READ, "listener")
 
-    def _receive(self, client: Client) -> None:
+    def _on_exit(self, client: Client) -> None:
+        """The registrant exited: read what it sent before (an exit message, the end of the
+        connection). A connection still open after that is held by another process (a child
+        that inherited it): dropped, so that the pid is free for whoever gets it next."""
+        while not client.closed and self._receive(client):
+            pass
+        if not client.closed:
+            self.drop(client, "the registered process is gone (another process holds its "
+                      "connection)", reply=False)  # fmt: skip
+
+    def _receive(self, client: Client) -> bool:
+        """Read and handle what arrived; ``False`` when nothing was there to read."""
         # Never more than one message's worth: the buffer stays within MAX_MESSAGE_BYTES + 1.
         try:
             data = client.sock.recv(MAX_MESSAGE_BYTES + 1 - len(client.buffer))
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             self._close(client)
-            return
+            return True
         if not data:
             self._close(client)
-            return
+            return True
         client.buffer += data
         while not client.closed:
             end = client.buffer.find(b"\n")
             if end < 0:
                 if len(client.buffer) > MAX_MESSAGE_BYTES - 1:
                     self.drop(client, f"message exceeds {MAX_MESSAGE_BYTES} bytes")
-                return
+                return True
             line = bytes(client.buffer[: end + 1])
             del client.buffer[: end + 1]
             self._handle(client, line)
+        return True
 
     def _handle(self, client: Client, line: bytes) -> None:
         try:
@@ -338,7 +332,7 @@ class Registry:
                 client.pid,
                 client.exit_code,
                 client.exit_step,
-                key=client.uid,
+                key=client.principal,
                 extra={"pid": client.pid, "rank": client.rank},
             )
 
@@ -349,9 +343,13 @@ class Registry:
         if client.pid == os.getpid():
             self.drop(client, "the agent does not register itself")
             return
-        if client.pid in self._by_pid:
-            self.drop(client, f"pid {client.pid} is registered already (on another connection)")
-            return
+        earlier = self._connections.by_pid.get(client.pid)
+        if earlier is not None:
+            if earlier.alive():
+                self.drop(client, f"pid {client.pid} is registered already (on another connection)")
+                return
+            self.drop(earlier, "the registered process is gone (its pid registers anew)",
+                      reply=False)  # fmt: skip
         try:
             self._pin(client)
         except ProcessLookupError as exc:
@@ -359,8 +357,9 @@ class Registry:
             self.drop(client, exc.args[0] if has_reason else "the connecting process is gone")
             return
         client.signal, client.rank = signum, rank
-        del self._pending[client.sock]
-        self._by_pid[client.pid] = client
+        self._connections.registered(client)
+        if client.pidfd is not None:
+            self._selector.register(client.pidfd, selectors.EVENT_READ, _Exited(client))
         if not self.push(client, encode_message("registered", pid=client.pid)):
             return
         self._lifecycle.info(
@@ -369,7 +368,7 @@ class Registry:
             client.uid,
             rank,
             signum.name,
-            key=client.uid,
+            key=client.principal,
             extra={"pid": client.pid, "rank": rank},
         )
         self._on_register(client)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "HandledNotice",
     "HandledState",
     "NoticeFile",
+    "bind_socket",
     "is_directory",
     "prepare_state_dir",
     "read_small_file",
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 MAX_STATE_BYTES = 16 << 20
 #: Persisted per notice at most: the identities of live processes signalled for it.
 MAX_SIGNALLED = 4096
-#: Notices kept at most; one no longer active is kept ``KEEP_INACTIVE`` seconds after it was
-#: noticed (IMDS may withdraw it for a poll and serve it again: it is not handled twice).
+#: Notices kept at most; one no longer active is kept ``KEEP_INACTIVE`` seconds after it went
+#: inactive (IMDS may withdraw it for a poll and serve it again: it is not handled twice).
 MAX_NOTICES = 32
 KEEP_INACTIVE = 6 * 3600.0
 #: Directories version 1 shared with every user (mode 1777); version 2 removes them.
@@ -157,6 +159,10 @@ class HandledNotice:
 
     noticed_at: datetime
     signalled: set[str]
+    #: When :meth:`HandledState.prune` first found it no longer active (``None``: active, or
+    #: not seen inactive yet). Counted from here, not from ``noticed_at``: a notice active for
+    #: hours that IMDS drops for one poll must not be forgotten (and handled again) at once.
+    inactive_since: datetime | None = None
 
 
 class HandledState:
@@ -181,6 +187,9 @@ class HandledState:
                 notice_id: HandledNotice(
                     noticed_at=parse_time(entry["noticed_at"]),
                     signalled=set(entry["signalled"]),
+                    inactive_since=(
+                        parse_time(entry["inactive_since"]) if entry.get("inactive_since") else None
+                    ),
                 )
                 for notice_id, entry in payload["notices"].items()
             }
@@ -202,11 +211,15 @@ class HandledState:
 
     def prune(self, active: Collection[str], alive: Callable[[str], bool], now: datetime) -> None:
         """Keep only the identities for which ``alive`` holds, the ``active`` notices and those
-        noticed less than ``KEEP_INACTIVE`` ago, within ``MAX_NOTICES``. Live identities are
+        inactive for less than ``KEEP_INACTIVE``, within ``MAX_NOTICES``. Live identities are
         never dropped here (that would signal them again at the next tick); only what is
         written to disk is capped (:meth:`save`)."""
         for notice_id, entry in list(self.notices.items()):
-            if notice_id not in active and (now - entry.noticed_at).total_seconds() > KEEP_INACTIVE:
+            if notice_id in active:
+                entry.inactive_since = None
+            elif entry.inactive_since is None:
+                entry.inactive_since = now
+            elif (now - entry.inactive_since).total_seconds() > KEEP_INACTIVE:
                 del self.notices[notice_id]
                 continue
             entry.signalled = {identity for identity in entry.signalled if alive(identity)}
@@ -221,6 +234,9 @@ class HandledState:
             "notices": {
                 notice_id: {
                     "noticed_at": format_time(entry.noticed_at),
+                    "inactive_since": (
+                        format_time(entry.inactive_since) if entry.inactive_since else None
+                    ),
                     # a restart forgets the rest: at most one more signal each, then
                     "signalled": sorted(entry.signalled)[:MAX_SIGNALLED],
                 }
@@ -279,3 +295,27 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def bind_socket(path: Path) -> tuple[socket.socket, int]:
+    """A listening Unix socket at ``path`` (mode 0666, non-blocking) and its inode. Bound under
+    a temporary name, then renamed into place: a client never finds a socket with the wrong
+    mode, and whatever was at that path (a socket of an earlier run, a symlink, a FIFO, a
+    directory) is replaced, never followed. Raises :class:`OSError`."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        remove_path(temporary)
+        listener.bind(str(temporary))
+        os.chmod(temporary, 0o666)  # noqa: S103 - any local process may register itself
+        listener.listen(128)
+        listener.setblocking(False)
+        if is_directory(path):
+            log.warning("%s was a directory; removed", path)
+            remove_path(path)
+        os.replace(temporary, path)
+        return listener, os.stat(path, follow_symlinks=False).st_ino
+    except OSError:
+        listener.close()
+        remove_path(temporary)
+        raise

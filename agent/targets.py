@@ -6,8 +6,9 @@ Training processes that use spotguard register through the socket
 ways, each explicit: its command line matches a regex in ``target_patterns``, or it runs in a
 systemd unit whose name matches a glob in ``target_units`` (read from its cgroup).
 
-Every target is pinned by pid *and* start time, checked again right before the signal, so a
-recycled PID is never hit. The agent never signals itself, and never "all python processes".
+Every target is pinned by pid *and* start time (:mod:`spotguard.agent.processes`), checked
+again right before the signal, so a recycled PID is never hit. The agent never signals itself,
+and never "all python processes".
 """
 
 from __future__ import annotations
@@ -22,41 +23,29 @@ from pathlib import Path
 
 import psutil
 
+from spotguard.agent.processes import identity, is_alive
+
 __all__ = ["Target", "TargetFinder", "is_running", "send_signal"]
 
 log = logging.getLogger(__name__)
-
-#: psutil reports start times rounded to the clock tick; allow that much slack.
-CREATE_TIME_SLACK = 0.05
 
 
 @dataclass(frozen=True)
 class Target:
     pid: int
-    create_time: float
+    #: ``pid@start ticks@boot id``: stable across agent restarts and clock steps, distinct for
+    #: a recycled PID.
+    identity: str
     signal: str
     #: Why it is a target: ``pattern:<regex>`` or ``unit:<glob>``.
     source: str
-
-    @property
-    def identity(self) -> str:
-        """Stable across agent restarts; distinct for a recycled PID."""
-        return f"{self.pid}@{self.create_time:.2f}"
-
-
-def _same_process(process: psutil.Process, create_time: float) -> bool:
-    try:
-        return abs(process.create_time() - create_time) <= CREATE_TIME_SLACK
-    except psutil.Error:
-        return False
 
 
 def is_running(target: Target) -> bool:
     """Whether that very process (not a successor with the same PID) is still alive."""
     try:
-        process = psutil.Process(target.pid)
-        return _same_process(process, target.create_time) and (
-            process.status() != psutil.STATUS_ZOMBIE
+        return is_alive(target.identity) and (
+            psutil.Process(target.pid).status() != psutil.STATUS_ZOMBIE
         )
     except psutil.Error:
         return False
@@ -64,10 +53,9 @@ def is_running(target: Target) -> bool:
 
 def send_signal(target: Target) -> None:
     """Signal the target if it is still the process we found; raises ``psutil.Error`` if not."""
-    process = psutil.Process(target.pid)
-    if not _same_process(process, target.create_time):
+    if not is_alive(target.identity):
         raise psutil.NoSuchProcess(target.pid, msg="PID now belongs to another process")
-    process.send_signal(signal.Signals[target.signal])
+    psutil.Process(target.pid).send_signal(signal.Signals[target.signal])
 
 
 def units_of(pid: int, proc_root: Path = Path("/proc")) -> list[str]:
@@ -114,14 +102,17 @@ class TargetFinder:
         whose parent also matched is left to its parent.
         """
         matched: dict[int, tuple[Target, int]] = {}
-        for process in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+        for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
             pid = process.info["pid"]
-            if pid == self._own_pid or process.info["create_time"] is None:
+            if pid == self._own_pid:
                 continue
             source = self._match(pid, process.info["cmdline"] or [])
             if source:
-                target = Target(pid, process.info["create_time"], self.default_signal, source)
-                matched[pid] = (target, process.info["ppid"])
+                try:
+                    who = identity(pid)
+                except ProcessLookupError:  # gone meanwhile
+                    continue
+                matched[pid] = (Target(pid, who, self.default_signal, source), process.info["ppid"])
         return [target for target, ppid in matched.values() if ppid not in matched]
 
     def _match(self, pid: int, cmdline: list[str]) -> str | None:

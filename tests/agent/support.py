@@ -226,3 +226,19 @@ def throwaway_user() -> Iterator[User]:
         yield User(name, entry.pw_uid, entry.pw_gid)
     finally:
         subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+#: Registers, forks a child that keeps the connection, prints the child's pid and exits: the
+#: registrant is gone while its connection lives on.
+HOLDER = """
+import json, os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(b'{"v": 2, "op": "register", "signal": "SIGUSR1"}\\n')
+assert json.loads(sock.makefile().readline())["op"] == "registered"
+child = os.fork()
+if child:
+    print(child, flush=True)
+    os._exit(0)  # the registrant dies; its forked child keeps the connection open
+time.sleep(60)
+"""

@@ -4,6 +4,7 @@ user's flood hiding another user's log lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.support import SYSTEM_PYTHON, TARGET_SCRIPT
+from tests.agent.support import HOLDER, SYSTEM_PYTHON, TARGET_SCRIPT
 from tests.support import wait_for
 
 HOSTILE_SCRIPT = Path(__file__).with_name("hostile_client.py")
@@ -214,3 +215,164 @@ def test_one_users_flood_cannot_hide_another_users_lifecycle_lines(
     finally:
         attacker.kill()
         attacker.wait()
+
+
+#: Holds COUNT connections that never register; opens a new one whenever the agent drops one.
+HOLD = """
+import selectors, socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+selector = selectors.DefaultSelector()
+def connect():
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        time.sleep(0.01)
+        return
+    selector.register(sock, selectors.EVENT_READ)
+for _ in range(count):
+    connect()
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select(0.2):
+        try:
+            data = key.fileobj.recv(4096)
+        except OSError:
+            data = b""
+        if not data or b"error" in data:
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+    while len(selector.get_map()) < count:
+        connect()
+"""
+
+
+def small_table() -> None:
+    """16 connections in all, 4 per user (``RESERVED_FDS`` = 128 below the limit, 2 each)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+
+def hold(agent, uids: list[int], count: int) -> list[subprocess.Popen[str]]:
+    holders = []
+    for uid in uids:
+        holder = subprocess.Popen(
+            [SYSTEM_PYTHON, "-c", HOLD, str(agent.state_dir / "agent.sock"), str(count)],
+            user=uid, group=65534, extra_groups=[], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        holders.append(holder)
+    for holder in holders:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+    return holders
+
+
+def free_uids(count: int) -> list[int]:
+    """Host uids without a passwd entry and outside every subordinate range."""
+    taken = []
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/subuid").read_text().splitlines():
+            _, first, number = line.split(":")
+            taken.append((int(first), int(first) + int(number)))
+    base = 1_800_000_000 + (os.getpid() % 1000) * 1000
+    uids = [uid for uid in range(base, base + 1000) if not any(a <= uid < b for a, b in taken)]
+    return uids[:count]
+
+
+@pytest.fixture
+def subordinate_uids(throwaway_user) -> Iterator[list[int]]:
+    """Eight subordinate uids of the throwaway user (``usermod --add-subuids``, as Ubuntu's
+    ``useradd`` gives every user 65,536), removed afterwards."""
+    first = free_uids(1)[0] + 100
+    span = f"{first}-{first + 7}"
+    added = subprocess.run(["usermod", "--add-subuids", span, throwaway_user.name],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if added.returncode != 0:
+        pytest.skip(f"usermod --add-subuids failed: {added.stderr.strip()}")
+    try:
+        yield list(range(first, first + 8))
+    finally:
+        subprocess.run(["usermod", "--del-subuids", span, throwaway_user.name],
+                       capture_output=True, check=False)  # fmt: skip
+
+
+def test_a_users_subordinate_uids_count_as_that_user(
+    sim, agents, targets, throwaway_user, subordinate_uids, public_dir
+):
+    """One user connects from eight uids of its subordinate range, each asking for the per-user
+    cap: together they are one user, capped at 4 of the 16 places, and a trainer of another
+    user registers and gets its signal."""
+    agent = agents.start(sim.url, state_dir=public_dir / "state", popen={"preexec_fn": small_table})
+    holders = hold(agent, subordinate_uids, 4)
+    try:
+        wait_for(lambda: "connection cap reached" in agent.log(), what="the cap to be logged")
+        victim = targets(agent.state_dir, exit_code=None)
+        sim.control.spot()
+        wait_for(lambda: victim.signals() == ["SIGUSR1"], what="the victim's signal")
+        # Refused as the user: four places taken by it, whichever of its uids asked.
+        assert f"4 for uid {throwaway_user.uid}, refused uid" in agent.log()
+        assert "making room" not in agent.log()  # the per-user cap alone kept room
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_full_table_makes_room_from_the_user_holding_the_most(sim, agents, targets, public_dir):
+    """Eight users (plain uids) fill all 16 places: a trainer of a ninth user takes a place from
+    one of them, and the evicted user cannot take it back (it would hold as many as others)."""
+    agent = agents.start(sim.url, state_dir=public_dir / "state", popen={"preexec_fn": small_table})
+    holders = hold(agent, free_uids(8), 3)
+    try:
+        wait_for(lambda: "connection cap reached" in agent.log(), what="the table to fill")
+        victim = targets(agent.state_dir, exit_code=None)
+        assert "holds the most connections: making room for another user" in agent.log()
+        time.sleep(6.0)  # the holders' places expire (no register) and are taken again
+        sim.control.spot()
+        wait_for(lambda: victim.signals() == ["SIGUSR1"], what="the victim's signal")
+        assert victim.received("error") == []
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
+#: Run in the agent process: no pidfds at all (no ``SO_PEERPIDFD``, no ``pidfd_open``).
+NO_PIDFD = NO_PEERPIDFD + "\nimport os; del os.pidfd_open"
+
+
+@pytest.mark.parametrize("pidfds", ["so-peerpidfd", "pidfd-open", "none"])
+def test_a_pid_whose_registrant_died_registers_anew(sim, agents, tmp_path, pidfds):
+    """The registrant exits while its forked child keeps the connection; the next process with
+    its pid registers (it was refused as "registered already") and is signalled; the orphaned
+    connection is dropped."""
+    preamble = {"so-peerpidfd": "", "pidfd-open": NO_PEERPIDFD, "none": NO_PIDFD}[pidfds]
+    agent = agents.start(sim.url, preamble=preamble)
+    orphaning = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(agent.state_dir / "agent.sock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert orphaning.stdout is not None
+    child = int(orphaning.stdout.readline())
+    assert orphaning.wait(10) == 0
+    record = tmp_path / "successor.jsonl"
+    successor = None
+    try:
+        successor = start_with_pid(
+            orphaning.pid,
+            [sys.executable, str(TARGET_SCRIPT), "--state-dir", str(agent.state_dir),
+             "--record", str(record), "--register"],
+        )  # fmt: skip
+        if successor is None:
+            pytest.skip(f"PID {orphaning.pid} could not be recycled (a busy machine took it)")
+        wait_for(lambda: record.exists() and "registered" in record.read_text(),
+                 what="the successor's registration")  # fmt: skip
+        assert "registered already" not in record.read_text()
+        assert "the registered process is gone" in agent.log()
+        sim.control.spot()
+        wait_for(lambda: '"SIGUSR1"' in record.read_text(), what="the successor's signal")
+    finally:
+        if successor is not None:
+            successor.kill()
+            successor.wait()
+        os.kill(child, signal.SIGKILL)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.agent.support import SYSTEM_PYTHON, TARGET_SCRIPT
+from tests.agent.support import HOLDER, SYSTEM_PYTHON, TARGET_SCRIPT
 from tests.support import wait_for
 
 HOSTILE_SCRIPT = Path(__file__).with_name("hostile_client.py")
@@ -165,20 +165,6 @@ def test_a_process_can_register_only_itself(sim, agents, targets, throwaway_user
     assert f"uid {throwaway_user.uid}" in agent.log()
     attacker.process.kill()
     attacker.process.wait()
-
-
-HOLDER = """
-import json, os, socket, sys, time
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
-sock.sendall(b'{"v": 2, "op": "register", "signal": "SIGUSR1"}\\n')
-assert json.loads(sock.makefile().readline())["op"] == "registered"
-child = os.fork()
-if child:
-    print(child, flush=True)
-    os._exit(0)  # the registrant dies; its forked child keeps the connection open
-time.sleep(60)
-"""
 
 
 def test_a_recycled_pid_is_never_signalled(sim, agents, tmp_path):

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import spotguard.agent.state as state_module
@@ -126,3 +126,33 @@ def test_live_processes_past_the_saved_cap_are_never_forgotten(tmp_path, monkeyp
     handled.save()
     saved = json.loads((tmp_path / "agent-state.json").read_text())
     assert len(saved["notices"]["spot-interruption/x"]["signalled"]) == 3
+
+
+def test_a_long_active_notice_dropped_for_one_poll_is_not_forgotten(tmp_path):
+    """Kept ``KEEP_INACTIVE`` after it went inactive, not after it was noticed: a maintenance
+    notice active for seven hours that IMDS misses once would otherwise be forgotten at once,
+    and everyone signalled (and every action run) again when it comes back. Across a restart
+    too: the time it went inactive is saved."""
+    path = tmp_path / "agent-state.json"
+    handled = HandledState(path)
+    noticed = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    notice_id = "scheduled-maintenance/x"
+    handled.notices[notice_id] = HandledNotice(noticed_at=noticed, signalled={"10@5@b"})
+    seven_hours = noticed + timedelta(hours=7)
+    handled.prune({notice_id}, lambda identity: True, seven_hours)
+    handled.prune(set(), lambda identity: True, seven_hours + timedelta(seconds=5))
+    assert handled.notices[notice_id].signalled == {"10@5@b"}
+    handled.save()
+    reloaded = HandledState(path)
+    reloaded.load()
+    assert reloaded.notices[notice_id].inactive_since == seven_hours + timedelta(seconds=5)
+    later = seven_hours + timedelta(seconds=5 + state_module.KEEP_INACTIVE - 1)
+    reloaded.prune(set(), lambda identity: True, later)
+    assert notice_id in reloaded.notices
+    reloaded.prune({notice_id}, lambda identity: True, later)  # served again: active anew
+    assert reloaded.notices[notice_id].inactive_since is None
+    much_later = later + timedelta(seconds=state_module.KEEP_INACTIVE + 10)
+    reloaded.prune(set(), lambda identity: True, much_later)  # inactive from here on
+    assert notice_id in reloaded.notices
+    reloaded.prune(set(), lambda identity: True, much_later + timedelta(seconds=1 + 6 * 3600))
+    assert notice_id not in reloaded.notices

@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 
+from spotguard.agent.processes import identity
 from spotguard.agent.targets import Target, TargetFinder, is_running, send_signal, units_of
 
 
@@ -68,11 +69,12 @@ def test_pattern_selects_the_topmost_process_not_its_workers(tmp_path):
 def test_signal_refuses_a_recycled_pid():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        real = psutil.Process(child.pid).create_time()
-        impostor = Target(child.pid, real - 100, "SIGTERM", "pattern:x")
-        assert not is_running(impostor)
-        with pytest.raises(psutil.NoSuchProcess):
-            send_signal(impostor)
+        real = identity(child.pid)
+        pid, ticks, boot = real.split("@")
+        for impostor in (f"{pid}@{int(ticks) - 100}@{boot}", f"{pid}@{ticks}@another-boot"):
+            assert not is_running(Target(child.pid, impostor, "SIGTERM", "pattern:x"))
+            with pytest.raises(psutil.NoSuchProcess):
+                send_signal(Target(child.pid, impostor, "SIGTERM", "pattern:x"))
         assert child.poll() is None
         send_signal(Target(child.pid, real, "SIGTERM", "pattern:x"))
         assert child.wait(10) == -15

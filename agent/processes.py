@@ -1,0 +1,67 @@
+"""Which process is which: an identity that survives PID reuse, agent restarts and clock steps.
+
+A PID alone names whoever holds it now. The agent pins a process by its PID *and* its start
+time, read as clock ticks since boot from ``/proc/<pid>/stat`` (field 22), plus the boot id:
+
+* ticks since boot never move: psutil's ``create_time()`` adds the boot time the kernel derives
+  from the wall clock (``btime``), so a stepped clock (NTP at boot, a VM resumed) changed every
+  identity: a registrant without pidfds was then dropped as gone, and after an agent restart a
+  process already signalled for a notice was signalled again;
+* the boot id keeps identities saved in ``agent-state.json`` from matching a process of another
+  boot that happens to have the same PID and tick count.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+
+__all__ = ["boot_clock", "boot_id", "identity", "is_alive", "start_ticks"]
+
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def boot_clock() -> float:
+    """Seconds since boot, the clock of :func:`start_ticks` divided by ``TICKS_PER_SECOND``."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@functools.lru_cache(maxsize=4)
+def boot_id(proc: Path = PROC) -> str:
+    """This boot's random id (``unknown`` where the kernel does not expose it); it cannot
+    change while the agent runs, so it is read once."""
+    try:
+        return (proc / "sys/kernel/random/boot_id").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def start_ticks(pid: int, proc: Path = PROC) -> int:
+    """When ``pid`` started, in clock ticks since boot. Raises :class:`ProcessLookupError` when
+    there is no such process (or its stat cannot be read or parsed)."""
+    try:
+        data = (proc / str(pid) / "stat").read_bytes()
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        raise ProcessLookupError(pid) from None
+
+
+def identity(pid: int, proc: Path = PROC, *, ticks: int | None = None) -> str:
+    """``pid@start ticks@boot id`` (``ticks``: already read with :func:`start_ticks`);
+    :class:`ProcessLookupError` when ``pid`` does not exist."""
+    if ticks is None:
+        ticks = start_ticks(pid, proc)
+    return f"{pid}@{ticks}@{boot_id(proc)}"
+
+
+def is_alive(process_identity: str, proc: Path = PROC) -> bool:
+    """Whether the process ``process_identity`` names still runs (that very process)."""
+    pid, _, _ = process_identity.partition("@")
+    try:
+        return identity(int(pid), proc) == process_identity
+    except (ProcessLookupError, ValueError):
+        return False
