@@ -376,3 +376,24 @@ def test_a_pid_whose_registrant_died_registers_anew(sim, agents, tmp_path, pidfd
             successor.kill()
             successor.wait()
         os.kill(child, signal.SIGKILL)
+
+
+def test_without_so_peerpidfd_a_setuid_trainer_registers(
+    sim, agents, targets, throwaway_user, tmp_path
+):
+    """A trainer run from a setuid-root program: its real uid is the user's, its effective uid
+    (what ``SO_PEERCRED`` reports) is root's. Where the kernel cannot vouch for the peer, the
+    agent checks that the process holding the pid has the connecting uid as its real,
+    effective or saved uid: the effective one counts, so it registers and is signalled."""
+    agent = agents.start(sim.url, preamble=NO_PEERPIDFD)
+    setuid = (
+        f"import os, runpy, sys; os.setresuid({throwaway_user.uid}, 0, 0); "
+        f"sys.argv = sys.argv[sys.argv.index({str(TARGET_SCRIPT)!r}):]; "
+        f"runpy.run_path({str(TARGET_SCRIPT)!r}, run_name='__main__')"
+    )
+    trainer = targets(agent.state_dir, exit_code=None, prefix=(sys.executable, "-c", setuid),
+                      python="--")  # fmt: skip
+    status = Path(f"/proc/{trainer.pid}/status").read_text()
+    assert f"Uid:\t{throwaway_user.uid}\t0\t0" in status
+    sim.control.spot()
+    wait_for(lambda: trainer.signals() == ["SIGUSR1"], what="the setuid trainer's signal")
