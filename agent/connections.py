@@ -1,91 +1,31 @@
 """The registration socket's connection table: who holds how many, and who makes room.
 
-Connections are counted per *principal*, not per uid: a uid inside a user's subordinate range
-(``/etc/subuid``, which ``newuidmap`` lets that user enter without privilege; Ubuntu gives every
-user 65,536 of them) counts as that user. Counting raw uids let one user open the per-uid cap
-from each of four uids and fill the whole table, so that a trainer started afterwards was refused
-and never signalled.
+Connections are counted per principal (a user with all the uids it can act as:
+:mod:`spotguard.agent.principals`), each capped at ``Caps.per_user``. When the table is full
+anyway (many principals), a newcomer takes a place:
 
-When the table is full anyway (several real users), a newcomer takes a place from the principal
-holding the most connections, as long as that principal holds more than the newcomer would: its
-oldest connection that has not registered goes first, else its newest connection. Only a
-newcomer of a principal already among the largest is refused, so nobody who holds few
-connections is ever locked out, and the eviction never ping-pongs between two principals.
+* from a connection that has not registered yet (it has seconds to live anyway) of a principal
+  holding more connections than the newcomer's, the principal holding the most first;
+* else from the principal holding the most, if it holds more than the newcomer would after
+  (its newest connection goes).
+
+So nobody holding few connections is locked out, and a registered trainer is never evicted for
+a principal that would then hold as many as the trainer's own.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import pwd
 import socket
-import stat
 from collections import Counter
-from pathlib import Path
 
 from spotguard.agent.limits import Caps
 from spotguard.agent.peers import Client
+from spotguard.agent.principals import Principals
 
-__all__ = ["SUBUID_FILE", "Connections", "Principals"]
-
-SUBUID_FILE = Path("/etc/subuid")
-#: A subordinate-id file larger than this is not read (it is root's file, but stay bounded).
-MAX_SUBUID_BYTES = 1 << 20
+__all__ = ["Connections"]
 
 log = logging.getLogger("spotguard.agent.registry")
-
-
-class Principals:
-    """Maps a uid to who answers for it: the owner of the subordinate range it lies in, else
-    the uid itself. Re-reads the file when it changes; trusts it only when root owns it and
-    nobody else may write it (else every uid is its own principal)."""
-
-    def __init__(self, path: Path = SUBUID_FILE) -> None:
-        self.path = path
-        self._seen: tuple[int, int, int] | None = None
-        self._ranges: list[tuple[int, int, str]] = []
-
-    def of(self, uid: int) -> str:
-        self._refresh()
-        for start, end, owner in self._ranges:
-            if start <= uid < end:
-                return owner
-        return f"uid {uid}"
-
-    def _refresh(self) -> None:
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            self._seen, self._ranges = None, []
-            return
-        seen = (info.st_ino, info.st_mtime_ns, info.st_size)
-        if seen == self._seen:
-            return
-        self._seen, self._ranges = seen, []
-        trusted = info.st_uid == 0 and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if not trusted or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SUBUID_BYTES:
-            return
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return
-        for line in text.splitlines():
-            name, _, rest = line.strip().partition(":")
-            first, _, count = rest.partition(":")
-            if not (name and first.isdigit() and count.isdigit()):
-                continue
-            self._ranges.append((int(first), int(first) + int(count), _owner(name)))
-
-
-def _owner(name: str) -> str:
-    """``uid N`` of the user a subuid line names (by name or number), so that the user's own
-    connections and those from its range count together."""
-    if name.isdigit():
-        return f"uid {name}"
-    try:
-        return f"uid {pwd.getpwnam(name).pw_uid}"
-    except KeyError:
-        return f"user {name}"
 
 
 class Connections:
@@ -115,10 +55,13 @@ class Connections:
             return False, None
         if len(self.by_socket) < self.caps.total:
             return True, None
+        waiting = [c for c in self.pending.values() if self.per_principal[c.principal] > held]
+        if waiting:  # the oldest of the principal holding the most
+            return True, max(waiting, key=lambda c: self.per_principal[c.principal])
         largest, most = self.per_principal.most_common(1)[0]
         if most <= held + 1:
             return False, None
-        return True, self._victim(largest)
+        return True, self._newest(largest)
 
     def refused(self, uid: int, principal: str, now: float) -> None:
         """Count a refused newcomer; logged when the cap is first hit, then at most once a
@@ -149,13 +92,10 @@ class Connections:
         if not self.per_principal[client.principal]:
             del self.per_principal[client.principal]
 
-    def _victim(self, principal: str) -> Client:
-        newest_registered = None
-        for client in self.pending.values():
-            if client.principal == principal:
-                return client
+    def _newest(self, principal: str) -> Client:
+        newest = None
         for client in self.by_socket.values():
             if client.principal == principal:
-                newest_registered = client
-        assert newest_registered is not None
-        return newest_registered
+                newest = client
+        assert newest is not None
+        return newest

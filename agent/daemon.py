@@ -254,7 +254,10 @@ class Agent:
     def _on_notice(self, notice: Notice) -> None:
         handled = self.state.notices.get(notice.id)
         if handled:
-            # Seen by an earlier run of the agent: keep its detection time, do not redo actions.
+            # Seen before (by this run or an earlier one: served again after a gap): keep its
+            # detection time, do not redo actions; it is active again from now on.
+            handled.inactive_since = None
+            self.state.dirty = True
             notice = Notice(
                 notice.kind, notice.action, notice.deadline, handled.noticed_at, notice.key
             )

@@ -140,8 +140,10 @@ class Client:
     def alive(self) -> bool:
         """Whether the registrant itself still runs (an exited one is gone here even while it
         is a zombie, or while a child of it holds the connection)."""
-        if self.pidfd is not None:
-            return not select.select([self.pidfd], [], [], 0)[0]  # readable once it exited
+        if self.pidfd is not None:  # readable once it exited (poll: any fd number)
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            return not poller.poll(0)
         return is_alive(self.identity)
 
     def close_pidfd(self) -> None:

@@ -13,10 +13,11 @@ time, read as clock ticks since boot from ``/proc/<pid>/stat`` (field 22), plus 
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from pathlib import Path
+
+import psutil
 
 __all__ = ["boot_clock", "boot_id", "identity", "is_alive", "start_ticks"]
 
@@ -29,14 +30,23 @@ def boot_clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-@functools.lru_cache(maxsize=4)
 def boot_id(proc: Path = PROC) -> str:
     """This boot's random id (``unknown`` where the kernel does not expose it); it cannot
-    change while the agent runs, so it is read once."""
+    change while the agent runs, so a successful read is kept (a failed one is not: an
+    ``unknown`` kept would change every identity at the next restart)."""
+    if proc in _BOOT_IDS:
+        return _BOOT_IDS[proc]
     try:
-        return (proc / "sys/kernel/random/boot_id").read_text().strip() or "unknown"
+        read = (proc / "sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown"
+    if not read:
+        return "unknown"
+    _BOOT_IDS[proc] = read
+    return read
+
+
+_BOOT_IDS: dict[Path, str] = {}
 
 
 def start_ticks(pid: int, proc: Path = PROC) -> int:
@@ -60,8 +70,20 @@ def identity(pid: int, proc: Path = PROC, *, ticks: int | None = None) -> str:
 
 def is_alive(process_identity: str, proc: Path = PROC) -> bool:
     """Whether the process ``process_identity`` names still runs (that very process)."""
-    pid, _, _ = process_identity.partition("@")
+    pid, _, rest = process_identity.partition("@")
     try:
+        if "@" not in rest:  # ``pid@create time`` saved by an earlier version
+            return _legacy_alive(int(pid), float(rest))
         return identity(int(pid), proc) == process_identity
     except (ProcessLookupError, ValueError):
+        return False
+
+
+def _legacy_alive(pid: int, create_time: float) -> bool:
+    """An identity saved before this format (``pid@psutil create_time``, two decimals): an
+    agent upgraded during a notice must not signal those processes a second time. Compared
+    as that version did (the clock-step weakness included)."""
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}" == f"{create_time:.2f}"
+    except psutil.Error:
         return False

@@ -11,7 +11,7 @@ exactly as long as its connection: nothing goes stale.
 
 Every local user can connect, so everything here is bounded and nothing blocks: connections are
 capped (per user and in total, below the file descriptor limit: :mod:`spotguard.agent.limits`;
-a full table makes room from the user holding the most: :mod:`spotguard.agent.connections`),
+a full table makes room: :mod:`spotguard.agent.connections`),
 log lines about clients are budgeted per user, a message is at most ``MAX_MESSAGE_BYTES``, the
 register message must come within ``REGISTER_TIMEOUT``, a write that would block drops that
 client. Anything wrong with one connection (malformed, oversized, unexpected) gets an
@@ -37,10 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from spotguard.agent.connections import Connections, Principals
+from spotguard.agent.connections import Connections
 from spotguard.agent.limits import MAX_CONNECTIONS, MAX_PER_USER, Caps
 from spotguard.agent.logs import LogBudget
 from spotguard.agent.peers import Client, PidfdUnsupported, peer_credentials
+from spotguard.agent.principals import Principals
 from spotguard.agent.state import bind_socket
 from spotguard.errors import ConfigError, ProtocolError
 from spotguard.protocol import (
@@ -249,8 +250,9 @@ class Registry:
             return
         client.closed = True
         self._selector.unregister(client.sock)
-        if client.pidfd is not None and client.registered:
-            self._selector.unregister(client.pidfd)
+        if client.pidfd is not None:  # watched once registered (if that went through)
+            with contextlib.suppress(KeyError):
+                self._selector.unregister(client.pidfd)
         client.sock.close()
         client.close_pidfd()
         self._connections.remove(client)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from spotguard.agent.connections import Connections, Principals
+from spotguard.agent.connections import Connections
 from spotguard.agent.limits import Caps
 from spotguard.agent.peers import Client
+from spotguard.agent.principals import Principals
 
 
 @pytest.fixture
 def table(tmp_path: Path):
     made: list[socket.socket] = []
-    connections = Connections(Caps(total=6, per_user=4), Principals(tmp_path / "none"))
+    nobody = tmp_path / "missing"
+    connections = Connections(Caps(total=6, per_user=4), Principals(nobody, nobody))
 
     def connect(principal: str, *, register: bool = False) -> Client:
         ours, theirs = socket.socketpair()
@@ -34,16 +35,53 @@ def table(tmp_path: Path):
 
 def test_a_full_table_takes_from_the_largest_pending_first(table):
     connections, connect = table
-    registered = [connect("uid 1", register=True) for _ in range(3)]
+    for _ in range(3):
+        connect("uid 1", register=True)
     waiting = connect("uid 1")
     connect("uid 2")
     connect("uid 2", register=True)
     assert connections.admit("uid 3") == (True, waiting)  # uid 1 holds 4: its pending one
     connections.remove(waiting)
     assert connections.admit("uid 3") == (True, None)  # room now
-    connect("uid 3")
-    # uid 1 holds 3, uid 3 would hold 2: still more than that, its newest connection goes.
-    assert connections.admit("uid 3") == (True, registered[-1])
+    connect("uid 3", register=True)
+    # uid 2's pending connection: uid 2 holds 2, more than uid 3's 1.
+    assert connections.admit("uid 3")[1].principal == "uid 2"
+
+
+def test_a_registered_connection_goes_only_to_a_principal_holding_fewer(table):
+    connections, connect = table
+    registered = [connect("uid 1", register=True) for _ in range(4)]
+    connect("uid 2", register=True)
+    connect("uid 3", register=True)
+    # uid 4 would hold 1 against uid 1's 3 after: uid 1's newest connection goes.
+    assert connections.admit("uid 4") == (True, registered[-1])
+    connections.remove(registered[-1])
+    connect("uid 4", register=True)
+    connections.remove(registered[-2])
+    connect("uid 5", register=True)
+    # uid 1 holds 2 and would hold 1, as the newcomer: still fair, its newest goes.
+    assert connections.admit("uid 6") == (True, registered[-3])
+    connections.remove(registered[-3])
+    connect("uid 6", register=True)
+    # Everyone holds one registered connection: nobody would end with fewer than the newcomer.
+    assert connections.admit("uid 7") == (False, None)
+
+
+def test_when_everyone_holds_one_a_pending_connection_makes_room(table):
+    """Many principals with one connection each (uids nobody listed, one per user namespace):
+    a newcomer holding none takes the oldest place that has not registered yet, never a
+    registered one."""
+    connections, connect = table
+    for number in range(4):
+        connect(f"uid {number}", register=True)
+    oldest = connect("uid 10")
+    connect("uid 11")
+    assert connections.admit("uid 20") == (True, oldest)
+    connections.remove(oldest)
+    connect("uid 20", register=True)
+    connections.remove(next(iter(connections.pending.values())))
+    connect("uid 21", register=True)
+    assert connections.admit("uid 30") == (False, None)
 
 
 def test_a_newcomer_among_the_largest_is_refused(table):
@@ -60,27 +98,3 @@ def test_the_per_user_cap_holds_with_room_left(table):
         connect("uid 1")
     assert connections.admit("uid 1") == (False, None)
     assert connections.admit("uid 2") == (True, None)
-
-
-def write_subuid(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-def test_subordinate_uids_belong_to_their_user(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the subuid file is trusted only when root owns it")
-    path = write_subuid(tmp_path / "subuid", "root:100000:65536\n4242:300000:10\nbad line\n")
-    principals = Principals(path)
-    assert principals.of(100000) == principals.of(165535) == "uid 0"
-    assert principals.of(165536) == "uid 165536"
-    assert principals.of(300009) == "uid 4242"
-    assert principals.of(1000) == "uid 1000"
-    write_subuid(path, "nobody-known-xyz:100000:5\n")  # changed: read again
-    assert principals.of(100001) == "user nobody-known-xyz"
-
-
-def test_a_subuid_file_others_can_write_is_not_trusted(tmp_path):
-    path = write_subuid(tmp_path / "subuid", "root:100000:65536\n", mode=0o666)
-    assert Principals(path).of(100000) == "uid 100000"

@@ -164,3 +164,34 @@ def test_a_deadline_at_the_end_of_the_calendar_is_a_notice_not_a_crash():
                  now, key="9999")  # fmt: skip
     assert notices.is_new(far, now)
     assert not notices.ended(far, now)
+
+
+#: Run in the agent process: a notice no longer active is remembered for 3 s, not 6 h.
+SHORT_MEMORY = "import spotguard.agent.state as state; state.KEEP_INACTIVE = 3.0"
+
+
+def test_a_notice_that_comes_back_twice_is_still_not_news(sim, agents, targets):
+    """A maintenance notice missing from IMDS for a moment, twice, further apart than the time
+    an inactive notice is remembered: it is handled once (one "notice:" line, one signal), as
+    the memory counts from when it last went inactive, not from the first time."""
+    agent = agents.start(sim.url, maintenance_lead=900, preamble=SHORT_MEMORY)
+    trainer = targets(agent.state_dir, exit_code=None)
+
+    def serve() -> None:
+        sim.control.maintenance(not_before_in=600, event_id="ev-9")
+        wait_for(lambda: kind_of(agent) == "scheduled-maintenance", what="the notice")
+
+    def gap() -> None:
+        sim.control.cancel_maintenance("ev-9")
+        wait_for(lambda: agent.notice() is None, what="the notice to go")
+
+    serve()
+    wait_for(lambda: trainer.signals() == ["SIGUSR1"], what="the signal")
+    gap()
+    serve()
+    time.sleep(4.0)  # longer than the 3 s memory since the first gap
+    gap()
+    serve()
+    time.sleep(1.0)  # five polls
+    assert agent.log().count('"notice: scheduled-maintenance') == 1, agent.log()
+    assert trainer.signals() == ["SIGUSR1"]

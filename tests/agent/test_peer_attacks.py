@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from spotguard.agent.principals import BLOCK
 from tests.agent.support import HOLDER, SYSTEM_PYTHON, TARGET_SCRIPT
 from tests.support import wait_for
 
@@ -268,15 +269,16 @@ def hold(agent, uids: list[int], count: int) -> list[subprocess.Popen[str]]:
 
 
 def free_uids(count: int) -> list[int]:
-    """Host uids without a passwd entry and outside every subordinate range."""
+    """Host uids without a passwd entry and outside every subordinate range, one per 65,536-uid
+    block (the agent counts an unlisted uid by its block: one user namespace's worth)."""
     taken = []
     with contextlib.suppress(OSError):
         for line in Path("/etc/subuid").read_text().splitlines():
             _, first, number = line.split(":")
             taken.append((int(first), int(first) + int(number)))
-    base = 1_800_000_000 + (os.getpid() % 1000) * 1000
-    uids = [uid for uid in range(base, base + 1000) if not any(a <= uid < b for a, b in taken)]
-    return uids[:count]
+    base = (1_800_000_000 // BLOCK + os.getpid() % 1000) * BLOCK
+    candidates = (base + n * BLOCK for n in range(1000))
+    return [uid for uid in candidates if not any(a <= uid < b for a, b in taken)][:count]
 
 
 @pytest.fixture

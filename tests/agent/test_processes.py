@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from spotguard.agent.processes import boot_id, identity, is_alive, start_ticks
@@ -53,3 +54,28 @@ def test_a_live_process_and_after_it_exited():
         child.kill()
         child.wait()
     assert not is_alive(who)
+
+
+def test_an_identity_saved_by_the_earlier_format_still_names_its_process():
+    """``pid@create time`` (before ticks since boot): an agent upgraded during a notice must
+    not signal the processes it signalled before the upgrade a second time."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        legacy = f"{child.pid}@{psutil.Process(child.pid).create_time():.2f}"
+        assert is_alive(legacy)
+        assert not is_alive(f"{child.pid}@{psutil.Process(child.pid).create_time() - 5:.2f}")
+    finally:
+        child.kill()
+        child.wait()
+    assert not is_alive(legacy)
+
+
+def test_a_boot_id_that_could_not_be_read_is_not_kept(tmp_path):
+    proc = fake_proc(tmp_path, btime=0)
+    boot_file = proc / "sys" / "kernel" / "random" / "boot_id"
+    boot_file.unlink()
+    assert boot_id(proc) == "unknown"
+    boot_file.write_text("boot-c\n")
+    assert boot_id(proc) == "boot-c"
+    boot_file.write_text("boot-d\n")
+    assert boot_id(proc) == "boot-c"  # read once it worked: it cannot change while we run
