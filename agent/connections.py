@@ -2,15 +2,11 @@
 
 Connections are counted per principal (a user with all the uids it can act as:
 :mod:`spotguard.agent.principals`), each capped at ``Caps.per_user``. When the table is full
-anyway (many principals), a newcomer takes a place:
-
-* from a connection that has not registered yet (it has seconds to live anyway) of a principal
-  holding more connections than the newcomer's, the principal holding the most first;
-* else from the principal holding the most, if it holds more than the newcomer would after
-  (its newest connection goes).
-
-So nobody holding few connections is locked out, and a registered trainer is never evicted for
-a principal that would then hold as many as the trainer's own.
+anyway (many principals), a newcomer takes a place from the principal holding the most, if that
+one would still hold at least as many as the newcomer after the move: its oldest connection
+that has not registered goes first (it has seconds to live anyway), else its newest. So nobody
+holding few connections is locked out, and a move never merely swaps who holds more (no
+ping-pong, and no taking a trainer's place for a principal that then holds more than its own).
 """
 
 from __future__ import annotations
@@ -55,13 +51,10 @@ class Connections:
             return False, None
         if len(self.by_socket) < self.caps.total:
             return True, None
-        waiting = [c for c in self.pending.values() if self.per_principal[c.principal] > held]
-        if waiting:  # the oldest of the principal holding the most
-            return True, max(waiting, key=lambda c: self.per_principal[c.principal])
         largest, most = self.per_principal.most_common(1)[0]
-        if most <= held + 1:
+        if most <= held + 1:  # taking one would only swap who holds more
             return False, None
-        return True, self._newest(largest)
+        return True, self._victim(largest)
 
     def refused(self, uid: int, principal: str, now: float) -> None:
         """Count a refused newcomer; logged when the cap is first hit, then at most once a
@@ -92,8 +85,13 @@ class Connections:
         if not self.per_principal[client.principal]:
             del self.per_principal[client.principal]
 
-    def _newest(self, principal: str) -> Client:
+    def _victim(self, principal: str) -> Client:
+        """Its oldest connection that has not registered (it has seconds to live anyway), else
+        its newest."""
         newest = None
+        for client in self.pending.values():
+            if client.principal == principal:
+                return client
         for client in self.by_socket.values():
             if client.principal == principal:
                 newest = client

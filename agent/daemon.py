@@ -53,6 +53,15 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _alive(identity: str) -> bool:
+    """For pruning: a process that cannot be looked at now is kept (forgetting a live one
+    would signal it again)."""
+    try:
+        return is_alive(identity)
+    except OSError:
+        return True
+
+
 class Agent:
     """The daemon. ``run()`` blocks until ``stop`` is set; ``tick()`` is one iteration."""
 
@@ -300,7 +309,7 @@ class Agent:
         if not self.state.dirty:
             return
         registered = {client.identity for client in self.registry.clients()}
-        self.state.prune(self.notices.active, lambda i: i in registered or is_alive(i), self._now())
+        self.state.prune(self.notices.active, lambda i: i in registered or _alive(i), self._now())
         try:
             self.state.save()
         except OSError as exc:
@@ -366,7 +375,7 @@ class Agent:
         except psutil.NoSuchProcess:
             log.info("target %s exited before it could be signalled", target.pid, extra=fields)
             return
-        except psutil.Error as exc:
+        except (psutil.Error, OSError) as exc:
             self.metrics.inc("spotguard_signals_failed_total")
             log.error("could not signal %s: %s", target.pid, exc, extra=fields)
             return

@@ -121,6 +121,8 @@ class Client:
             ticks = start_ticks(self.pid)
         except (psutil.Error, ProcessLookupError):
             raise ProcessLookupError("the connecting process is gone") from None
+        except OSError as exc:  # refused now; the trainer connects again
+            raise ProcessLookupError(f"cannot look at the connecting process now: {exc}") from None
         if self.pidfd is not None:  # still alive, so what was read above was its own
             signal.pidfd_send_signal(self.pidfd, 0)
         if not vouched:
@@ -144,7 +146,10 @@ class Client:
             poller = select.poll()
             poller.register(self.pidfd, select.POLLIN)
             return not poller.poll(0)
-        return is_alive(self.identity)
+        try:
+            return is_alive(self.identity)
+        except OSError:  # cannot tell now: as alive (its pid is not handed to another)
+            return True
 
     def close_pidfd(self) -> None:
         if self.pidfd is not None:

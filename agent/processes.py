@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["boot_clock", "boot_id", "identity", "is_alive", "start_ticks"]
+__all__ = ["boot_clock", "boot_id", "current_identity", "identity", "is_alive", "start_ticks"]
 
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
@@ -51,39 +51,48 @@ _BOOT_IDS: dict[Path, str] = {}
 
 def start_ticks(pid: int, proc: Path = PROC) -> int:
     """When ``pid`` started, in clock ticks since boot. Raises :class:`ProcessLookupError` when
-    there is no such process (or its stat cannot be read or parsed)."""
+    there is no such process, :class:`OSError` when it cannot be told (no file descriptor left,
+    say): unknown is not gone, or a live process would be signalled again."""
     try:
         data = (proc / str(pid) / "stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+    try:
         # The command name (field 2) may hold spaces and parentheses: split after the last ")".
         return int(data[data.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):  # a kernel thread mid-exit, an empty read: gone
         raise ProcessLookupError(pid) from None
 
 
 def identity(pid: int, proc: Path = PROC, *, ticks: int | None = None) -> str:
     """``pid@start ticks@boot id`` (``ticks``: already read with :func:`start_ticks`);
-    :class:`ProcessLookupError` when ``pid`` does not exist."""
+    :class:`ProcessLookupError` when ``pid`` does not exist, :class:`OSError` when unknown."""
     if ticks is None:
         ticks = start_ticks(pid, proc)
     return f"{pid}@{ticks}@{boot_id(proc)}"
 
 
 def is_alive(process_identity: str, proc: Path = PROC) -> bool:
-    """Whether the process ``process_identity`` names still runs (that very process)."""
-    pid, _, rest = process_identity.partition("@")
+    """Whether the process ``process_identity`` names still runs (that very process); raises
+    :class:`OSError` when that cannot be told now."""
+    pid, _, _ = process_identity.partition("@")
     try:
-        if "@" not in rest:  # ``pid@create time`` saved by an earlier version
-            return _legacy_alive(int(pid), float(rest))
         return identity(int(pid), proc) == process_identity
     except (ProcessLookupError, ValueError):
         return False
 
 
-def _legacy_alive(pid: int, create_time: float) -> bool:
-    """An identity saved before this format (``pid@psutil create_time``, two decimals): an
-    agent upgraded during a notice must not signal those processes a second time. Compared
-    as that version did (the clock-step weakness included)."""
+def current_identity(saved: str) -> str | None:
+    """The identity to keep for one saved in ``agent-state.json``: itself, or for one saved by
+    an earlier version (``pid@psutil create time``) the current form of that process while it
+    runs (an agent upgraded during a notice must not signal it a second time: the signalled
+    sets are compared by identity), else ``None``."""
+    pid, _, rest = saved.partition("@")
+    if "@" in rest:
+        return saved
     try:
-        return f"{psutil.Process(pid).create_time():.2f}" == f"{create_time:.2f}"
-    except psutil.Error:
-        return False
+        if f"{psutil.Process(int(pid)).create_time():.2f}" == f"{float(rest):.2f}":
+            return identity(int(pid))
+    except (psutil.Error, ValueError, OSError):
+        pass
+    return None

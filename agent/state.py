@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from spotguard.agent.processes import current_identity
 from spotguard.errors import ConfigError
 from spotguard.protocol import Notice, format_time, parse_time, write_json_atomic, write_notice
 
@@ -186,7 +187,7 @@ class HandledState:
             self.notices = {
                 notice_id: HandledNotice(
                     noticed_at=parse_time(entry["noticed_at"]),
-                    signalled=set(entry["signalled"]),
+                    signalled=_current(entry["signalled"]),
                     inactive_since=(
                         parse_time(entry["inactive_since"]) if entry.get("inactive_since") else None
                     ),
@@ -246,6 +247,11 @@ class HandledState:
         if is_directory(self.path):
             remove_path(self.path)
         write_json_atomic(self.path, payload, mode=0o600)
+
+
+def _current(saved: list[str]) -> set[str]:
+    """The saved identities in today's form (see :func:`current_identity`)."""
+    return {who for who in map(current_identity, saved) if who is not None}
 
 
 class NoticeFile:

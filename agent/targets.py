@@ -49,6 +49,8 @@ def is_running(target: Target) -> bool:
         )
     except psutil.Error:
         return False
+    except OSError:  # cannot tell now: still watched
+        return True
 
 
 def send_signal(target: Target) -> None:
@@ -110,7 +112,7 @@ class TargetFinder:
             if source:
                 try:
                     who = identity(pid)
-                except ProcessLookupError:  # gone meanwhile
+                except OSError:  # gone meanwhile, or cannot be told now: next time
                     continue
                 matched[pid] = (Target(pid, who, self.default_signal, source), process.info["ppid"])
         return [target for target, ppid in matched.values() if ppid not in matched]

@@ -35,8 +35,7 @@ def table(tmp_path: Path):
 
 def test_a_full_table_takes_from_the_largest_pending_first(table):
     connections, connect = table
-    for _ in range(3):
-        connect("uid 1", register=True)
+    registered = [connect("uid 1", register=True) for _ in range(3)]
     waiting = connect("uid 1")
     connect("uid 2")
     connect("uid 2", register=True)
@@ -44,52 +43,27 @@ def test_a_full_table_takes_from_the_largest_pending_first(table):
     connections.remove(waiting)
     assert connections.admit("uid 3") == (True, None)  # room now
     connect("uid 3", register=True)
-    # uid 2's pending connection: uid 2 holds 2, more than uid 3's 1.
-    assert connections.admit("uid 3")[1].principal == "uid 2"
+    # uid 1 holds 3 and would hold 2, as uid 3 would: its newest connection goes.
+    assert connections.admit("uid 3") == (True, registered[-1])
 
 
-def test_a_registered_connection_goes_only_to_a_principal_holding_fewer(table):
+def test_a_move_never_merely_swaps_who_holds_more(table):
+    """Everyone holds one connection, one of them a trainer that has not registered yet: a
+    newcomer holding none is refused rather than take it (the one evicted would come back
+    and take another's: a swap an attacker with many principals repeats at will)."""
     connections, connect = table
-    registered = [connect("uid 1", register=True) for _ in range(4)]
-    connect("uid 2", register=True)
-    connect("uid 3", register=True)
-    # uid 4 would hold 1 against uid 1's 3 after: uid 1's newest connection goes.
-    assert connections.admit("uid 4") == (True, registered[-1])
-    connections.remove(registered[-1])
-    connect("uid 4", register=True)
-    connections.remove(registered[-2])
-    connect("uid 5", register=True)
-    # uid 1 holds 2 and would hold 1, as the newcomer: still fair, its newest goes.
-    assert connections.admit("uid 6") == (True, registered[-3])
-    connections.remove(registered[-3])
-    connect("uid 6", register=True)
-    # Everyone holds one registered connection: nobody would end with fewer than the newcomer.
-    assert connections.admit("uid 7") == (False, None)
-
-
-def test_when_everyone_holds_one_a_pending_connection_makes_room(table):
-    """Many principals with one connection each (uids nobody listed, one per user namespace):
-    a newcomer holding none takes the oldest place that has not registered yet, never a
-    registered one."""
-    connections, connect = table
-    for number in range(4):
+    for number in range(5):
         connect(f"uid {number}", register=True)
-    oldest = connect("uid 10")
-    connect("uid 11")
-    assert connections.admit("uid 20") == (True, oldest)
-    connections.remove(oldest)
-    connect("uid 20", register=True)
-    connections.remove(next(iter(connections.pending.values())))
-    connect("uid 21", register=True)
-    assert connections.admit("uid 30") == (False, None)
+    connect("uid 9")  # a trainer between connect and register
+    assert connections.admit("uid 20") == (False, None)
 
 
 def test_a_newcomer_among_the_largest_is_refused(table):
     connections, connect = table
-    for principal in ("uid 1", "uid 1", "uid 2", "uid 2", "uid 3", "uid 3"):
-        connect(principal)
-    assert connections.admit("uid 1") == (False, None)  # 3 would not be fewer than 2 + 1
-    assert connections.admit("uid 4")[0]  # holds none: takes from one with 2
+    first = [connect(principal) for principal in ("uid 1", "uid 1", "uid 2", "uid 2", "uid 3",
+                                                  "uid 3")][0]  # fmt: skip
+    assert connections.admit("uid 1") == (False, None)  # it would hold 3 against 1
+    assert connections.admit("uid 4") == (True, first)  # 1 each after: fair
 
 
 def test_the_per_user_cap_holds_with_room_left(table):

@@ -9,7 +9,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spotguard.agent.processes import boot_id, identity, is_alive, start_ticks
+from spotguard.agent.processes import (
+    boot_id,
+    current_identity,
+    identity,
+    is_alive,
+    start_ticks,
+)
 
 
 def fake_proc(root: Path, *, btime: int, ticks: int = 4242, boot: str = "boot-a") -> Path:
@@ -56,18 +62,20 @@ def test_a_live_process_and_after_it_exited():
     assert not is_alive(who)
 
 
-def test_an_identity_saved_by_the_earlier_format_still_names_its_process():
-    """``pid@create time`` (before ticks since boot): an agent upgraded during a notice must
-    not signal the processes it signalled before the upgrade a second time."""
+def test_an_identity_saved_by_the_earlier_format_is_read_in_todays_form():
+    """``pid@create time`` (before ticks since boot) names a live process: today's identity of
+    that process is kept; a dead or another process's is dropped."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        legacy = f"{child.pid}@{psutil.Process(child.pid).create_time():.2f}"
-        assert is_alive(legacy)
-        assert not is_alive(f"{child.pid}@{psutil.Process(child.pid).create_time() - 5:.2f}")
+        created = psutil.Process(child.pid).create_time()
+        assert current_identity(f"{child.pid}@{created:.2f}") == identity(child.pid)
+        assert current_identity(f"{child.pid}@{created - 5:.2f}") is None
+        assert current_identity(identity(child.pid)) == identity(child.pid)
     finally:
         child.kill()
         child.wait()
-    assert not is_alive(legacy)
+    assert current_identity(f"{child.pid}@{created:.2f}") is None
+    assert current_identity("garbage") is None
 
 
 def test_a_boot_id_that_could_not_be_read_is_not_kept(tmp_path):

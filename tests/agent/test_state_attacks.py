@@ -11,6 +11,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psutil
+
 import spotguard.agent.state as state_module
 from spotguard.agent.state import HandledNotice, HandledState
 from tests.support import wait_for
@@ -156,3 +158,29 @@ def test_a_long_active_notice_dropped_for_one_poll_is_not_forgotten(tmp_path):
     assert notice_id in reloaded.notices
     reloaded.prune(set(), lambda identity: True, much_later + timedelta(seconds=1 + 6 * 3600))
     assert notice_id not in reloaded.notices
+
+
+def test_an_agent_upgraded_during_a_notice_signals_no_one_twice(sim, agents, targets, tmp_path):
+    """The state file of the earlier version names processes ``pid@create time``: the upgraded
+    agent reads them in today's form (``pid@start ticks@boot id``), so a trainer signalled
+    before the upgrade is not signalled again when it reconnects."""
+    state_dir = tmp_path / "state"
+    first = agents.start(sim.url, state_dir=state_dir)
+    target = targets(state_dir, exit_code=None)
+    sim.control.spot()
+    wait_for(lambda: target.signals() == ["SIGUSR1"], what="the signal")
+    wait_for(lambda: identity_in(state_dir, target.pid), what="the signal to be saved")
+    assert first.stop() == 0
+    path = state_dir / "agent-state.json"
+    payload = json.loads(path.read_text())
+    (entry,) = payload["notices"].values()
+    legacy = f"{target.pid}@{psutil.Process(target.pid).create_time():.2f}"
+    entry["signalled"] = [legacy]
+    path.write_text(json.dumps(payload))
+
+    agents.start(sim.url, state_dir=state_dir)
+    wait_for(lambda: len(target.received("registered")) == 2, what="the target to reconnect")
+    time.sleep(0.6)  # three polls serving the notice
+    assert target.signals() == ["SIGUSR1"]
+    wait_for(lambda: identity_in(state_dir, target.pid) not in (None, legacy),
+             what="the identity saved in today's form")  # fmt: skip
