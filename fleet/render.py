@@ -12,14 +12,16 @@ pass through to the ``spot-training-fleet`` module::
       network: {vpc_id: vpc-0abc, subnet_ids: [subnet-a, subnet-b]}
       training:
         instance_types: [g5.12xlarge, g6.12xlarge]
-        capacity_units: 2                 # -> target_capacity
+        capacity_units: 1                 # -> target_capacity (1: one single-node job)
         on_demand_base_units: 0           # -> on_demand_base_capacity
         spot_max_price: 4.10              # -> spot_max_price ("4.10")
         ami_id: ami-0abc                  # optional
         root_volume_gb: 300               # -> root_volume_size_gb
         python: /opt/pytorch/bin/python   # -> training_python (the AMI's PyTorch env)
-        spotguard_version: 0.1.0
-      checkpoints: {bucket: my-ckpts, prefix: runs/llama, expiration_days: 30}
+        spotguard_version: 0.1.0          # optional: the wheel must be this version
+        spotguard_wheel: dist/spotguard-0.1.0-py3-none-any.whl  # optional; default: dist/
+      checkpoints: {bucket: my-ckpts, prefix: runs/llama}  # an existing bucket, used as is
+      # or {new_bucket: my-ckpts, ...} to create one; with neither, one with a derived name
     tags: {team: ml}
 
 Every key is checked: an unknown key or a value of the wrong kind is a one-line error naming
@@ -28,6 +30,7 @@ the key (exit code 2), never a silently ignored setting.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -98,7 +101,58 @@ def _prefixed(prefix: str) -> Callable[[str, Any], str]:
 def _tags(key: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise RenderError(f"{key}: expected a mapping of tag names to values")
-    return {tag: str(text) for tag, text in value.items()}
+    tags = {tag: str(text) for tag, text in value.items()}
+    for tag, text in tags.items():
+        valid_key = 1 <= len(tag) <= 128 and not tag.lower().startswith("aws:")
+        if not (valid_key and _TAG_TEXT.fullmatch(tag)):
+            raise RenderError(
+                f"{key}: {tag!r} is not a tag key EC2 accepts (1-128 letters, digits, spaces "
+                "and _ . : / = + - @, not starting with aws:)"
+            )
+        if len(text) > 256 or not _TAG_TEXT.fullmatch(text):
+            raise RenderError(f"{key}.{tag}: {text!r} is not a tag value EC2 accepts")
+    return tags
+
+
+#: As the module's ``allowed_instance_types`` default: the x86_64 GPU families the Deep Learning
+#: AMI (OSS NVIDIA driver, PyTorch) supports. A type outside it would fail the plan anyway; here
+#: the error names the config key.
+ALLOWED_INSTANCE_TYPES = (
+    "g4dn.*",
+    "g5.*",
+    "g6.*",
+    "gr6.*",
+    "g6e.*",
+    "p4d.*",
+    "p4de.*",
+    "p5.*",
+    "p5e.*",
+    "p5en.*",
+    "p6-b200.*",
+)
+#: EC2's rule for tag keys and values (the module validates the same).
+_TAG_TEXT = re.compile(r"[\w .:/=+@-]*")
+
+
+def _instance_types(key: str, value: Any) -> list[str]:
+    types = _strings(key, value)
+    for index, name in enumerate(types):
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in ALLOWED_INSTANCE_TYPES):
+            raise RenderError(
+                f"{key}[{index}]: {name!r} is not a GPU type the Deep Learning AMI supports "
+                f"({', '.join(ALLOWED_INSTANCE_TYPES)})"
+            )
+    return types
+
+
+def _capacity(key: str, value: Any) -> int:
+    units = _whole(1)(key, value)
+    if units > 1:
+        raise RenderError(
+            f"{key}: {units} nodes need the multi-node mode, which is not there yet (a later "
+            "issue): one fleet runs one single-node job, so capacity_units must be 1"
+        )
+    return units
 
 
 def _version(key: str, value: Any) -> str:
@@ -115,18 +169,28 @@ FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "infrastructure.region": ("region", _text),
     "infrastructure.network.vpc_id": ("vpc_id", _prefixed("vpc-")),
     "infrastructure.network.subnet_ids": ("subnet_ids", _strings),
-    "infrastructure.training.instance_types": ("instance_types", _strings),
-    "infrastructure.training.capacity_units": ("target_capacity", _whole(1)),
+    "infrastructure.training.instance_types": ("instance_types", _instance_types),
+    "infrastructure.training.capacity_units": ("target_capacity", _capacity),
     "infrastructure.training.on_demand_base_units": ("on_demand_base_capacity", _whole(0)),
     "infrastructure.training.spot_max_price": ("spot_max_price", _price),
     "infrastructure.training.ami_id": ("ami_id", _prefixed("ami-")),
     "infrastructure.training.root_volume_gb": ("root_volume_size_gb", _whole(8)),
     "infrastructure.training.spotguard_version": ("spotguard_version", _version),
+    # Default: the one wheel `spotguard fleet package` put in dist/ (examples/basic finds it).
+    "infrastructure.training.spotguard_wheel": ("spotguard_wheel_path", _text),
     "infrastructure.training.python": ("training_python", _prefixed("/")),
+    # An existing bucket, used as it is (create_bucket = false); new_bucket names one to create.
     "infrastructure.checkpoints.bucket": ("bucket_name", _text),
+    "infrastructure.checkpoints.new_bucket": ("bucket_name", _text),
     "infrastructure.checkpoints.prefix": ("checkpoint_prefix", _text),
-    "infrastructure.checkpoints.expiration_days": ("checkpoint_expiration_days", _whole(1)),
     "tags": ("tags", _tags),
+}
+#: Keys that once existed, with why they are gone: an error that says so beats "unknown key".
+REMOVED = {
+    "infrastructure.checkpoints.expiration_days": (
+        "current checkpoints never expire by age: the newest checkpoint of a paused run is what "
+        "resumes it, and the trainer hooks prune old ones themselves"
+    ),
 }
 REQUIRED = (
     "model.name",
@@ -143,6 +207,8 @@ def _walk(node: Mapping[str, Any], prefix: str, found: dict[str, Any]) -> None:
         path = f"{prefix}{key}"
         if not isinstance(key, str):
             raise RenderError(f"{prefix or 'top level'}: keys must be strings, got {key!r}")
+        if path in REMOVED:
+            raise RenderError(f"{path} is no longer accepted: {REMOVED[path]}")
         if path in FIELDS:
             found[path] = value
         elif path in _SECTIONS:
@@ -167,10 +233,21 @@ def render(config: Any) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in found]
     if missing:
         raise RenderError(f"missing required key {missing[0]}")
+    if (
+        "infrastructure.checkpoints.bucket" in found
+        and "infrastructure.checkpoints.new_bucket" in found
+    ):
+        raise RenderError(
+            "infrastructure.checkpoints: give bucket (an existing one) or new_bucket (to create), "
+            "not both"
+        )
     variables = {}
     for key, value in found.items():
         variable, convert = FIELDS[key]
         variables[variable] = convert(key, value)
+    if "infrastructure.checkpoints.bucket" in found:
+        # Naming a bucket means using it: creating it again would fail, or worse, succeed.
+        variables["create_bucket"] = False
     on_demand = variables.get("on_demand_base_capacity", 0)
     if on_demand > variables.get("target_capacity", 1):
         raise RenderError(

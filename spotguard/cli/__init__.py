@@ -7,7 +7,7 @@ that runs them (``register(commands)`` adds the parser and sets ``handler``)::
     imds-sim           spotguard.cli.imds_sim   the local IMDS simulator
     ckpt               spotguard.cli.ckpt       list | verify | prune | pull a checkpoint store
     drill              spotguard.cli.drill      the interruption loop rehearsed on this machine
-    fleet              spotguard.cli.fleet      render the Terraform variables
+    fleet              spotguard.cli.fleet      render | package | job-end | wait-clear
     install-units      spotguard.cli.units      copy the shipped systemd unit files
 
 A handler imports what it needs when it runs, so ``spotguard agent`` never loads torch, boto3

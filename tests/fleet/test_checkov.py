@@ -81,4 +81,5 @@ def test_skips_are_few(tmp_path: Path):
         "CKV_AWS_145",
         "CKV2_AWS_62",
         "CKV_AWS_341",
+        "CKV_AWS_186",  # the uploaded spotguard wheel: KMS only with kms_key_arn (wheel.tf)
     }

@@ -18,7 +18,7 @@ BASE = {
         "network": {"vpc_id": "vpc-0abc", "subnet_ids": ["subnet-a", "subnet-b"]},
         "training": {
             "instance_types": ["g5.12xlarge", "g6.12xlarge"],
-            "capacity_units": 4,
+            "capacity_units": 1,
             "on_demand_base_units": 1,
             "spot_max_price": 3.5,
             "ami_id": "ami-0abc",
@@ -26,7 +26,7 @@ BASE = {
             "spotguard_version": "0.1.0",
             "python": "/opt/conda/envs/train/bin/python",
         },
-        "checkpoints": {"bucket": "my-ckpts", "prefix": "runs/llama", "expiration_days": 14},
+        "checkpoints": {"bucket": "my-ckpts", "prefix": "runs/llama"},
     },
     "tags": {"team": "ml", "cost-center": 42},
 }
@@ -36,8 +36,8 @@ def test_every_key_maps_to_a_module_variable():
     assert render(BASE) == {
         "ami_id": "ami-0abc",
         "bucket_name": "my-ckpts",
-        "checkpoint_expiration_days": 14,
         "checkpoint_prefix": "runs/llama",
+        "create_bucket": False,
         "instance_types": ["g5.12xlarge", "g6.12xlarge"],
         "name": "llama2-7b-finetune",
         "on_demand_base_capacity": 1,
@@ -47,7 +47,7 @@ def test_every_key_maps_to_a_module_variable():
         "spotguard_version": "0.1.0",
         "subnet_ids": ["subnet-a", "subnet-b"],
         "tags": {"team": "ml", "cost-center": "42"},
-        "target_capacity": 4,
+        "target_capacity": 1,
         "training_command": "python train.py --cfg 7b",
         "training_python": "/opt/conda/envs/train/bin/python",
         "vpc_id": "vpc-0abc",
@@ -86,12 +86,48 @@ def _with(path: str, value: object) -> dict:
         ("model.command", "a\nb", "one line"),
         ("model.name", "!!", "use 3-32 characters"),
         ("infrastructure.training", [1], "infrastructure.training: expected a mapping"),
-        ("infrastructure.training.instance_types", [f"t{i}" for i in range(26)], "50 overrides"),
+        (
+            "infrastructure.training.instance_types",
+            [f"g5.{i}xl" for i in range(26)],
+            "50 overrides",
+        ),
+        ("infrastructure.training.capacity_units", 2, "need the multi-node mode, which is not"),
+        ("infrastructure.training.on_demand_base_units", 2, "more than capacity_units"),
+        (
+            "infrastructure.training.instance_types",
+            ["g5.xlarge", "t3.large"],
+            "'t3.large' is not a GPU type",
+        ),
+        ("tags", {"aws:team": "ml"}, "'aws:team' is not a tag key EC2 accepts"),
+        ("tags", {"a,b": "ml"}, "'a,b' is not a tag key"),
+        ("infrastructure.checkpoints.expiration_days", 30, "newest checkpoint of a paused run"),
+        ("infrastructure.checkpoints.new_bucket", "other", "not both"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(path, value, message):
     with pytest.raises(RenderError, match=message.replace("(", r"\(")):
         render(_with(path, value))
+
+
+def test_an_existing_bucket_is_used_and_a_new_one_created():
+    """``bucket`` names a bucket that exists (Terraform must not create it again);
+    ``new_bucket`` names one to create; with neither, the module derives a name."""
+    existing = render(BASE)
+    assert (existing["bucket_name"], existing["create_bucket"]) == ("my-ckpts", False)
+    config = json.loads(json.dumps(BASE))
+    config["infrastructure"]["checkpoints"] = {"new_bucket": "fresh-ckpts"}
+    created = render(config)
+    assert created["bucket_name"] == "fresh-ckpts"
+    assert "create_bucket" not in created  # the module's default: create
+    del config["infrastructure"]["checkpoints"]
+    derived = render(config)
+    assert "bucket_name" not in derived
+    assert "create_bucket" not in derived
+
+
+def test_tag_keys_with_spaces_and_slashes_pass():
+    config = _with("tags", {"cost center/team": "ml research"})
+    assert render(config)["tags"] == {"cost center/team": "ml research"}
 
 
 def test_required_keys():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,25 +13,85 @@ SYSTEMD = Path(__file__).parents[2] / "systemd"
 TRAINING = SYSTEMD / "spotguard-training@.service"
 
 
-def test_training_unit_never_restarts_a_preempted_job_on_a_dying_node():
-    text = TRAINING.read_text()
-    for line in (
-        "RestartPreventExitStatus=75",
-        "Restart=on-failure",
-        "After=network-online.target spotguard-agent.service",
-        "EnvironmentFile=/etc/spotguard/training-%i.env",
-        "ExecStart=/bin/bash /etc/spotguard/training-%i.sh",
-        "KillSignal=SIGTERM",
-    ):
-        assert f"\n{line}\n" in text, line
-    stop = int(re.search(r"\nTimeoutStopSec=(\d+)\n", text).group(1))  # type: ignore[union-attr]
+def _settings(text: str) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file, in order (keys may repeat)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+#: Signals after which systemd counts a main process as ended cleanly (systemd.service(5)).
+CLEAN_SIGNALS = {"HUP", "INT", "TERM", "PIPE"}
+
+
+def systemd_restarts(settings: dict[str, list[str]], code: str, status: str) -> bool:
+    """systemd's rule for whether a service whose main process ended is restarted
+    (systemd.service(5), Restart= table, plus Restart{Prevent,Force}ExitStatus=)."""
+    (restart,) = settings["Restart"]
+    prevent = " ".join(settings.get("RestartPreventExitStatus", [])).split()
+    force = " ".join(settings.get("RestartForceExitStatus", [])).split()
+    success = {"0", *" ".join(settings.get("SuccessExitStatus", [])).split()}
+    if status in prevent:
+        return False
+    if status in force:
+        return True
+    clean = (code == "exited" and status in success) or (
+        code == "killed" and status in CLEAN_SIGNALS
+    )
+    return {"always": True, "no": False, "on-success": clean, "on-failure": not clean}[restart]
+
+
+def test_training_unit_wiring():
+    settings = _settings(TRAINING.read_text())
+    assert settings["EnvironmentFile"] == ["/etc/spotguard/training-%i.env"]
+    assert settings["ExecStart"] == ["/bin/bash /etc/spotguard/training-%i.sh"]
+    assert settings["After"] == ["network-online.target spotguard-agent.service"]
+    assert settings["KillSignal"] == ["SIGTERM"]
+    # Every end of the process is judged (as root: it may power the node off) ...
+    assert settings["ExecStopPost"] == ["+/usr/local/bin/spotguard fleet job-end %i"]
+    # ... and every start waits until no notice that stops training is active, for as long
+    # as a maintenance window lasts; systemd's start limit never ends the restarts itself.
+    assert settings["ExecStartPre"] == ["/usr/local/bin/spotguard fleet wait-clear"]
+    assert settings["TimeoutStartSec"] == ["infinity"]
+    assert settings["StartLimitIntervalSec"] == ["0"]
+    assert settings["StateDirectory"] == ["spotguard"]
+    stop = int(re.search(r"\nTimeoutStopSec=(\d+)\n", TRAINING.read_text()).group(1))  # type: ignore[union-attr]
     assert 30 <= stop < 120, "time to save, within the two-minute notice"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "restarted", "why"),
+    [
+        ("exited", "0", False, "finished: job-end sets the fleet to 0 and powers off"),
+        ("exited", "75", True, "preempted: back once wait-clear lets it (maintenance over)"),
+        ("exited", "1", True, "a failure: again, until job-end has counted max_failures"),
+        ("killed", "SEGV", True, "a crash is a failure"),
+        ("killed", "KILL", True, "the OOM killer is a failure"),
+        ("dumped", "ABRT", True, "a core dump is a failure"),
+    ],
+)
+def test_training_unit_restart_policy_for_each_exit(code, status, restarted, why):
+    assert systemd_restarts(_settings(TRAINING.read_text()), code, status) is restarted, why
+
+
+def test_the_restart_model_knows_the_old_bug():
+    """The rule above, applied to the unit as it was: exit 75 was never restarted, so a
+    maintenance event without a reboot left the node idle (issue 14, item 9)."""
+    old = {"Restart": ["on-failure"], "RestartPreventExitStatus": ["75"]}
+    assert systemd_restarts(old, "exited", "75") is False
+    assert systemd_restarts(old, "exited", "1") is True
 
 
 @pytest.fixture
 def instance(tmp_path: Path, systemd_analyze: str) -> Path:
-    """An instance of the training unit, for ``systemd-analyze`` (fails in CI without it)."""
-    shutil.copy(TRAINING, tmp_path / TRAINING.name)
+    """An instance of the training unit, for ``systemd-analyze`` (fails in CI without it),
+    with its commands pointing at this environment's spotguard (verify checks they exist)."""
+    executable = Path(sys.executable).with_name("spotguard")
+    text = TRAINING.read_text().replace("/usr/local/bin/spotguard", str(executable))
+    (tmp_path / TRAINING.name).write_text(text)
     path = tmp_path / "spotguard-training@job.service"
     path.symlink_to(TRAINING.name)
     return path

@@ -2,10 +2,11 @@
 
 The script is rendered by the real module (``terraform plan`` of ``examples/basic`` against a
 moto server, read from the plan), then run in a sandbox: ``SPOTGUARD_ROOT`` points every path
-into a temporary folder and stub ``curl``, ``python3``, ``pip``, ``aws`` and ``systemctl`` on
-``PATH`` record what they were asked to do. The installed ``spotguard`` is the real one, so
-``spotguard install-units`` copies the real unit files; ``<root>/opt/pytorch/bin/python``
-stands in for the Deep Learning AMI's PyTorch environment.
+into a temporary folder and stub ``curl``, ``python3``, ``pip``, ``aws``, ``apt-get`` and
+``systemctl`` on ``PATH`` record what they were asked to do. The installed ``spotguard`` is the
+real one, so ``spotguard install-units`` copies the real unit files;
+``<root>/opt/pytorch/bin/python`` stands in for the Deep Learning AMI's PyTorch environment.
+(``test_package.py`` runs it with a real pip and a real venv, from the uploaded object.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fleet.built_wheel import built_wheel, with_wheel
 from tests.fleet.conftest import Terraform, basic_example_on_moto
 
 FLEET_NAME = "sandbox"
@@ -45,18 +48,29 @@ case "$*" in
   *) echo "curl stub: unexpected request: $*" >&2; exit 22 ;;
 esac
 """,
-    # `python3 -m venv DIR` makes DIR/bin/python, a stand-in for any pip-capable interpreter.
+    # `python3 -m venv DIR` makes DIR/bin/python, a stand-in for any pip-capable interpreter;
+    # with VENV_NEEDS_APT it fails until apt-get has installed python3-venv.
     "python3": r"""#!/bin/bash
 echo "python3 $*" >> "$CALLS"
 [ "$1 $2" = "-m venv" ] && [ $# -eq 3 ] || { echo "python3 stub: $*" >&2; exit 2; }
+if [ -n "${VENV_NEEDS_APT:-}" ] && [ ! -f "$SANDBOX/python3-venv" ]; then
+  echo "ensurepip is not available" >&2
+  mkdir -p "$3"; exit 1
+fi
 mkdir -p "$3/bin"
 cp "$PIP_PYTHON" "$3/bin/python"
 """,
+    "apt-get": r"""#!/bin/bash
+echo "apt-get $*" >> "$CALLS"
+touch "$SANDBOX/python3-venv"
+""",
+    # `aws s3 cp URI FILE` copies $WHEEL_SOURCE; `aws s3 cp - URI` keeps what it was given.
     "aws": r"""#!/bin/bash
 echo "aws $*" >> "$CALLS"
 [ "$1 $2" = "s3 cp" ] || exit 2
 for last; do :; done
-echo wheel > "$last"
+if [ "${*: -2:1}" = "-" ]; then cat > "$SANDBOX/status.json"; exit 0; fi
+cp "$WHEEL_SOURCE" "$last"
 """,
     # Records, at each enable, whether the unit and the agent's config were already in place.
     "systemctl": r"""#!/bin/bash
@@ -71,21 +85,32 @@ echo "systemctl $* [$state]" >> "$CALLS"
 }
 
 
-WHEEL_URI = "s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl"
+#: What the user data and the stubs run besides the stubs.
+TOOLS = (
+    "bash", "cat", "cmp", "cp", "mktemp", "install", "rm", "mkdir", "ln", "readlink", "dirname",
+    "basename", "stat", "sha256sum", "mv", "sleep", "touch", "tee",
+)  # fmt: skip
+S3_URI = "s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl"
+PIP = "-m pip install --quiet --disable-pip-version-check"
 
 
 @dataclass(frozen=True)
 class Rendered:
-    """The user data rendered for one install mode: ``pinned`` (the package index, the pinned
-    version) or ``wheel`` (the example configured with ``spotguard_wheel_s3_uri``)."""
+    """The user data rendered for one way of giving the wheel: ``uploaded`` (the default of
+    ``examples/basic``: the wheel ``spotguard fleet package`` put in ``dist/``, uploaded by
+    Terraform) or ``s3-uri`` (a wheel already in S3, ``spotguard_wheel_s3_uri``)."""
 
     mode: str
     script: str
 
 
-@pytest.fixture(scope="module", params=["pinned", "wheel"])
-def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> Rendered:
-    work = basic_example_on_moto(tmp_path_factory.mktemp(f"user-data-{request.param}"))
+_RENDERED: dict[str, Rendered] = {}
+
+
+def _render(mode: str, terraform: Terraform, tmp_path_factory, moto_server) -> Rendered:
+    if mode in _RENDERED:
+        return _RENDERED[mode]
+    work = basic_example_on_moto(tmp_path_factory.mktemp(f"user-data-{mode}"))
     variables = {
         "name": FLEET_NAME,
         "vpc_id": "vpc-00000000000000000",
@@ -95,13 +120,19 @@ def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> Re
         "allowed_account_ids": ["123456789012"],
     }
     (work / "test.auto.tfvars.json").write_text(json.dumps(variables))
-    if request.param == "wheel":
+    if mode == "uploaded":
+        with_wheel(work)
+    else:
         main = work / "main.tf"
-        anchor = "  tags                          = var.tags"
-        text = main.read_text()
-        # The wheel case must configure the wheel, or it would silently test the pinned path.
-        assert text.count(anchor) == 1, f"cannot inject the wheel: {anchor!r} not in main.tf"
-        main.write_text(text.replace(anchor, f'{anchor}\n  spotguard_wheel_s3_uri = "{WHEEL_URI}"'))
+        text, count = re.subn(
+            r"^(\s+tags\s+= var\.tags)$",
+            rf'\1\n  spotguard_wheel_s3_uri = "{S3_URI}"',
+            main.read_text(),
+            flags=re.M,
+        )
+        # The s3-uri case must configure it, or it would silently test the default.
+        assert count == 1, "cannot inject spotguard_wheel_s3_uri into examples/basic/main.tf"
+        main.write_text(text)
     env = {
         "AWS_ENDPOINT_URL": moto_server,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -113,7 +144,20 @@ def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> Re
     plan = json.loads(terraform("show", "-json", "plan.tfplan", cwd=work, env=env).stdout)
     (module,) = plan["planned_values"]["root_module"]["child_modules"]
     template = next(r for r in module["resources"] if r["type"] == "aws_launch_template")
-    return Rendered(request.param, base64.b64decode(template["values"]["user_data"]).decode())
+    script = base64.b64decode(template["values"]["user_data"]).decode()
+    _RENDERED[mode] = Rendered(mode, script)
+    return _RENDERED[mode]
+
+
+@pytest.fixture(scope="module", params=["uploaded", "s3-uri"])
+def rendered(request, terraform: Terraform, tmp_path_factory, moto_server) -> Rendered:
+    return _render(request.param, terraform, tmp_path_factory, moto_server)
+
+
+@pytest.fixture(scope="module")
+def uploaded(terraform: Terraform, tmp_path_factory, moto_server) -> Rendered:
+    """The default rendering alone, for the failure paths."""
+    return _render("uploaded", terraform, tmp_path_factory, moto_server)
 
 
 def test_rendered_user_data_is_shellcheck_clean(rendered: Rendered, tmp_path: Path):
@@ -127,7 +171,7 @@ def test_rendered_user_data_is_shellcheck_clean(rendered: Rendered, tmp_path: Pa
     assert done.returncode == 0, done.stdout
 
 
-def _sandbox(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+def _sandbox(tmp_path: Path, wheel_source: Path | None = None) -> tuple[Path, dict[str, str]]:
     bin_dir, root = tmp_path / "bin", tmp_path / "root"
     bin_dir.mkdir()
     root.mkdir()
@@ -140,17 +184,25 @@ def _sandbox(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     (root / "opt" / "pytorch" / "bin" / "python").chmod(0o755)
     (tmp_path / "pip-python").write_text(PIP_PYTHON)
     (tmp_path / "pip-python").chmod(0o755)
-    calls = tmp_path / "calls.log"
+    # Only the tools the script may use, so that nothing real (apt-get, aws, pip) is reachable.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in TOOLS:
+        found = shutil.which(tool, path="/usr/bin:/bin")
+        assert found, f"{tool} is needed to run the user data"
+        (tools / tool).symlink_to(found)
     env = {
         "PIP_PYTHON": str(tmp_path / "pip-python"),
-        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PATH": f"{bin_dir}:{tools}",
         "HOME": str(tmp_path),
+        "SANDBOX": str(tmp_path),
         "SPOTGUARD_ROOT": str(root),
-        "CALLS": str(calls),
+        "CALLS": str(tmp_path / "calls.log"),
+        "WHEEL_SOURCE": str(wheel_source or built_wheel().path),
         "REAL_SPOTGUARD": shutil.which("spotguard", path=str(Path(sys.executable).parent)) or "",
     }
     assert env["REAL_SPOTGUARD"], "the spotguard console script of this venv"
-    return root, calls, env
+    return root, env
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
@@ -164,54 +216,53 @@ def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
     return files
 
 
-def _run(script: Path, env: dict[str, str]) -> list[str]:
+def _run(script: str, env: dict[str, str], *, ok: bool = True) -> list[str]:
+    path = Path(env["SANDBOX"]) / "user-data.sh"
+    path.write_text(script)
     calls = Path(env["CALLS"])
     calls.write_text("")
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True)
+    assert (done.returncode == 0) is ok, done.stdout + done.stderr
     return calls.read_text().splitlines()
+
+
+def _commands(calls: list[str]) -> list[str]:
+    return [line.split(" [")[0] for line in calls if not line.startswith("curl")]
 
 
 def test_user_data_installs_configures_then_starts_agent_before_training(rendered, tmp_path):
     """Each case checks its own mode's install, chosen by the parameter (not by the script):
-    ``wheel`` must download the wheel and install both environments from it, never spotguard
-    by name from an index; ``pinned`` must install the pinned version from the index."""
-    root, _, env = _sandbox(tmp_path)
-    script = tmp_path / "user-data.sh"
-    script.write_text(rendered.script)
-    calls = _run(script, env)
-    commands = [line.split(" [")[0] for line in calls if not line.startswith("curl")]
+    the wheel is downloaded once and both environments install that file, never spotguard by
+    name from an index."""
+    root, env = _sandbox(tmp_path)
+    commands = _commands(_run(rendered.script, env))
     venv = f"{root}/opt/spotguard/venv"
-    pip = "-m pip install --quiet --disable-pip-version-check"
     torch_env = f"{root}/opt/pytorch/bin/python"
-    installs = [command for command in commands if pip in command]
-    if rendered.mode == "wheel":
-        wheel = f"{root}/opt/spotguard/spotguard-0.1.0-py3-none-any.whl"
-        assert installs, commands
-        assert all(command.split(pip)[1].strip().startswith(wheel) for command in installs), (
-            f"the wheel case installed spotguard from an index: {installs}"
-        )
-        assert commands == [
-            f"aws s3 cp --only-show-errors --region us-east-1 {WHEEL_URI} {wheel}",
-            f"python3 -m venv {venv}",
-            f"{venv}/bin/python {pip} {wheel}",
-            f"{torch_env} {pip} {wheel}[s3,lightning]",
-            "systemctl daemon-reload",
-            "systemctl enable --now spotguard-agent.service",
-            f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
-        ]
+    name = built_wheel().path.name
+    if rendered.mode == "uploaded":
+        sha = built_wheel().sha256
+        uri = f"s3://sandbox-ckpt-123456789012-us-east-1/spotguard/wheels/{sha}/{name}"
+        wheel = f"{root}/opt/spotguard/wheels/{sha}/{name}"
     else:
-        assert rendered.mode == "pinned"
-        assert not any(command.startswith("aws s3 cp") for command in commands), commands
-        assert commands == [
-            f"python3 -m venv {venv}",
-            f"{venv}/bin/python {pip} spotguard==0.1.0",  # the agent: no torch, no boto3
-            f"{torch_env} {pip} spotguard[s3,lightning]==0.1.0",  # the hooks, beside torch
-            "systemctl daemon-reload",
-            "systemctl enable --now spotguard-agent.service",
-            f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
-        ]
+        assert rendered.mode == "s3-uri"
+        uri, wheel = S3_URI, f"{root}/opt/spotguard/wheels/from-uri/{Path(S3_URI).name}"
+    installs = [command for command in commands if PIP in command]
+    assert installs, commands
+    assert all(command.split(PIP)[1].strip().startswith(wheel + "[") for command in installs), (
+        f"spotguard installed from something else than the wheel: {installs}"
+    )
+    assert commands == [
+        f"aws s3 cp --only-show-errors --region us-east-1 {uri} {wheel}.part",
+        f"python3 -m venv {venv}",
+        f"{venv}/bin/python {PIP} {wheel}[s3]",  # the agent, and job-end's boto3: no torch
+        f"{torch_env} {PIP} {wheel}[s3,lightning]",  # the hooks, beside torch
+        "systemctl daemon-reload",
+        "systemctl enable --now spotguard-agent.service",
+        # Not waited for: its start is held while a stopping notice is active.
+        f"systemctl enable --now --no-block spotguard-training@{FLEET_NAME}.service",
+    ]
     # Every metadata read went through IMDSv2: one token PUT, then GETs carrying it.
+    calls = Path(env["CALLS"]).read_text().splitlines()
     imds = [line for line in calls if line.startswith("curl")]
     assert "-X PUT" in imds[0]
     assert all("X-aws-ec2-metadata-token: TOKEN-123" in line for line in imds[1:])
@@ -220,12 +271,21 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
     assert all(line.endswith("[unit=present config=present]") for line in enables), enables
 
     etc = root / "etc"
-    assert "poll_interval = 1.0" in (etc / "spotguard" / "agent.toml").read_text()
+    agent_toml = etc / "spotguard" / "agent.toml"
+    assert "poll_interval = 1.0" in agent_toml.read_text()
+    assert agent_toml.stat().st_mode & 0o777 == 0o600, "it may hold a webhook URL"
     environment = (etc / "spotguard" / f"training-{FLEET_NAME}.env").read_text()
     assert "SPOTGUARD_CHECKPOINT_URI=s3://sandbox-ckpt-123456789012-us-east-1/checkpoints" in (
         environment
     )
     assert "AWS_DEFAULT_REGION=us-east-1" in environment
+    # What the training unit's `spotguard fleet job-end` reads.
+    assert (
+        "SPOTGUARD_STATUS_URI=s3://sandbox-ckpt-123456789012-us-east-1/spotguard/status/sandbox.json"
+        in environment
+    )
+    assert "SPOTGUARD_INSTANCE_ID=i-0123456789abcdef0" in environment
+    assert "SPOTGUARD_MAX_FAILURES=3" in environment
     # The training command's `python` is the environment the hooks went into.
     assert "PATH=/opt/pytorch/bin:/usr/local/bin:/usr/bin:/bin" in environment
     assert (
@@ -238,19 +298,82 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
     drop_in = units / f"spotguard-training@{FLEET_NAME}.service.d" / "10-user.conf"
     assert "User=ubuntu" in drop_in.read_text()
     assert os.readlink(root / "usr" / "local" / "bin" / "spotguard") == f"{venv}/bin/spotguard"
+    assert not (tmp_path / "status.json").exists()
 
 
 def test_a_second_run_changes_nothing(rendered, tmp_path):
-    root, _, env = _sandbox(tmp_path)
-    script = tmp_path / "user-data.sh"
-    script.write_text(rendered.script)
-    _run(script, env)
+    root, env = _sandbox(tmp_path)
+    _run(rendered.script, env)
     before = _snapshot(root)
-    calls = _run(script, env)
+    commands = _commands(_run(rendered.script, env))
     assert _snapshot(root) == before
-    commands = [line.split(" [")[0] for line in calls if not line.startswith("curl")]
     # No reinstall, no download, no reload; enabling running services again is a no-op.
     assert commands == [
         "systemctl enable --now spotguard-agent.service",
-        f"systemctl enable --now spotguard-training@{FLEET_NAME}.service",
+        f"systemctl enable --now --no-block spotguard-training@{FLEET_NAME}.service",
     ]
+
+
+def _setup_failed(tmp_path: Path, commands: list[str]) -> dict:
+    """The node said why (the status object) and powered off, and started nothing."""
+    assert commands[-1] == "systemctl --no-block poweroff", commands
+    assert not any("enable" in command for command in commands), commands
+    upload = [c for c in commands if c.startswith("aws s3 cp") and " - s3://" in c]
+    assert upload == [
+        "aws s3 cp --only-show-errors --region us-east-1 - "
+        "s3://sandbox-ckpt-123456789012-us-east-1/spotguard/status/sandbox.json"
+    ]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "setup-failed"
+    assert status["fleet"] == FLEET_NAME
+    assert status["instance_id"] == "i-0123456789abcdef0"
+    return status
+
+
+def test_a_wheel_with_another_sha256_is_not_installed(uploaded, tmp_path):
+    impostor = tmp_path / "impostor.whl"
+    impostor.write_bytes(b"PK\x03\x04 not the wheel Terraform uploaded")
+    root, env = _sandbox(tmp_path, wheel_source=impostor)
+    commands = _commands(_run(uploaded.script, env, ok=False))
+    assert not any(PIP in command for command in commands), commands
+    status = _setup_failed(tmp_path, commands)
+    assert "does not have the SHA-256 Terraform uploaded" in status["error"]
+    assert not list((root / "opt" / "spotguard" / "wheels").rglob("*.whl*"))
+
+
+def test_python3_venv_is_installed_when_missing(uploaded, tmp_path):
+    root, env = _sandbox(tmp_path)
+    commands = _commands(_run(uploaded.script, {**env, "VENV_NEEDS_APT": "1"}))
+    venv = f"{root}/opt/spotguard/venv"
+    at = commands.index(f"python3 -m venv {venv}")
+    assert commands[at : at + 3] == [
+        f"python3 -m venv {venv}",
+        "apt-get install -y -q python3-venv",
+        f"python3 -m venv {venv}",
+    ]
+    assert commands[-1].startswith("systemctl enable --now --no-block")
+
+
+def test_without_python3_venv_or_apt_the_node_says_so_and_powers_off(uploaded, tmp_path):
+    _, env = _sandbox(tmp_path)
+    (tmp_path / "bin" / "apt-get").unlink()
+    commands = _commands(_run(uploaded.script, {**env, "VENV_NEEDS_APT": "1"}, ok=False))
+    status = _setup_failed(tmp_path, commands)
+    assert status["error"] == (
+        "python3 -m venv failed and there is no apt-get to install python3-venv"
+    )
+
+
+def test_any_failing_command_is_reported_with_its_line(uploaded, tmp_path):
+    """A step without a message of its own (here: IMDS answers no region) still ends with the
+    status object naming the command, and the power off."""
+    _, env = _sandbox(tmp_path)
+    curl = tmp_path / "bin" / "curl"
+    lines = curl.read_text().splitlines(keepends=True)
+    curl.write_text("".join(line for line in lines if "placement/region" not in line))
+    commands = _commands(_run(uploaded.script, env, ok=False))
+    assert commands[-1] == "systemctl --no-block poweroff"
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "setup-failed"
+    failed = r"line \d+: region=\$\(metadata placement/region\) \(exit code 22\)"
+    assert re.fullmatch(failed, status["error"]), status["error"]

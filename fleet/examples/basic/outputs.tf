@@ -32,3 +32,8 @@ output "instance_role_name" {
   description = "Name of the nodes' IAM role."
   value       = module.fleet.instance_role_name
 }
+
+output "fleet_arn" {
+  description = "ARN of the EC2 Fleet, which its events name (the event rule matches it)."
+  value       = module.fleet.fleet_arn
+}

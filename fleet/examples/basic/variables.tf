@@ -32,7 +32,7 @@ variable "instance_types" {
 }
 
 variable "target_capacity" {
-  description = "Number of instances to keep running."
+  description = "Number of instances to keep running: 1 (one single-node job; the module refuses more until its multi-node mode exists)."
   type        = number
   default     = 1
 }
@@ -41,6 +41,12 @@ variable "on_demand_base_capacity" {
   description = "How many of them are on-demand."
   type        = number
   default     = 0
+}
+
+variable "capacity_rebalance_termination_delay" {
+  description = "Seconds a node told to rebalance keeps running after its replacement starts (120..7200); fixed when the fleet is created."
+  type        = number
+  default     = 300
 }
 
 variable "spot_max_price" {
@@ -73,13 +79,31 @@ variable "training_python" {
 }
 
 variable "spotguard_version" {
-  description = "spotguard version to install on the nodes."
+  description = "The version the spotguard wheel must be, or null for any."
   type        = string
-  default     = "0.1.0"
+  default     = null
+}
+
+variable "spotguard_wheel_path" {
+  description = "The spotguard wheel the nodes install; null takes the one in dist/ that `spotguard fleet package` builds."
+  type        = string
+  default     = null
+}
+
+variable "max_consecutive_failures" {
+  description = "Failures of the training command in a row that end the job (and the fleet)."
+  type        = number
+  default     = 3
+}
+
+variable "create_bucket" {
+  description = "Create the checkpoint bucket; false uses the existing bucket named by bucket_name."
+  type        = bool
+  default     = true
 }
 
 variable "bucket_name" {
-  description = "Checkpoint bucket name, or null to derive one."
+  description = "Checkpoint bucket name: the existing bucket with create_bucket = false, else the name for the new one (null derives one)."
   type        = string
   default     = null
 }
@@ -88,12 +112,6 @@ variable "checkpoint_prefix" {
   description = "Key prefix for checkpoints in the bucket."
   type        = string
   default     = "checkpoints"
-}
-
-variable "checkpoint_expiration_days" {
-  description = "Days after which checkpoint objects expire, or null to keep them."
-  type        = number
-  default     = 30
 }
 
 variable "terminate_instances_on_delete" {

@@ -13,6 +13,7 @@ module "fleet" {
   vpc_id                = var.vpc_id
   subnet_ids            = var.subnet_ids
   training_command      = var.training_command
+  spotguard_wheel_path  = var.spotguard_wheel_path
   create_fis_experiment = true
   tags                  = { "managed-by" = "terraform", "state" = "remote" }
 }

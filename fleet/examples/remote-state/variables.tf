@@ -29,3 +29,8 @@ variable "training_command" {
   description = "Command that starts (and resumes) training on each node."
   type        = string
 }
+
+variable "spotguard_wheel_path" {
+  description = "The spotguard wheel the nodes install, as `spotguard fleet package` prints it (the drift check needs the same file: the plan hashes it)."
+  type        = string
+}

@@ -1,5 +1,6 @@
-# The nodes' role: checkpoints under one prefix of one bucket, this fleet's event queue, and
-# optionally SSM. Nothing else: a training job needs no other AWS API to survive spot.
+# The nodes' role: checkpoints under one prefix of one bucket, and optionally SSM. Nothing
+# else: a training job needs no other AWS API to survive spot (the event queue is for a
+# scheduler or dashboard; nothing on a node consumes it).
 
 resource "aws_iam_role" "nodes" {
   name_prefix = "${var.name}-node-"
@@ -28,7 +29,8 @@ locals {
         Action   = ["s3:ListBucket"]
         Resource = local.bucket_arn
         Condition = {
-          StringLike = { "s3:prefix" = [var.checkpoint_prefix, "${var.checkpoint_prefix}/*"] }
+          # "prefix/" and below only: "runs/llm" alone would also match "runs/llm-7b".
+          StringLike = { "s3:prefix" = ["${var.checkpoint_prefix}/", "${var.checkpoint_prefix}/*"] }
         }
       },
       {
@@ -42,18 +44,6 @@ locals {
           "s3:ListMultipartUploadParts",
         ]
         Resource = "${local.bucket_arn}/${var.checkpoint_prefix}/*"
-      },
-      {
-        Sid    = "ConsumeFleetEvents"
-        Effect = "Allow"
-        Action = [
-          "sqs:ReceiveMessage",
-          "sqs:DeleteMessage",
-          "sqs:ChangeMessageVisibility",
-          "sqs:GetQueueAttributes",
-          "sqs:GetQueueUrl",
-        ]
-        Resource = aws_sqs_queue.events.arn
       },
     ],
     var.spotguard_wheel_s3_uri == null ? [] : [
@@ -76,7 +66,7 @@ locals {
 }
 
 resource "aws_iam_role_policy" "nodes" {
-  name   = "spotguard-checkpoints-and-events"
+  name   = "spotguard-checkpoints"
   role   = aws_iam_role.nodes.id
   policy = jsonencode({ Version = "2012-10-17", Statement = local.node_policy_statements })
 }
@@ -85,4 +75,59 @@ resource "aws_iam_role_policy_attachment" "ssm" {
   count      = var.enable_ssm ? 1 : 0
   role       = aws_iam_role.nodes.name
   policy_arn = "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+}
+
+# A customer KMS key for the root volumes: EC2 Fleet launches through its service-linked role,
+# which may use a customer key only when granted (AWS: "EC2 Fleet prerequisites", grant access
+# to customer managed keys). A grant needs no change to the key policy; whoever applies needs
+# kms:CreateGrant on the key. The key policy statements that a module cannot add are in the
+# kms_key_policy_statements output.
+resource "aws_kms_grant" "fleet_volumes" {
+  count             = var.kms_key_arn != null && var.grant_kms_key_to_fleet_service_role ? 1 : 0
+  name              = "${var.name}-ec2-fleet-volumes"
+  key_id            = var.kms_key_arn
+  grantee_principal = "arn:${local.partition}:iam::${local.account_id}:role/aws-service-role/ec2fleet.amazonaws.com/AWSServiceRoleForEC2Fleet"
+  operations = [
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "CreateGrant",
+    "DescribeKey",
+  ]
+
+  depends_on = [aws_iam_service_linked_role.ec2_fleet]
+}
+
+locals {
+  # Statements to add to the customer key's policy (see the module README, "Customer KMS key").
+  kms_key_policy_statements = var.kms_key_arn == null ? null : [
+    {
+      # EventBridge encrypts what it delivers to an SSE-KMS queue with the queue's key; without
+      # this statement the fleet's events are dropped without an error anywhere.
+      Sid       = "SpotguardEventBridgeToEncryptedQueue${replace(title(replace(var.name, "-", " ")), " ", "")}"
+      Effect    = "Allow"
+      Principal = { Service = "events.amazonaws.com" }
+      Action    = ["kms:Decrypt", "kms:GenerateDataKey"]
+      Resource  = "*"
+    },
+    {
+      # Only needed when grant_kms_key_to_fleet_service_role is false (else the grant does it).
+      Sid       = "SpotguardEc2FleetVolumes"
+      Effect    = "Allow"
+      Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:role/aws-service-role/ec2fleet.amazonaws.com/AWSServiceRoleForEC2Fleet" }
+      Action    = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
+      Resource  = "*"
+    },
+    {
+      Sid       = "SpotguardEc2FleetVolumeGrants"
+      Effect    = "Allow"
+      Principal = { AWS = "arn:${local.partition}:iam::${local.account_id}:role/aws-service-role/ec2fleet.amazonaws.com/AWSServiceRoleForEC2Fleet" }
+      Action    = "kms:CreateGrant"
+      Resource  = "*"
+      Condition = { Bool = { "kms:GrantIsForAWSResource" = true } }
+    },
+  ]
 }

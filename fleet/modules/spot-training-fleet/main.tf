@@ -51,15 +51,18 @@ locals {
   ))
 
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    fleet_name        = var.name
-    spotguard_version = var.spotguard_version
-    extras            = local.extras
-    wheel_s3_uri      = var.spotguard_wheel_s3_uri == null ? "" : var.spotguard_wheel_s3_uri
-    training_python   = var.training_python
-    agent_toml        = local.agent_toml
-    checkpoint_uri    = local.checkpoint_uri
-    training_command  = var.training_command
-    training_user     = var.training_user
+    fleet_name = var.name
+    extras     = local.extras
+    # Through the uploaded object (wheel.tf), so that the launch template follows the upload.
+    wheel_s3_uri     = local.wheel_from_path ? "s3://${aws_s3_object.spotguard_wheel[0].bucket}/${aws_s3_object.spotguard_wheel[0].key}" : var.spotguard_wheel_s3_uri
+    wheel_sha256     = local.wheel_sha256
+    status_uri       = local.status_uri
+    max_failures     = var.max_consecutive_failures
+    training_python  = var.training_python
+    agent_toml       = local.agent_toml
+    checkpoint_uri   = local.checkpoint_uri
+    training_command = var.training_command
+    training_user    = var.training_user
   })
 }
 
@@ -105,6 +108,9 @@ resource "aws_launch_template" "nodes" {
   image_id               = var.ami_id != null ? var.ami_id : data.aws_ami.selected[0].id
   key_name               = var.key_name
   update_default_version = true
+  # No instance_initiated_shutdown_behavior: an EC2 Fleet's spot instances come from one-time
+  # requests, which cannot stop, so a node that powers itself off terminates; and AWS refuses
+  # the field in launch templates of some services (Auto Scaling), a risk for no gain.
   user_data              = base64encode(local.user_data)
   vpc_security_group_ids = concat([aws_security_group.nodes.id], var.additional_security_group_ids)
   ebs_optimized          = true
@@ -117,7 +123,9 @@ resource "aws_launch_template" "nodes" {
     http_endpoint               = "enabled"
     http_tokens                 = "required" # IMDSv2 only
     http_put_response_hop_limit = var.metadata_hop_limit
-    instance_metadata_tags      = "enabled"
+    # Nothing on the node reads tags from IMDS; enabled, a tag key with a space or "/" would
+    # fail every launch.
+    instance_metadata_tags = "disabled"
   }
 
   block_device_mappings {
@@ -173,22 +181,31 @@ resource "aws_ec2_fleet" "training" {
         instance_type = override.value.instance_type
         subnet_id     = override.value.subnet_id
         max_price     = var.spot_max_price
+        # Stated, not left to defaults: AWS reads them back as these values, and an unset
+        # attribute would then be a change on every plan. One instance = one unit of capacity.
+        weighted_capacity = 1
+        priority          = 0
       }
     }
 
     dynamic "override" {
       for_each = local.use_requirements ? var.subnet_ids : []
       content {
-        subnet_id = override.value
-        max_price = var.spot_max_price
+        subnet_id         = override.value
+        max_price         = var.spot_max_price
+        weighted_capacity = 1
+        priority          = 0
 
         instance_requirements {
           accelerator_types         = ["gpu"]
           accelerator_manufacturers = var.instance_requirements.accelerator_manufacturers
+          # Only types the Deep Learning AMI supports (wildcards allowed).
+          allowed_instance_types = var.allowed_instance_types
 
+          # min = max unless the job may change its world size (allow_gpu_count_change).
           accelerator_count {
             min = var.instance_requirements.accelerator_count_min
-            max = var.instance_requirements.accelerator_count_max
+            max = coalesce(var.instance_requirements.accelerator_count_max, var.instance_requirements.accelerator_count_min)
           }
 
           dynamic "accelerator_total_memory_mib" {
@@ -240,6 +257,32 @@ resource "aws_ec2_fleet" "training" {
   tags = local.tags
 
   lifecycle {
+    # What AWS's DescribeFleets does not give back as it was sent. Each would otherwise be a
+    # change on every plan after the first apply, most of them forcing a replacement, and a
+    # replacement runs DeleteFleets with terminate_instances: every node dies.
+    ignore_changes = [
+      # AWS omits it for price-capacity-optimized; the provider reads 0 against its default of
+      # 1 and forces a replacement (terraform-provider-aws issue 43176, fix not released).
+      spot_options[0].instance_pools_to_use_count,
+      # Options of instant fleets only, never set here; AWS reads back 0 / false, config null.
+      spot_options[0].min_target_capacity,
+      spot_options[0].single_availability_zone,
+      spot_options[0].single_instance_type,
+      on_demand_options[0].min_target_capacity,
+      on_demand_options[0].single_availability_zone,
+      on_demand_options[0].single_instance_type,
+      # Never set (no valid_until: the fleet does not expire); read back as the creation time
+      # and the service default. Both force a replacement.
+      valid_from,
+      terminate_instances_with_expiration,
+      # Fixed when the fleet is created: the split is ForceNew in the provider, and ModifyFleet
+      # carries neither it nor SpotOptions. A change is refused by the postconditions below
+      # instead of replacing the fleet or planning an update that never reaches AWS.
+      target_capacity_specification[0].spot_target_capacity,
+      target_capacity_specification[0].on_demand_target_capacity,
+      spot_options[0].maintenance_strategies[0].capacity_rebalance[0].termination_delay,
+    ]
+
     precondition {
       condition     = !local.use_requirements || var.instance_requirements != null
       error_message = "Give instance_types, or instance_requirements for attribute-based selection."
@@ -248,7 +291,32 @@ resource "aws_ec2_fleet" "training" {
       condition     = !local.use_requirements || length(var.subnet_ids) <= 50
       error_message = "EC2 Fleet takes at most 50 overrides: at most 50 subnets with instance_requirements."
     }
+    postcondition {
+      condition     = self.spot_options[0].maintenance_strategies[0].capacity_rebalance[0].termination_delay == var.capacity_rebalance_termination_delay
+      error_message = "capacity_rebalance_termination_delay is fixed when the fleet is created: ModifyFleet cannot change it (it carries no SpotOptions). Set it back to ${self.spot_options[0].maintenance_strategies[0].capacity_rebalance[0].termination_delay}, or replace the fleet on purpose (terraform apply -replace=<address of aws_ec2_fleet.training>), which terminates its instances."
+    }
+    postcondition {
+      condition     = coalesce(self.target_capacity_specification[0].on_demand_target_capacity, 0) == var.on_demand_base_capacity
+      error_message = "on_demand_base_capacity is fixed when the fleet is created: EC2 Fleet cannot change its spot/on-demand split in place. Set it back to ${coalesce(self.target_capacity_specification[0].on_demand_target_capacity, 0)}, or replace the fleet on purpose (terraform apply -replace=<address of aws_ec2_fleet.training>), which terminates its instances."
+    }
   }
 
-  depends_on = [aws_iam_service_linked_role.ec2_fleet]
+  # Everything a node needs at boot exists before the first one starts, and outlives the last
+  # one on destroy (the fleet, and with it its instances, goes first): its role's policies,
+  # the bucket with its encryption and policy, the KMS grant for encrypted volumes.
+  depends_on = [
+    aws_iam_service_linked_role.ec2_fleet,
+    aws_iam_role_policy.nodes,
+    aws_iam_role_policy.spotguard_wheel,
+    aws_iam_role_policy.job_status,
+    aws_iam_role_policy_attachment.ssm,
+    aws_s3_bucket.checkpoints,
+    aws_s3_bucket_public_access_block.checkpoints,
+    aws_s3_bucket_ownership_controls.checkpoints,
+    aws_s3_bucket_server_side_encryption_configuration.checkpoints,
+    aws_s3_bucket_versioning.checkpoints,
+    aws_s3_bucket_lifecycle_configuration.checkpoints,
+    aws_s3_bucket_policy.checkpoints,
+    aws_kms_grant.fleet_volumes,
+  ]
 }

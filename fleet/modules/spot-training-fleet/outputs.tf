@@ -39,7 +39,7 @@ output "checkpoint_uri" {
 }
 
 output "event_queue_url" {
-  description = "URL of the SQS queue receiving the fleet's spot interruption, rebalance and state-change events."
+  description = "URL of the SQS queue receiving this fleet's EC2 Fleet events (errors, instance and state changes)."
   value       = aws_sqs_queue.events.id
 }
 
@@ -53,6 +53,16 @@ output "event_rule_arn" {
   value       = aws_cloudwatch_event_rule.spot_events.arn
 }
 
+output "fleet_arn" {
+  description = "ARN of the EC2 Fleet: the resources entry of its events, which the event rule matches."
+  value       = aws_ec2_fleet.training.arn
+}
+
+output "kms_key_policy_statements" {
+  description = "With kms_key_arn: the statements to add to that key's policy, as JSON (EventBridge encrypting into the queue; EC2 Fleet's service-linked role, needed only without the grant). Null without kms_key_arn."
+  value       = local.kms_key_policy_statements == null ? null : jsonencode(local.kms_key_policy_statements)
+}
+
 output "fis_experiment_template_id" {
   description = "ID of the FIS experiment template that interrupts the fleet's spot instances, or null when create_fis_experiment is false."
   value       = try(aws_fis_experiment_template.spot_interruption[0].id, null)
@@ -61,4 +71,14 @@ output "fis_experiment_template_id" {
 output "user_data" {
   description = "The rendered user data script (for review; it holds no secrets)."
   value       = local.user_data
+}
+
+output "spotguard_wheel_uri" {
+  description = "Where the nodes install spotguard from: the uploaded wheel (content-addressed by its SHA-256) or spotguard_wheel_s3_uri."
+  value       = local.wheel_from_path ? "s3://${aws_s3_object.spotguard_wheel[0].bucket}/${aws_s3_object.spotguard_wheel[0].key}" : var.spotguard_wheel_s3_uri
+}
+
+output "status_uri" {
+  description = "The job's status object: written when the job finishes, fails max_consecutive_failures times in a row, or a node's set-up fails, with the last error."
+  value       = local.status_uri
 }

@@ -1,5 +1,7 @@
 # The checkpoint bucket: private, encrypted, TLS only, with lifecycle rules for what the
-# trainer hooks cannot clean up themselves (abandoned runs, multipart uploads cut short).
+# trainer hooks cannot clean up themselves (multipart uploads cut short, overwritten versions).
+# No rule ever expires a current object: the newest checkpoint of a run paused for months is
+# what its resume needs. The trainer hooks prune old checkpoints themselves.
 
 resource "aws_s3_bucket" "checkpoints" {
   #checkov:skip=CKV_AWS_18:access logging needs a separate log bucket; the caller's account-wide choice
@@ -64,16 +66,14 @@ resource "aws_s3_bucket_lifecycle_configuration" "checkpoints" {
   }
 
   rule {
-    id     = "expire-checkpoints"
-    status = var.checkpoint_expiration_days == null ? "Disabled" : "Enabled"
+    id     = "expire-noncurrent-checkpoint-versions"
+    status = "Enabled"
     filter {
       prefix = "${var.checkpoint_prefix}/"
     }
-    expiration {
-      days = coalesce(var.checkpoint_expiration_days, 3650)
-    }
+    # Only versions that are no longer current (overwritten or deleted, with versioning on).
     noncurrent_version_expiration {
-      noncurrent_days = 1
+      noncurrent_days = var.noncurrent_version_expiration_days
     }
   }
 }
@@ -95,4 +95,10 @@ resource "aws_s3_bucket_policy" "checkpoints" {
     ]
   })
   depends_on = [aws_s3_bucket_public_access_block.checkpoints]
+}
+
+# An existing bucket (create_bucket = false) must exist: a plan fails here, not a node at boot.
+data "aws_s3_bucket" "existing" {
+  count  = var.create_bucket ? 0 : 1
+  bucket = local.bucket_name
 }

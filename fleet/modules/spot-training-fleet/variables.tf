@@ -34,9 +34,17 @@ variable "additional_security_group_ids" {
 }
 
 variable "tags" {
-  description = "Tags for every resource the module creates, including the instances and volumes the fleet launches."
+  description = "Tags for every resource the module creates, including the instances and volumes the fleet launches. Keys follow EC2's rules: 1-128 letters, digits, spaces and _ . : / = + - @, not starting with aws:; values at most 256 characters."
   type        = map(string)
   default     = {}
+
+  validation {
+    condition = alltrue([
+      for key, value in var.tags :
+      can(regex("^[\\p{L}\\p{Z}\\p{N}_.:/=+@-]{1,128}$", key)) && !startswith(lower(key), "aws:") && length(value) <= 256 && can(regex("^[\\p{L}\\p{Z}\\p{N}_.:/=+@-]*$", value))
+    ])
+    error_message = "Tag keys must be 1-128 letters, digits, spaces and _ . : / = + - @ and must not start with aws:; values at most 256 of the same characters. EC2 rejects every launch otherwise."
+  }
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +52,7 @@ variable "tags" {
 # ---------------------------------------------------------------------------------------------
 
 variable "instance_types" {
-  description = "GPU instance types the fleet may use. Every type is paired with every subnet as an override, so more types and zones mean more spot pools to draw from. Leave empty to select by attributes (instance_requirements) instead."
+  description = "GPU instance types the fleet may use, each matching allowed_instance_types. Every type is paired with every subnet as an override, so more types and zones mean more spot pools to draw from. Give types with the same number of GPUs: a replacement node of another type changes the job's world size. Leave empty to select by attributes (instance_requirements) instead."
   type        = list(string)
   default     = ["g5.xlarge", "g5.2xlarge", "g6.xlarge", "g6.2xlarge"]
 
@@ -52,6 +60,33 @@ variable "instance_types" {
     condition     = length(var.instance_types) * length(var.subnet_ids) <= 50
     error_message = "EC2 Fleet takes at most 50 overrides per launch template config: instance types x subnets must be <= 50."
   }
+
+  validation {
+    condition = alltrue([
+      for type in var.instance_types : anytrue([
+        for pattern in var.allowed_instance_types :
+        can(regex("^${replace(replace(pattern, ".", "\\."), "*", ".*")}$", type))
+      ])
+    ])
+    error_message = "Every instance type must match allowed_instance_types (GPU types the Deep Learning AMI supports); widen allowed_instance_types when your AMI supports more."
+  }
+}
+
+variable "allowed_instance_types" {
+  description = "Instance types the fleet may ever launch, with * as a wildcard: instance_types must match them, and attribute-based selection is restricted to them. The default is the x86_64 GPU families the Deep Learning AMI (OSS NVIDIA driver, PyTorch) supports: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200."
+  type        = list(string)
+  default     = ["g4dn.*", "g5.*", "g6.*", "gr6.*", "g6e.*", "p4d.*", "p4de.*", "p5.*", "p5e.*", "p5en.*", "p6-b200.*"]
+
+  validation {
+    condition     = length(var.allowed_instance_types) >= 1 && length(var.allowed_instance_types) <= 400 && alltrue([for pattern in var.allowed_instance_types : can(regex("^[a-z0-9*][a-z0-9.*-]*$", pattern))])
+    error_message = "allowed_instance_types takes 1-400 instance types or patterns such as g5.* (lower-case letters, digits, ., - and *)."
+  }
+}
+
+variable "allow_gpu_count_change" {
+  description = "Let attribute-based selection pick instances with a different number of GPUs than accelerator_count_min (up to accelerator_count_max). Off by default: a replacement with another GPU count changes the job's world size; turn it on only when the training command resumes at any world size."
+  type        = bool
+  default     = false
 }
 
 variable "instance_requirements" {
@@ -81,21 +116,26 @@ variable "instance_requirements" {
     condition     = var.instance_requirements == null ? true : var.instance_requirements.accelerator_count_min >= 1
     error_message = "accelerator_count_min must be at least 1: a training fleet needs GPUs."
   }
+
+  validation {
+    condition     = try(var.instance_requirements.accelerator_count_max, null) == null ? true : var.allow_gpu_count_change ? var.instance_requirements.accelerator_count_max >= var.instance_requirements.accelerator_count_min : var.instance_requirements.accelerator_count_max == var.instance_requirements.accelerator_count_min
+    error_message = "accelerator_count_max must equal accelerator_count_min (or be left out): a replacement node with another GPU count would change the job's world size. Set allow_gpu_count_change = true if the job resumes at any world size (then max >= min)."
+  }
 }
 
 variable "target_capacity" {
-  description = "Number of instances the fleet keeps running. With type maintain, EC2 replaces every interrupted instance to get back to this number."
+  description = "Number of instances the fleet keeps running; EC2 replaces every interrupted one. One fleet runs one job, and until the multi-node mode exists that job runs on one node: 1 is the only value accepted."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.target_capacity >= 1 && floor(var.target_capacity) == var.target_capacity
-    error_message = "target_capacity must be a whole number of at least 1."
+    condition     = var.target_capacity == 1
+    error_message = "target_capacity must be 1: one fleet runs one single-node job. More nodes need the multi-node mode (one job across N nodes with a rendezvous that survives spot), which is not there yet (a later issue); N copies of one single-node job would share one checkpoint prefix."
   }
 }
 
 variable "on_demand_base_capacity" {
-  description = "How many of the target_capacity instances are on-demand (never interrupted); the rest are spot. An on-demand base keeps, for example, a rank-0 node alive."
+  description = "How many of the target_capacity instances are on-demand (never interrupted); the rest are spot. Fixed when the fleet is created: EC2 Fleet cannot change the split in place, so a change is refused at plan."
   type        = number
   default     = 0
 
@@ -117,7 +157,7 @@ variable "spot_max_price" {
 }
 
 variable "capacity_rebalance_termination_delay" {
-  description = "Seconds between a replacement instance launched on a rebalance recommendation and the termination of the old one (launch-before-terminate): time for the old node to checkpoint. EC2 accepts 120 to 7200."
+  description = "Seconds between a replacement instance launched on a rebalance recommendation and the termination of the old one (launch-before-terminate): time for the old node to checkpoint. EC2 accepts 120 to 7200. Fixed when the fleet is created: ModifyFleet cannot change it, so a change is refused at plan."
   type        = number
   default     = 300
 
@@ -179,9 +219,20 @@ variable "root_volume_size_gb" {
 }
 
 variable "kms_key_arn" {
-  description = "KMS key for the root volumes, the checkpoint bucket (when the module creates it) and the event queue. Null uses AWS-managed encryption (EBS default key, SSE-S3, SQS-managed SSE)."
+  description = "ARN of a customer KMS key for the root volumes, the checkpoint bucket (when the module creates it) and the event queue. Its key policy needs the statements in the kms_key_policy_statements output (the module README says why). Null uses AWS-managed encryption (EBS default key, SSE-S3, SQS-managed SSE)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.kms_key_arn == null ? true : can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$", var.kms_key_arn))
+    error_message = "kms_key_arn must be a key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID): IAM policies and grants do not resolve aliases."
+  }
+}
+
+variable "grant_kms_key_to_fleet_service_role" {
+  description = "With kms_key_arn, create a KMS grant that lets EC2 Fleet's service-linked role (AWSServiceRoleForEC2Fleet) use the key for the encrypted root volumes; without it no instance launches. Whoever applies needs kms:CreateGrant on the key. Set false when the key policy already allows that role."
+  type        = bool
+  default     = true
 }
 
 variable "metadata_hop_limit" {
@@ -206,18 +257,18 @@ variable "key_name" {
 # ---------------------------------------------------------------------------------------------
 
 variable "spotguard_version" {
-  description = "spotguard version to install from the package index on each node. Pinned, so that every replacement runs the same code."
+  description = "The spotguard version the wheel must be (checked against its file name), or null to take whichever wheel is given. spotguard is never installed from a package index."
   type        = string
-  default     = "0.1.0"
+  default     = null
 
   validation {
-    condition     = can(regex("^[0-9]+(\\.[0-9]+){1,2}([a-z0-9.+-]*)$", var.spotguard_version))
-    error_message = "spotguard_version must be a version such as 0.1.0 (it is pinned with ==)."
+    condition     = var.spotguard_version == null ? true : can(regex("^[0-9]+(\\.[0-9]+){1,2}([a-z0-9.+-]*)$", var.spotguard_version))
+    error_message = "spotguard_version must be a version such as 0.1.0, or null."
   }
 }
 
 variable "spotguard_wheel_s3_uri" {
-  description = "Install spotguard from this wheel in S3 (s3://bucket/key.whl) instead of the package index. The instance role may read exactly this object."
+  description = "A spotguard wheel already in S3 (s3://bucket/key.whl) to install instead of uploading spotguard_wheel_path. The instance role may read exactly this object. Give this or spotguard_wheel_path."
   type        = string
   default     = null
 
@@ -282,9 +333,14 @@ variable "enable_ssm" {
 # ---------------------------------------------------------------------------------------------
 
 variable "create_bucket" {
-  description = "Create the checkpoint bucket. False uses the existing bucket named by bucket_name (its policy and encryption are then yours to manage)."
+  description = "Create the checkpoint bucket. False uses the existing bucket named by bucket_name, which must exist (its policy, encryption and lifecycle are then yours to manage)."
   type        = bool
   default     = true
+
+  validation {
+    condition     = var.create_bucket || var.bucket_name != null
+    error_message = "create_bucket = false uses an existing bucket: name it in bucket_name."
+  }
 }
 
 variable "bucket_name" {
@@ -309,14 +365,14 @@ variable "checkpoint_prefix" {
   }
 }
 
-variable "checkpoint_expiration_days" {
-  description = "Delete checkpoint objects this many days after they were written (the trainer hooks prune old ones themselves; this catches abandoned runs). Null keeps them."
+variable "noncurrent_version_expiration_days" {
+  description = "Delete checkpoint object versions this many days after they stopped being current (overwritten or deleted; only with bucket_versioning). Current objects never expire: the trainer hooks prune old checkpoints themselves, and the newest checkpoint of a paused run must survive the pause."
   type        = number
-  default     = 30
+  default     = 7
 
   validation {
-    condition     = var.checkpoint_expiration_days == null ? true : var.checkpoint_expiration_days >= 1
-    error_message = "checkpoint_expiration_days must be at least 1, or null."
+    condition     = var.noncurrent_version_expiration_days >= 1
+    error_message = "noncurrent_version_expiration_days must be at least 1."
   }
 }
 
@@ -372,5 +428,48 @@ variable "fis_interruption_target" {
   validation {
     condition     = can(regex("^(ALL|COUNT\\([1-9][0-9]*\\)|PERCENT\\(([1-9][0-9]?|100)\\))$", var.fis_interruption_target))
     error_message = "fis_interruption_target must be ALL, COUNT(n) or PERCENT(n)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# spotguard on the nodes, and the end of the job (wheel.tf, job_end.tf)
+# ---------------------------------------------------------------------------------------------
+
+variable "spotguard_wheel_path" {
+  description = "Local path of the spotguard wheel the nodes install, as `spotguard fleet package` builds it. Terraform uploads it into the bucket under spotguard/wheels/<sha256>/ and the nodes install that file after checking its SHA-256. Give this or spotguard_wheel_s3_uri: spotguard is never installed by name from a package index."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = (var.spotguard_wheel_path == null) != (var.spotguard_wheel_s3_uri == null)
+    error_message = "Give exactly one of spotguard_wheel_path (build it with `spotguard fleet package`) and spotguard_wheel_s3_uri: the nodes install spotguard only from your own wheel."
+  }
+
+  validation {
+    condition     = var.spotguard_wheel_path == null ? true : can(regex("^spotguard-[0-9][^-]*-py3-none-any\\.whl$", basename(var.spotguard_wheel_path)))
+    error_message = "spotguard_wheel_path must name a wheel file such as dist/spotguard-0.1.0-py3-none-any.whl, as `spotguard fleet package` writes it."
+  }
+
+  validation {
+    condition     = var.spotguard_wheel_path == null ? true : fileexists(var.spotguard_wheel_path)
+    error_message = "spotguard_wheel_path does not exist: build the wheel with `spotguard fleet package` (it prints the path)."
+  }
+
+  validation {
+    condition = var.spotguard_version == null ? true : !can(regex("^[0-9]", var.spotguard_version)) ? true : startswith(
+      basename(coalesce(var.spotguard_wheel_path, var.spotguard_wheel_s3_uri, "-")), "spotguard-${var.spotguard_version}-"
+    )
+    error_message = "The wheel is not spotguard_version: its file name must start with spotguard-<spotguard_version>-."
+  }
+}
+
+variable "max_consecutive_failures" {
+  description = "How many times in a row the training command may fail (any exit but 0 and 75) before the node ends the job: the fleet's target capacity goes to 0, the node powers off and the status object holds the last error. Until then systemd restarts the command."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.max_consecutive_failures >= 1 && var.max_consecutive_failures <= 100 && floor(var.max_consecutive_failures) == var.max_consecutive_failures
+    error_message = "max_consecutive_failures must be a whole number from 1 to 100."
   }
 }

@@ -30,6 +30,9 @@ mock_provider "aws" {
   mock_resource "aws_iam_instance_profile" {
     defaults = { arn = "arn:aws:iam::123456789012:instance-profile/unit-node" }
   }
+  mock_resource "aws_ec2_fleet" {
+    defaults = { arn = "arn:aws:ec2:us-east-1:123456789012:fleet/fleet-unit" }
+  }
 }
 
 variables {
@@ -37,6 +40,8 @@ variables {
   vpc_id           = "vpc-0123456789abcdef0"
   subnet_ids       = ["subnet-aaaa", "subnet-bbbb"]
   training_command = "python /opt/train/train.py --config big.yaml"
+  # Any file will do: the module only hashes and uploads it (the fixture is not a real wheel).
+  spotguard_wheel_path = "tests/fixtures/spotguard-0.1.0-py3-none-any.whl"
 }
 
 run "launch_template_imdsv2_encryption_monitoring" {
@@ -53,6 +58,10 @@ run "launch_template_imdsv2_encryption_monitoring" {
   assert {
     condition     = aws_launch_template.nodes.metadata_options[0].http_endpoint == "enabled"
     error_message = "IMDS must stay reachable: the agent polls it."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.metadata_options[0].instance_metadata_tags == "disabled"
+    error_message = "Tags stay out of IMDS: nothing reads them there, and a key with a space or / would fail every launch."
   }
   assert {
     condition     = aws_launch_template.nodes.block_device_mappings[0].ebs[0].encrypted == "true"
@@ -141,6 +150,10 @@ run "fleet_overrides_allocation_and_rebalance" {
     error_message = "Every (instance type, subnet) pair must be an override, once."
   }
   assert {
+    condition     = alltrue([for o in aws_ec2_fleet.training.launch_template_config[0].override : o.weighted_capacity == 1 && o.priority == 0])
+    error_message = "Weight and priority are stated (AWS reads them back; unset they would be a change on every plan)."
+  }
+  assert {
     condition     = aws_ec2_fleet.training.spot_options[0].allocation_strategy == "price-capacity-optimized"
     error_message = "Spot allocation must be price-capacity-optimized."
   }
@@ -169,7 +182,6 @@ run "fleet_overrides_allocation_and_rebalance" {
 run "on_demand_base_price_cap_and_service_linked_role" {
   command = plan
   variables {
-    target_capacity                  = 4
     on_demand_base_capacity          = 1
     spot_max_price                   = "1.25"
     create_fleet_service_linked_role = true
@@ -177,8 +189,8 @@ run "on_demand_base_price_cap_and_service_linked_role" {
   }
 
   assert {
-    condition     = aws_ec2_fleet.training.target_capacity_specification[0].on_demand_target_capacity == 1 && aws_ec2_fleet.training.target_capacity_specification[0].spot_target_capacity == 3 && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 4
-    error_message = "One on-demand base instance and three spot."
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].on_demand_target_capacity == 1 && aws_ec2_fleet.training.target_capacity_specification[0].spot_target_capacity == 0 && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 1
+    error_message = "An on-demand base of 1 makes the one node on-demand."
   }
   assert {
     condition     = alltrue([for o in aws_ec2_fleet.training.launch_template_config[0].override : o.max_price == "1.25"])
@@ -197,7 +209,8 @@ run "on_demand_base_price_cap_and_service_linked_role" {
 run "attribute_based_selection" {
   command = plan
   variables {
-    instance_types = []
+    instance_types         = []
+    allow_gpu_count_change = true
     instance_requirements = {
       accelerator_count_min      = 1
       accelerator_count_max      = 4
@@ -218,6 +231,23 @@ run "attribute_based_selection" {
     ])
     error_message = "The requirements must reach every override."
   }
+  assert {
+    condition     = alltrue([for o in aws_ec2_fleet.training.launch_template_config[0].override : o.instance_requirements[0].allowed_instance_types == toset(var.allowed_instance_types) && contains(var.allowed_instance_types, "g5.*") && !contains(var.allowed_instance_types, "*")])
+    error_message = "Attribute-based selection is restricted to the allow-list of GPU types the Deep Learning AMI supports."
+  }
+}
+
+run "attribute_based_selection_keeps_the_gpu_count" {
+  command = plan
+  variables {
+    instance_types        = []
+    instance_requirements = { accelerator_count_min = 4 }
+  }
+
+  assert {
+    condition     = alltrue([for o in aws_ec2_fleet.training.launch_template_config[0].override : o.instance_requirements[0].accelerator_count[0].min == 4 && o.instance_requirements[0].accelerator_count[0].max == 4])
+    error_message = "Without allow_gpu_count_change, min = max GPUs: a replacement keeps the world size."
+  }
 }
 
 run "iam_policy_scoped_to_the_prefix" {
@@ -228,20 +258,16 @@ run "iam_policy_scoped_to_the_prefix" {
   }
 
   assert {
-    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ListCheckpointPrefix"]).Condition.StringLike["s3:prefix"] == ["runs/llm", "runs/llm/*"]
-    error_message = "ListBucket must be conditioned on the checkpoint prefix."
+    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ListCheckpointPrefix"]).Condition.StringLike["s3:prefix"] == ["runs/llm/", "runs/llm/*"]
+    error_message = "ListBucket must be conditioned on the checkpoint prefix and what is below it, never on a sibling such as runs/llm-7b."
   }
   assert {
     condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ReadWriteCheckpoints"]).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/runs/llm/*"
     error_message = "Object access must be limited to the prefix of the fleet's bucket."
   }
   assert {
-    condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ConsumeFleetEvents"]).Resource == aws_sqs_queue.events.arn
-    error_message = "SQS access must be limited to the module's queue."
-  }
-  assert {
-    condition     = !anytrue([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : contains(flatten([s.Action]), "sqs:SendMessage") || contains(flatten([s.Action]), "s3:*")])
-    error_message = "Nodes only consume events and touch checkpoint objects."
+    condition     = !anytrue([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : anytrue([for action in flatten([s.Action]) : startswith(action, "sqs:") || action == "s3:*"])])
+    error_message = "Nodes touch checkpoint objects only: nothing on them consumes the event queue."
   }
   assert {
     condition     = length(aws_iam_role_policy_attachment.ssm) == 0
@@ -257,8 +283,8 @@ run "bucket_private_encrypted_tls_only_with_lifecycle" {
   command = apply
 
   assert {
-    condition     = jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Effect == "Deny" && jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Condition.Bool["aws:SecureTransport"] == "false"
-    error_message = "The bucket policy must deny non-TLS access."
+    condition     = jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Effect == "Deny" && jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Condition.Bool["aws:SecureTransport"] == "false" && length(jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Resource) == 2 && endswith(jsondecode(aws_s3_bucket_policy.checkpoints[0].policy).Statement[0].Resource[1], "/*")
+    error_message = "The bucket policy must deny non-TLS access to the bucket and to every object."
   }
   assert {
     condition     = aws_s3_bucket_public_access_block.checkpoints[0].block_public_acls && aws_s3_bucket_public_access_block.checkpoints[0].block_public_policy && aws_s3_bucket_public_access_block.checkpoints[0].ignore_public_acls && aws_s3_bucket_public_access_block.checkpoints[0].restrict_public_buckets
@@ -277,8 +303,12 @@ run "bucket_private_encrypted_tls_only_with_lifecycle" {
     error_message = "Unfinished multipart uploads must be aborted."
   }
   assert {
-    condition     = one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-checkpoints"]).filter[0].prefix == "checkpoints/" && one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-checkpoints"]).expiration[0].days == 30
-    error_message = "Checkpoints expire under their prefix."
+    condition     = one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-noncurrent-checkpoint-versions"]).filter[0].prefix == "checkpoints/" && one([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : r if r.id == "expire-noncurrent-checkpoint-versions"]).noncurrent_version_expiration[0].noncurrent_days == 7
+    error_message = "Versions that are no longer current expire under the checkpoint prefix."
+  }
+  assert {
+    condition     = alltrue([for r in aws_s3_bucket_lifecycle_configuration.checkpoints[0].rule : length(r.expiration) == 0])
+    error_message = "No rule expires current objects: the newest checkpoint of a paused run must survive the pause."
   }
   assert {
     condition     = aws_s3_bucket.checkpoints[0].force_destroy == false
@@ -302,8 +332,12 @@ run "queue_admits_only_the_rule" {
     error_message = "The queue must be encrypted."
   }
   assert {
-    condition     = toset(jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern)["detail-type"]) == toset(["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation", "EC2 Instance State-change Notification"])
-    error_message = "The rule matches interruption warnings, rebalance recommendations and state changes."
+    condition     = jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern).source == ["aws.ec2fleet"] && jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern).resources == ["arn:aws:ec2:us-east-1:123456789012:fleet/fleet-unit"] && output.fleet_arn == "arn:aws:ec2:us-east-1:123456789012:fleet/fleet-unit"
+    error_message = "The rule matches this fleet's own events only (by its ARN), not every instance in the Region."
+  }
+  assert {
+    condition     = contains(jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern)["detail-type"], "EC2 Fleet Error") && contains(jsondecode(aws_cloudwatch_event_rule.spot_events.event_pattern)["detail-type"], "EC2 Fleet Instance Change")
+    error_message = "The rule catches launch failures (EC2 Fleet Error) and instance changes."
   }
   assert {
     condition     = aws_cloudwatch_event_target.queue.arn == aws_sqs_queue.events.arn
@@ -319,8 +353,12 @@ run "existing_bucket" {
   }
 
   assert {
-    condition     = length(aws_s3_bucket.checkpoints) == 0 && length(aws_s3_bucket_policy.checkpoints) == 0
+    condition     = length(aws_s3_bucket.checkpoints) == 0 && length(aws_s3_bucket_policy.checkpoints) == 0 && length(aws_s3_bucket_lifecycle_configuration.checkpoints) == 0
     error_message = "An existing bucket is used, not created or reconfigured."
+  }
+  assert {
+    condition     = data.aws_s3_bucket.existing[0].bucket == "my-existing-checkpoints"
+    error_message = "The existing bucket is looked up, so that a missing one fails the plan, not a node at boot."
   }
   assert {
     condition     = one([for s in jsondecode(aws_iam_role_policy.nodes.policy).Statement : s if s.Sid == "ReadWriteCheckpoints"]).Resource == "arn:aws:s3:::my-existing-checkpoints/checkpoints/*"
@@ -336,8 +374,16 @@ run "user_data_installs_configures_and_starts" {
     error_message = "User data is strict bash."
   }
   assert {
-    condition     = strcontains(output.user_data, "VERSION='0.1.0'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'") && strcontains(output.user_data, "TRAINING_PYTHON='/opt/pytorch/bin/python'")
-    error_message = "User data installs the pinned spotguard version, with its extras into the Deep Learning AMI's PyTorch environment."
+    condition     = strcontains(output.user_data, "WHEEL_URI='s3://unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "WHEEL_SHA256='1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'") && strcontains(output.user_data, "TRAINING_PYTHON='/opt/pytorch/bin/python'")
+    error_message = "User data installs the uploaded wheel (checked against its SHA-256), with its extras into the Deep Learning AMI's PyTorch environment."
+  }
+  assert {
+    condition     = !strcontains(output.user_data, "spotguard==") && !can(regex("pip install[^\\n]*[ \"']spotguard", output.user_data))
+    error_message = "User data never installs spotguard by name from a package index."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "STATUS_URI='s3://unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json'") && strcontains(output.user_data, "SPOTGUARD_STATUS_URI=$STATUS_URI") && strcontains(output.user_data, "SPOTGUARD_MAX_FAILURES=3")
+    error_message = "User data gives job-end its status object and failure limit."
   }
   assert {
     condition     = strcontains(output.user_data, "SPOTGUARD_CHECKPOINT_URI=s3://unit-ckpt-123456789012-us-east-1/checkpoints")
@@ -360,6 +406,7 @@ run "user_data_installs_configures_and_starts" {
 run "wheel_from_s3" {
   command = plan
   variables {
+    spotguard_wheel_path   = null
     spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
   }
 
@@ -427,8 +474,7 @@ run "hop_limit_zero" {
 run "on_demand_base_above_capacity" {
   command = plan
   variables {
-    target_capacity         = 2
-    on_demand_base_capacity = 3
+    on_demand_base_capacity = 2
   }
   expect_failures = [var.on_demand_base_capacity]
 }
@@ -476,6 +522,7 @@ run "bad_version" {
 run "bad_wheel_uri" {
   command = plan
   variables {
+    spotguard_wheel_path   = null
     spotguard_wheel_s3_uri = "https://example.com/spotguard.whl"
   }
   expect_failures = [var.spotguard_wheel_s3_uri]
@@ -537,13 +584,13 @@ run "root_volume_too_small" {
   expect_failures = [var.root_volume_size_gb]
 }
 
-run "bad_expiration_and_multipart_days" {
+run "bad_noncurrent_and_multipart_days" {
   command = plan
   variables {
-    checkpoint_expiration_days      = 0
-    abort_incomplete_multipart_days = 0
+    noncurrent_version_expiration_days = 0
+    abort_incomplete_multipart_days    = 0
   }
-  expect_failures = [var.checkpoint_expiration_days, var.abort_incomplete_multipart_days]
+  expect_failures = [var.noncurrent_version_expiration_days, var.abort_incomplete_multipart_days]
 }
 
 run "bad_event_retention" {
@@ -596,4 +643,211 @@ run "attribute_based_selection_in_more_than_50_subnets" {
     subnet_ids            = [for i in range(51) : "subnet-${i}"]
   }
   expect_failures = [aws_ec2_fleet.training]
+}
+
+run "capacity_above_one_until_multi_node_mode" {
+  command = plan
+  variables {
+    target_capacity = 2
+  }
+  expect_failures = [var.target_capacity]
+}
+
+run "instance_type_outside_the_allow_list" {
+  command = plan
+  variables {
+    instance_types = ["g5.xlarge", "t3.large"]
+  }
+  expect_failures = [var.instance_types]
+}
+
+run "gpu_count_change_without_allow" {
+  command = plan
+  variables {
+    instance_types        = []
+    instance_requirements = { accelerator_count_min = 1, accelerator_count_max = 8 }
+  }
+  expect_failures = [var.instance_requirements]
+}
+
+run "reserved_or_invalid_tag_keys" {
+  command = plan
+  variables {
+    tags = { "aws:team" = "ml", "a,b" = "c" }
+  }
+  expect_failures = [var.tags]
+}
+
+run "tag_keys_with_spaces_and_slashes_are_fine" {
+  command = plan
+  variables {
+    tags = { "cost center/team" = "ml research" }
+  }
+
+  assert {
+    condition     = aws_launch_template.nodes.tag_specifications[0].tags["cost center/team"] == "ml research"
+    error_message = "Keys EC2 accepts reach the instances (IMDS tags are off, where they would not be valid)."
+  }
+}
+
+run "existing_bucket_needs_its_name" {
+  command = plan
+  variables {
+    create_bucket = false
+  }
+  expect_failures = [var.create_bucket]
+}
+
+run "kms_alias_is_not_a_key_arn" {
+  command = plan
+  variables {
+    kms_key_arn = "alias/checkpoints"
+  }
+  expect_failures = [var.kms_key_arn]
+}
+
+run "customer_kms_key_grant_and_key_policy_statements" {
+  command = plan
+  variables {
+    kms_key_arn = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+  }
+
+  assert {
+    condition     = aws_kms_grant.fleet_volumes[0].grantee_principal == "arn:aws:iam::123456789012:role/aws-service-role/ec2fleet.amazonaws.com/AWSServiceRoleForEC2Fleet" && contains(aws_kms_grant.fleet_volumes[0].operations, "CreateGrant") && aws_kms_grant.fleet_volumes[0].key_id == var.kms_key_arn
+    error_message = "EC2 Fleet's service-linked role is granted the key, or no encrypted volume launches."
+  }
+  assert {
+    condition     = one([for s in jsondecode(output.kms_key_policy_statements) : s if s.Principal == { Service = "events.amazonaws.com" }]).Action == ["kms:Decrypt", "kms:GenerateDataKey"]
+    error_message = "The key policy statement for EventBridge -> encrypted queue is given to add (else events are dropped silently)."
+  }
+}
+
+run "no_kms_key_no_grant_and_no_statements" {
+  command = plan
+
+  assert {
+    condition     = length(aws_kms_grant.fleet_volumes) == 0 && output.kms_key_policy_statements == null
+    error_message = "Without a customer key there is nothing to grant."
+  }
+}
+
+# -- after an apply: changes EC2 Fleet cannot make in place are refused, never a replacement --
+
+run "apply_before_changes" {
+  command = apply
+}
+
+run "termination_delay_change_is_refused" {
+  command = plan
+  variables {
+    capacity_rebalance_termination_delay = 600
+  }
+  expect_failures = [aws_ec2_fleet.training]
+}
+
+run "on_demand_split_change_is_refused" {
+  command = plan
+  variables {
+    on_demand_base_capacity = 1
+  }
+  expect_failures = [aws_ec2_fleet.training]
+}
+
+run "unchanged_settings_plan_cleanly_after_the_apply" {
+  command = plan
+
+  assert {
+    condition     = aws_ec2_fleet.training.spot_options[0].maintenance_strategies[0].capacity_rebalance[0].termination_delay == 300
+    error_message = "The postconditions pass when nothing changed."
+  }
+}
+
+# -- spotguard from the operator's own wheel (wheel.tf) -----------------------------------------
+
+run "wheel_uploaded_content_addressed_and_readable_by_the_nodes_only" {
+  command = plan
+
+  assert {
+    condition     = aws_s3_object.spotguard_wheel[0].key == "spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl" && aws_s3_object.spotguard_wheel[0].bucket == "unit-ckpt-123456789012-us-east-1"
+    error_message = "The wheel goes into the bucket under its SHA-256."
+  }
+  assert {
+    condition     = aws_s3_object.spotguard_wheel[0].source_hash == "1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132"
+    error_message = "A changed wheel is uploaded again (source_hash)."
+  }
+  assert {
+    condition     = jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Action == ["s3:GetObject"] && jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl"
+    error_message = "The nodes may read exactly that object."
+  }
+  assert {
+    condition     = output.spotguard_wheel_uri == "s3://unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl"
+    error_message = "The output names the object the nodes install."
+  }
+}
+
+run "no_wheel_is_refused" {
+  command = plan
+  variables {
+    spotguard_wheel_path = null
+  }
+  expect_failures = [var.spotguard_wheel_path]
+}
+
+run "two_wheels_are_refused" {
+  command = plan
+  variables {
+    spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
+  }
+  expect_failures = [var.spotguard_wheel_path]
+}
+
+run "a_missing_wheel_file_is_refused" {
+  command = plan
+  variables {
+    spotguard_wheel_path = "dist/spotguard-9.9.9-py3-none-any.whl"
+  }
+  expect_failures = [var.spotguard_wheel_path]
+}
+
+run "a_wheel_of_another_version_is_refused" {
+  command = plan
+  variables {
+    spotguard_version = "0.2.0"
+  }
+  expect_failures = [var.spotguard_wheel_path]
+}
+
+# -- the end of the job (job_end.tf) ----------------------------------------------------------
+
+run "job_end_may_modify_only_this_fleet" {
+  command = apply
+
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Resource == aws_ec2_fleet.training.arn && one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Action == ["ec2:ModifyFleet"]
+    error_message = "ModifyFleet is allowed on this fleet's ARN alone."
+  }
+  assert {
+    condition     = one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json" && one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Action == ["s3:PutObject"]
+    error_message = "The nodes may write their job's status object and nothing else there."
+  }
+  assert {
+    condition     = output.status_uri == "s3://unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json"
+    error_message = "The status object's URI is an output."
+  }
+}
+
+run "checkpoints_under_the_spotguard_prefix_are_refused" {
+  command = plan
+  variables {
+    checkpoint_prefix = "spotguard/run"
+  }
+  expect_failures = [aws_iam_role_policy.job_status, aws_s3_object.spotguard_wheel]
+}
+
+run "max_consecutive_failures_at_least_one" {
+  command = plan
+  variables {
+    max_consecutive_failures = 0
+  }
+  expect_failures = [var.max_consecutive_failures]
 }

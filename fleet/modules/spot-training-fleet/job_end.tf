@@ -1,0 +1,61 @@
+# A finished or broken job ends its fleet. One fleet runs one job, and a `maintain` fleet
+# replaces every instance that goes away, so the node whose job finished (exit 0), or failed
+# max_failures times in a row, sets this fleet's target capacity to 0 (`spotguard fleet
+# job-end`, run by the training unit) and powers off. What happened, with the last error, is
+# in the status object; the user data writes it too when the node's set-up fails.
+
+locals {
+  status_key = "spotguard/status/${var.name}.json"
+  status_uri = "s3://${local.bucket_name}/${local.status_key}"
+}
+
+resource "aws_iam_role_policy" "job_end" {
+  name = "spotguard-job-end"
+  role = aws_iam_role.nodes.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        # Only this fleet: its ARN, known once it exists (so this policy follows the fleet;
+        # job-end retries while IAM catches up).
+        Sid      = "EndThisFleet"
+        Effect   = "Allow"
+        Action   = ["ec2:ModifyFleet"]
+        Resource = aws_ec2_fleet.training.arn
+      },
+      {
+        # The node finds its fleet from its own aws:ec2:fleet-id tag. DescribeTags has no
+        # resource-level permissions: "*" is the only resource it takes.
+        Sid      = "FindOwnFleet"
+        Effect   = "Allow"
+        Action   = ["ec2:DescribeTags"]
+        Resource = "*"
+      },
+    ]
+  })
+}
+
+# The status object, in a policy that does not wait for the fleet: a node whose set-up fails
+# in its first minute must still be able to say why.
+resource "aws_iam_role_policy" "job_status" {
+  name = "spotguard-job-status"
+  role = aws_iam_role.nodes.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid      = "WriteJobStatus"
+        Effect   = "Allow"
+        Action   = ["s3:PutObject"]
+        Resource = "${local.bucket_arn}/${local.status_key}"
+      },
+    ]
+  })
+
+  lifecycle {
+    precondition {
+      condition     = var.checkpoint_prefix != "spotguard" && !startswith(var.checkpoint_prefix, "spotguard/")
+      error_message = "checkpoint_prefix must not be spotguard or lie under spotguard/: that prefix holds the job's status object and the wheel."
+    }
+  }
+}
