@@ -60,8 +60,9 @@ def test_a_move_never_merely_swaps_who_holds_more(table):
 
 def test_a_newcomer_among_the_largest_is_refused(table):
     connections, connect = table
-    first = [connect(principal) for principal in ("uid 1", "uid 1", "uid 2", "uid 2", "uid 3",
-                                                  "uid 3")][0]  # fmt: skip
+    first = connect("uid 1")
+    for principal in ("uid 1", "uid 2", "uid 2", "uid 3", "uid 3"):
+        connect(principal)
     assert connections.admit("uid 1") == (False, None)  # it would hold 3 against 1
     assert connections.admit("uid 4") == (True, first)  # 1 each after: fair
 

@@ -61,18 +61,25 @@ def test_processes_that_are_gone_are_not_kept_in_the_state(sim, agents, targets)
     assert victim.signals() == ["SIGUSR1"]
 
 
-def test_a_big_state_file_of_an_older_version_signals_no_one_twice(sim, agents, targets, tmp_path):
-    """An older version let ``agent-state.json`` grow past 1 MiB: the next agent read it as
-    corrupt and signalled everyone again for the same notice. It is read, and pruned."""
+def signalled_then_stopped(sim, agents, targets, tmp_path: Path):
+    """An agent signals a registered target for a spot notice, saves that, and stops; returns
+    the state dir, the target (it reconnects to the next agent by itself), the state file and
+    its payload."""
     state_dir = tmp_path / "state"
     first = agents.start(sim.url, state_dir=state_dir)
-    target = targets(state_dir, exit_code=None)  # reconnects to the next agent by itself
+    target = targets(state_dir, exit_code=None)
     sim.control.spot()
     wait_for(lambda: target.signals() == ["SIGUSR1"], what="the signal")
     wait_for(lambda: identity_in(state_dir, target.pid), what="the signal to be saved")
     assert first.stop() == 0
     path = state_dir / "agent-state.json"
-    payload = json.loads(path.read_text())
+    return state_dir, target, path, json.loads(path.read_text())
+
+
+def test_a_big_state_file_of_an_older_version_signals_no_one_twice(sim, agents, targets, tmp_path):
+    """An older version let ``agent-state.json`` grow past 1 MiB: the next agent read it as
+    corrupt and signalled everyone again for the same notice. It is read, and pruned."""
+    state_dir, target, path, payload = signalled_then_stopped(sim, agents, targets, tmp_path)
     (entry,) = payload["notices"].values()
     entry["signalled"] += [f"{30000 + i % 2000}@{1796187111.87 + i:.2f}" for i in range(60000)]
     path.write_text(json.dumps(payload))
@@ -164,15 +171,7 @@ def test_an_agent_upgraded_during_a_notice_signals_no_one_twice(sim, agents, tar
     """The state file of the earlier version names processes ``pid@create time``: the upgraded
     agent reads them in today's form (``pid@start ticks@boot id``), so a trainer signalled
     before the upgrade is not signalled again when it reconnects."""
-    state_dir = tmp_path / "state"
-    first = agents.start(sim.url, state_dir=state_dir)
-    target = targets(state_dir, exit_code=None)
-    sim.control.spot()
-    wait_for(lambda: target.signals() == ["SIGUSR1"], what="the signal")
-    wait_for(lambda: identity_in(state_dir, target.pid), what="the signal to be saved")
-    assert first.stop() == 0
-    path = state_dir / "agent-state.json"
-    payload = json.loads(path.read_text())
+    state_dir, target, path, payload = signalled_then_stopped(sim, agents, targets, tmp_path)
     (entry,) = payload["notices"].values()
     legacy = f"{target.pid}@{psutil.Process(target.pid).create_time():.2f}"
     entry["signalled"] = [legacy]
