@@ -66,7 +66,8 @@ MiB = 2**20
 SETTINGS = TransferSettings()
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+def start_moto(niceness: int = 0) -> tuple[subprocess.Popen[bytes], str]:
+    """A moto server; ``niceness`` > 0 runs it at a lower priority (see train_throughput.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -74,6 +75,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
     )
     for _ in range(100):
         try:
@@ -84,9 +86,9 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_moto_bucket() -> tuple[subprocess.Popen[bytes], str]:
+def start_moto_bucket(niceness: int = 0) -> tuple[subprocess.Popen[bytes], str]:
     """A moto server that this process's boto3 clients reach, and a fresh bucket on it."""
-    moto, url = start_moto()
+    moto, url = start_moto(niceness)
     os.environ.update(
         AWS_ENDPOINT_URL=url,
         AWS_ACCESS_KEY_ID="bench",

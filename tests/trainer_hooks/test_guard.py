@@ -247,3 +247,33 @@ def test_torchdata_stateful_dataloader_resumes_at_the_same_batch(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert seen == reference
+
+
+class PriorityProbe:
+    """Records the scheduling priority of the thread that serializes it (the save's)."""
+
+    seen: list[tuple[int, int]] = []
+
+    def __deepcopy__(self, memo: dict) -> PriorityProbe:
+        return self  # the snapshot keeps it; only the serialization is of interest
+
+    def __reduce__(self) -> tuple:
+        native = threading.get_native_id()
+        PriorityProbe.seen.append((native, os.getpriority(os.PRIO_PROCESS, native)))
+        return (int, (0,))
+
+
+def test_the_background_save_yields_the_cpu_to_training(tmp_path):
+    """Periodic saves serialize, hash and upload in a thread at a lower priority (niceness),
+    so that where cores are short training goes first: with it, training throughput with a
+    256 MiB save every 50 steps went from 0.93 to 0.99 x (bench/README.md)."""
+    PriorityProbe.seen.clear()
+    with SpotGuard(str(tmp_path / "ckpt"), every_n_steps=1, state_dir=None) as guard:
+        state = {"model": torch.nn.Linear(4, 4), "probe": PriorityProbe()}
+        guard.restore(state)
+        guard.step(1, state)
+        guard._core.wait()
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ((thread, niceness),) = PriorityProbe.seen
+    assert thread != threading.get_native_id()
+    assert niceness == min(main + 10, 19)

@@ -22,6 +22,7 @@ and the upload thread never both commit it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -139,10 +140,16 @@ class Saver:
             return
         log.debug("snapshot of step %d took %.3f s", step, time.monotonic() - started)
         self._worker = threading.Thread(
-            target=self._put_then_commit, args=(step, epoch, snapshot), name="spotguard-save",
+            target=self._in_background, args=(step, epoch, snapshot), name="spotguard-save",
             daemon=True,
         )  # fmt: skip
         self._worker.start()
+
+    def _in_background(self, step: int, epoch: int, snapshot: Any) -> None:
+        """The upload thread: it yields the CPU to training (a lower scheduling priority,
+        inherited by the transfer threads it starts), then puts and commits."""
+        yield_cpu()
+        self._put_then_commit(step, epoch, snapshot)
 
     def _put_then_commit(self, step: int, epoch: int, snapshot: Any) -> None:
         """Put this rank's file, then commit it (one rank) or leave it pending for the next
@@ -262,3 +269,17 @@ class Saver:
         if failed and self.failure is None:
             self.failure = UploadFailed("a checkpoint save failed on another rank")
         self.raise_if_failed()
+
+
+#: How much lower than training the background save runs (``nice`` steps, Linux per thread).
+BACKGROUND_NICENESS = 10
+
+
+def yield_cpu() -> None:
+    """Lower this thread's scheduling priority (Linux: niceness is per thread, and threads it
+    starts inherit it). Where cores are short (data-loader workers, a busy host), training
+    goes first and the save takes what is left; on an idle core it changes nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: a plain thread
+        log.debug("background save keeps its priority: %s", exc)
