@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import ClassVar
 
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_torchdata_stateful_dataloader_resumes_at_the_same_batch(tmp_path):
 class PriorityProbe:
     """Records the scheduling priority of the thread that serializes it (the save's)."""
 
-    seen: list[tuple[int, int]] = []
+    seen: ClassVar[list[tuple[int, int]]] = []
 
     def __deepcopy__(self, memo: dict) -> PriorityProbe:
         return self  # the snapshot keeps it; only the serialization is of interest
