@@ -21,11 +21,17 @@ from spotguard.protocol import format_time, parse_time
 MANIFEST_NAME = "manifest.json"
 #: Put beside the payload of a checkpoint that failed verification, in place of its manifest.
 QUARANTINE_NAME = "quarantined.json"
-#: The manifest's own schema version.
-VERSION = 2
+#: The manifest's own schema version, per format: 2 for ``torch`` checkpoints (what every
+#: spotguard reads), 3 for ``dcp``. A spotguard that knows only version 2 raises
+#: :class:`UnloadableCheckpoint` for a version 3 manifest (never quarantined), where a version
+#: 2 manifest with a format it does not know would fail its check as corrupt: quarantined for
+#: good, and an older checkpoint resumed instead.
+VERSIONS = {"torch": 2, "dcp": 3}
 KINDS = ("periodic", "emergency", "final")
-#: How the payload is laid out: one ``torch.save`` file per rank.
-FORMATS = ("torch",)
+#: How the payload is laid out: ``torch``, one ``torch.save`` file per rank; ``dcp``, the
+#: shards of ``torch.distributed.checkpoint`` written by every rank (plus its metadata file),
+#: resharded on load to any world size.
+FORMATS = ("torch", "dcp")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -117,8 +123,8 @@ class Manifest:
             raise CorruptCheckpoint(f"checkpoint kind {self.kind!r} is not one of {KINDS}")
         if self.step < 0 or self.epoch < 0:
             raise CorruptCheckpoint("checkpoint step and epoch must be >= 0")
-        if self.format not in FORMATS:
-            raise CorruptCheckpoint(f"checkpoint format {self.format!r} is not one of {FORMATS}")
+        if self.format not in FORMATS:  # from_bytes refuses it first: UnloadableCheckpoint
+            raise ValueError(f"checkpoint format {self.format!r} is not one of {FORMATS}")
         if self.world_size < 1:
             raise CorruptCheckpoint("checkpoint world size must be >= 1")
         for name in self.files:
@@ -134,7 +140,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         payload = {
-            "version": VERSION,
+            "version": VERSIONS[self.format],
             "format": self.format,
             "world_size": self.world_size,
             "writer": self.writer.to_json() if self.writer else None,
@@ -156,16 +162,8 @@ class Manifest:
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             payload = json.loads(data)
-            if (
-                isinstance(payload, dict)
-                and "step" in payload
-                and payload.get("version") != VERSION
-            ):
-                # Another spotguard wrote it: the checkpoint may be fine. Never quarantined.
-                raise UnloadableCheckpoint(
-                    f"{where}: manifest version {payload.get('version')!r}, this spotguard "
-                    f"reads version {VERSION}: use the spotguard that wrote it"
-                )
+            if isinstance(payload, dict) and "step" in payload:
+                _check_version(payload, where)
             files = {}
             for name, entry in payload["files"].items():
                 size, digest = entry["size"], entry["sha256"]
@@ -195,3 +193,20 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptCheckpoint(f"{where}: malformed manifest ({exc})") from None
+
+
+def _check_version(payload: dict[str, Any], where: str) -> None:
+    """Another spotguard wrote a manifest of another version or format: the checkpoint may be
+    fine, this one cannot load it. :class:`UnloadableCheckpoint`, never quarantined."""
+    version, layout = payload.get("version"), payload.get("format", "torch")
+    if version not in VERSIONS.values():
+        raise UnloadableCheckpoint(
+            f"{where}: manifest version {version!r}, this spotguard reads versions "
+            f"{sorted(set(VERSIONS.values()))}: use the spotguard that wrote it"
+        )
+    if VERSIONS.get(layout) != version:
+        raise UnloadableCheckpoint(
+            f"{where}: checkpoint format {layout!r} in a version {version} manifest; this "
+            f"spotguard reads {', '.join(f'{f!r} (version {v})' for f, v in VERSIONS.items())}:"
+            " use the spotguard that wrote it"
+        )

@@ -216,8 +216,12 @@ class CheckpointStore(StoreReader):
         extra: dict[str, Any] | None = None,
         resumed_from: int | None = None,
         world_size: int = 1,
+        format: str = "torch",
     ) -> Manifest:
         """Create the manifest of files already put: from now on the checkpoint exists.
+
+        ``format`` says how the files are laid out (``torch`` or ``dcp``: manifest.FORMATS),
+        so that a reader picks the right loader instead of guessing from file names.
 
         Refuses (:class:`WriterConflict`) when another writer committed this step or a newer
         one; reads the manifest and the sizes back (:class:`CorruptCheckpoint` naming the
@@ -225,9 +229,7 @@ class CheckpointStore(StoreReader):
         """
         if not files:
             raise ValueError("a checkpoint needs at least one file")
-        if self.lease is not None:
-            self.lease.check()
-        self._check_no_newer_writer(step)
+        self.check_writer(step)
         now = datetime.now(timezone.utc)
         manifest = Manifest(
             step=step,
@@ -238,6 +240,7 @@ class CheckpointStore(StoreReader):
             writer=self.writer,
             resumed_from=resumed_from,
             world_size=world_size,
+            format=format,
             extra=extra or {},
         )
         directory = step_dir(step)
@@ -265,6 +268,14 @@ class CheckpointStore(StoreReader):
         """Read a payload file just put back in full: :class:`CorruptCheckpoint` naming the
         likely cause and the fix when the store kept other bytes than were sent."""
         read_back_payload(self._backend, self.uri, step, name, entry)
+
+    def check_writer(self, step: int) -> None:
+        """Raise unless this process may still commit ``step``: it holds the writer lease (when
+        it took one) and no other writer committed this step or a newer one
+        (:class:`WriterConflict`). A sharded save asks before any rank writes a byte."""
+        if self.lease is not None:
+            self.lease.check()
+        self._check_no_newer_writer(step)
 
     def _check_no_newer_writer(self, step: int) -> None:
         """Stop when the newest committed checkpoint at or above ``step`` is not ours."""

@@ -148,6 +148,17 @@ class StoreReader:
         except CorruptCheckpoint as exc:
             raise StoreError(f"{self.uri}: no usable checkpoint at step {step}: {exc}") from None
 
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of the checkpoint at ``step``, checked against the listed sizes.
+
+        Unlike :meth:`get`, a broken one raises :class:`CorruptCheckpoint` (what a loader must
+        tell apart from "not there": :class:`StoreError`)."""
+        directory = step_dir(step)
+        sizes = self._backend.files(directory)
+        if MANIFEST_NAME not in sizes:
+            raise StoreError(f"{self.uri}: no committed checkpoint at step {step}")
+        return self._manifest(directory, sizes)
+
     def fetch(self, manifest: Manifest, name: str, sink: Sink) -> None:
         """Stream one payload file into ``sink``, checking size and SHA-256 on the way.
 
@@ -197,7 +208,11 @@ class StoreReader:
         """Load ``name`` from the newest verified checkpoint (or ``step``) with torch.
 
         Read-only: a checkpoint that fails verification is skipped with a warning and the
-        next older one is tried; :class:`StoreError` when none is left. With ``step`` there is
+        next older one is tried (so is one whose file is not weights-only data); one of another
+        format or manifest version (a sharded checkpoint) raises
+        :class:`UnloadableCheckpoint`: the state is newer than any older whole-state
+        checkpoint, and going back to one would go back in time silently.
+        :class:`StoreError` when none is left. With ``step`` there is
         nothing to fall back on: its own :class:`CorruptCheckpoint` or
         :class:`UnloadableCheckpoint` is raised. The writer resuming training uses
         :meth:`resume`, which quarantines instead.
@@ -212,12 +227,29 @@ class StoreReader:
                 if MANIFEST_NAME not in sizes:
                     raise CorruptCheckpoint(f"{self.uri}: no committed checkpoint at {found}")
                 manifest = self._manifest(directory, sizes)
+            except CorruptCheckpoint as exc:
+                if step is not None:
+                    raise
+                log.warning("skipping checkpoint %s: %s", found, exc)
+                continue
+            # Another format (a sharded checkpoint) or manifest version is the newest state:
+            # raised, never skipped for an older whole-state one (that goes back in time).
+            self._check_format(manifest)
+            try:
                 return manifest, self._load(manifest, name)
             except (CorruptCheckpoint, UnloadableCheckpoint) as exc:
                 if step is not None:
                     raise
                 log.warning("skipping checkpoint %s: %s", found, exc)
         raise StoreError(f"{self.uri}: no verified checkpoint to load")
+
+    def _check_format(self, manifest: Manifest) -> None:
+        if manifest.format != "torch":
+            raise UnloadableCheckpoint(
+                f"{self.uri}: step {manifest.step} is a {manifest.format!r} checkpoint (sharded "
+                "state, torch.distributed.checkpoint), not one torch.save file per rank: load it "
+                "on every rank through the sharded path"
+            )
 
     def _load(self, manifest: Manifest, name: str) -> Any:
         """``name`` of ``manifest``, verified while streaming into a spool file of our own,
@@ -229,6 +261,7 @@ class StoreReader:
 
         import torch
 
+        self._check_format(manifest)
         with tempfile.NamedTemporaryFile(prefix="spotguard-restore-") as spool:
             self.fetch(manifest, name, spool)
             spool.flush()
