@@ -1,22 +1,33 @@
 """``spotguard fleet job-end``: what a node does each time its training process ends.
 
 systemd runs it after every end of ``spotguard-training@<job>.service`` (``ExecStopPost=+``,
-as root) with ``EXIT_CODE``/``EXIT_STATUS`` set. One fleet runs one job, and a fleet of type
-``maintain`` replaces every instance that goes away, so a job that is over must take its fleet
-down with it, or the fleet pays for idle GPUs (or for a job crashing in a loop) forever:
+as root) with ``SERVICE_RESULT``, ``EXIT_CODE`` and ``EXIT_STATUS`` set. One fleet runs one
+job, and a fleet of type ``maintain`` replaces every instance that goes away, so a job that is
+over must take its fleet down with it, or the fleet pays for idle GPUs (or for a job crashing
+in a loop) forever:
 
 ==========================  ====================================================================
 the process ended with       the node
 ==========================  ====================================================================
 exit 0 (finished)            writes ``finished`` to the status object, sets its fleet's target
                              capacity to 0 (the fleet terminates the instance) and powers off
-exit 75 (preempted)          does nothing: the job restarts once the notice is over
-                             (``spotguard fleet wait-clear``) or a replacement resumes it
+exit 75 while a stopping     does nothing: the job restarts once the notice is over
+notice is active             (``spotguard fleet wait-clear``) or a replacement resumes it
+(preempted)
 anything else (a failure)    counts it; the ``max_failures``-th in a row writes ``failed`` with
                              the last error and the log's tail, then ends the fleet as above;
-                             before that, systemd restarts the job
-a stop that was asked for    nothing: a shutdown or ``systemctl stop`` is not the job's outcome
+                             before that, systemd restarts the job. A failure includes the
+                             results ``oom-kill`` (``OOMPolicy=stop`` SIGTERMs the job, whose
+                             hooks save and exit 75), ``signal``, ``core-dump``, ``timeout``
+                             and ``watchdog``, and an exit 75 with no notice active
+a stop that was asked for    nothing: a shutdown, ``systemctl stop`` or ``systemctl restart``
+                             is not the job's outcome
 ==========================  ====================================================================
+
+Ending the fleet must finish well within the unit's ``TimeoutStopSec`` (100 s): systemd would
+kill job-end, record ``timeout`` and restart a finished job. So all of it, retries included,
+has a budget (:attr:`JobEnd.budget_seconds`, 60 s) and short botocore timeouts; a fallback
+power off is armed first, and the node powers off whatever happens on the way.
 
 The fleet is found from the instance's ``aws:ec2:fleet-id`` tag, which EC2 Fleet puts on every
 instance it launches; the role may modify only that one fleet (``job_end.tf``).
@@ -28,13 +39,15 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from spotguard.errors import ConfigError, SpotguardError
-from spotguard.protocol import EXIT_PREEMPTED, format_time, write_json_atomic
+from spotguard.fleet.resume_gate import stopping_notice
+from spotguard.protocol import DEFAULT_STATE_DIR, EXIT_PREEMPTED, format_time, write_json_atomic
 
 __all__ = ["JobEnd"]
 
@@ -43,12 +56,28 @@ _JOB = re.compile(r"^[a-z0-9][a-z0-9-]{1,30}[a-z0-9]$")
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
 _INSTANCE = re.compile(r"^i-[0-9a-f]{8,17}$")
 _DENIED = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+#: Worth another try within the budget: IAM still reaching EC2 (the job-end policy follows the
+#: fleet), a fleet still modifying, throttling.
+_RETRIED = (
+    *_DENIED,
+    "IncorrectFleetState",
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+)
+#: systemd's ``$SERVICE_RESULT`` values that are a failure whatever the exit status says.
+FAILURE_RESULTS = frozenset({"oom-kill", "signal", "core-dump", "timeout", "watchdog"})
+#: Seconds after which the armed fallback powers the node off, should job-end not get there.
+FALLBACK_POWEROFF_SECONDS = 90
 
 
 def _run(*command: str) -> str:
     """Output of a local command, ``""`` when it is missing or fails (best effort)."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout
@@ -65,9 +94,12 @@ class JobEnd:
     region: str
     max_failures: int = 3
     state_dir: Path = Path("/var/lib/spotguard")
-    #: Seconds to keep retrying an AccessDenied: the role's job-end policy is created after the
-    #: fleet (it names the fleet's ARN), and IAM changes take a while to reach EC2.
-    denied_retry_seconds: float = 120.0
+    #: The agent's state dir, where the notice file is (``SPOTGUARD_STATE_DIR``).
+    notice_dir: Path = Path(DEFAULT_STATE_DIR)
+    #: Seconds for all of ending the fleet, retries included (an AccessDenied while the role's
+    #: job-end policy, created after the fleet, reaches EC2; a fleet still modifying;
+    #: throttling): well under the unit's TimeoutStopSec (100 s), which also bounds job-end.
+    budget_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not _JOB.match(self.job):
@@ -80,6 +112,8 @@ class JobEnd:
             raise ConfigError("region: empty (AWS_DEFAULT_REGION in the unit's environment)")
         if isinstance(self.max_failures, bool) or self.max_failures < 1:
             raise ConfigError(f"max_failures: must be >= 1, got {self.max_failures!r}")
+        if not 0 < self.budget_seconds <= 80:
+            raise ConfigError(f"budget_seconds: must be in (0, 80], got {self.budget_seconds!r}")
 
     @property
     def unit(self) -> str:
@@ -87,33 +121,50 @@ class JobEnd:
 
     # -- what happened -----------------------------------------------------------------------
 
+    def _system_stopping(self) -> bool:
+        return _run("systemctl", "is-system-running").strip() == "stopping"
+
     def _stop_requested(self) -> bool:
-        """A shutdown, or ``systemctl stop``, ended the process: a stop job is queued for the
-        unit (during shutdown, for every unit) or the system is going down."""
-        if _run("systemctl", "is-system-running").strip() == "stopping":
-            return True
+        """``systemctl stop`` or ``systemctl restart`` ended the process: a stop or restart
+        job is queued for the unit (during shutdown, a stop job for every unit)."""
         for line in _run("systemctl", "list-jobs", "--no-legend", "--no-pager").splitlines():
             fields = line.split()
-            if len(fields) >= 3 and fields[1] == self.unit and fields[2] == "stop":
+            if len(fields) >= 3 and fields[1] == self.unit and fields[2] in ("stop", "restart"):
                 return True
         return False
 
-    def handle(self, exit_code: str | None, exit_status: str | None) -> str:
-        """Act on one end of the process (systemd's ``$EXIT_CODE`` and ``$EXIT_STATUS``);
-        returns what it decided: ``stopped``, ``preempted``, ``retrying``, ``finished`` or
-        ``failed``."""
-        if self._stop_requested():
+    def handle(
+        self, exit_code: str | None, exit_status: str | None, service_result: str | None = None
+    ) -> str:
+        """Act on one end of the process (systemd's ``$EXIT_CODE``, ``$EXIT_STATUS`` and
+        ``$SERVICE_RESULT``); returns what it decided: ``stopped``, ``preempted``,
+        ``retrying``, ``finished`` or ``failed``."""
+        if self._system_stopping():
+            return "stopped"
+        # A result systemd calls a failure is one even when a stop job is queued (OOMPolicy=stop
+        # stops the unit itself) or the hooks exited 75 on the SIGTERM that came with it.
+        failed_result = service_result in FAILURE_RESULTS
+        if not failed_result and self._stop_requested():
             return "stopped"
         counter = self.state_dir / f"failures-{self.job}.json"
-        if exit_code == "exited" and exit_status == "0":
+        if not failed_result and exit_code == "exited" and exit_status == "0":
             counter.unlink(missing_ok=True)
             self._end({"state": "finished", "exit": "exited 0"})
             return "finished"
-        if exit_code == "exited" and exit_status == str(EXIT_PREEMPTED):
+        preempted = exit_code == "exited" and exit_status == str(EXIT_PREEMPTED)
+        if (
+            not failed_result
+            and preempted
+            and stopping_notice(self.notice_dir, datetime.now(timezone.utc)) is not None
+        ):
             counter.unlink(missing_ok=True)  # it ran until preempted: not a crash loop
             return "preempted"
         failures = self._count(counter) + 1
         ended = f"{exit_code or 'not started'} {exit_status or ''}".strip()
+        if failed_result:
+            ended = f"{service_result} ({ended})"
+        elif preempted:
+            ended = f"{ended} with no stopping notice active"
         write_json_atomic(counter, {"failures": failures, "last": ended}, 0o600)
         if failures < self.max_failures:
             return "retrying"
@@ -141,11 +192,36 @@ class JobEnd:
     def _end(self, status: dict[str, Any]) -> None:
         """Status first (what happened must be visible even if the rest fails), then the
         fleet's capacity to 0, then power off: a failure on the way is recorded and the node
-        still goes down, never idles."""
-        import boto3
+        still goes down, never idles. A fallback power off is armed before anything else, and
+        the power off comes in ``finally``: no exception keeps the node up."""
+        deadline = time.monotonic() + self.budget_seconds
+        _run(
+            "systemd-run", "--no-block", "--collect", f"--on-active={FALLBACK_POWEROFF_SECONDS}",
+            "--unit", f"spotguard-job-end-poweroff-{self.job}",
+            "/bin/systemctl", "--no-block", "poweroff",
+        )  # fmt: skip
+        problem: str | None = None
+        try:
+            problem = self._end_fleet(status, deadline)
+        except Exception as exc:
+            problem = f"ending the fleet failed: {type(exc).__name__}: {exc}"
+        finally:
+            _run("systemctl", "--no-block", "poweroff")
+        if problem:
+            raise SpotguardError(f"{problem}; powering off anyway")
 
-        ec2 = boto3.client("ec2", region_name=self.region)
-        s3 = boto3.client("s3", region_name=self.region)
+    def _end_fleet(self, status: dict[str, Any], deadline: float) -> str | None:
+        import boto3
+        from botocore.config import Config
+
+        # Short timeouts and few attempts per call: the budget's loop does the retrying.
+        config = Config(
+            connect_timeout=5,
+            read_timeout=10,
+            retries={"mode": "standard", "total_max_attempts": 2},
+        )
+        ec2 = boto3.client("ec2", region_name=self.region, config=config)
+        s3 = boto3.client("s3", region_name=self.region, config=config)
         bucket, key = _S3_URI.match(self.status_uri).groups()  # type: ignore[union-attr]
         status = {
             "fleet": self.job,
@@ -158,27 +234,35 @@ class JobEnd:
             body = json.dumps(status, indent=2).encode()
             s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
 
-        problem = self._attempt(publish, "writing the status object")
+        # The first write gets at most a third of the budget: ending the fleet matters more.
+        first = min(deadline, time.monotonic() + self.budget_seconds / 3)
+        problem = self._attempt(publish, "writing the status object", first)
         try:
-            fleet_id = self._attempt_value(lambda: self._fleet_id(ec2), "finding the fleet")
+            fleet_id = self._attempt_value(
+                lambda: self._fleet_id(ec2), "finding the fleet", deadline
+            )
             status["fleet_id"] = fleet_id
             self._attempt_value(
                 lambda: ec2.modify_fleet(
                     FleetId=fleet_id,
-                    TargetCapacitySpecification={"TotalTargetCapacity": 0},
+                    TargetCapacitySpecification={
+                        "TotalTargetCapacity": 0,
+                        "OnDemandTargetCapacity": 0,
+                        "SpotTargetCapacity": 0,
+                    },
                     ExcessCapacityTerminationPolicy="termination",
                 ),
                 "setting the fleet's target capacity to 0",
+                deadline,
             )
             status["fleet_capacity"] = 0
         except SpotguardError as exc:
             status["end_error"] = str(exc)
             problem = problem or str(exc)
-        # Again, with the fleet's ID and the outcome of ModifyFleet (or why it failed).
-        problem = self._attempt(publish, "writing the status object") or problem
-        _run("systemctl", "--no-block", "poweroff")
-        if problem:
-            raise SpotguardError(f"{problem}; powering off anyway")
+        # Again, with the fleet's ID and the outcome of ModifyFleet (or why it failed); this
+        # one may use a few seconds past the budget, which leaves TimeoutStopSec's margin.
+        problem = self._attempt(publish, "writing the status object", deadline + 10) or problem
+        return problem
 
     def _fleet_id(self, ec2: Any) -> str:
         tags = ec2.describe_tags(
@@ -191,27 +275,35 @@ class JobEnd:
             raise SpotguardError(f"instance {self.instance_id} has no {FLEET_TAG} tag")
         return str(tags[0]["Value"])
 
-    def _attempt(self, action: Any, what: str) -> str | None:
+    def _attempt(self, action: Callable[[], Any], what: str, deadline: float) -> str | None:
         try:
-            self._attempt_value(action, what)
+            self._attempt_value(action, what, deadline)
         except SpotguardError as exc:
             return str(exc)
         return None
 
-    def _attempt_value(self, action: Any, what: str) -> Any:
+    @staticmethod
+    def _attempt_value(action: Callable[[], Any], what: str, deadline: float) -> Any:
+        """``action()``, retried on what may pass (:data:`_RETRIED`) until ``deadline``
+        (``time.monotonic()``)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        deadline = time.monotonic() + self.denied_retry_seconds
-        pause = 2.0
+        pause = 1.0
         while True:
+            if time.monotonic() >= deadline:
+                raise SpotguardError(f"{what} failed: out of time")
             try:
                 return action()
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
-                if code in _DENIED and time.monotonic() + pause < deadline:
+                if code in _RETRIED and time.monotonic() + pause < deadline:
                     time.sleep(pause)
-                    pause = min(pause * 2, 30.0)
+                    pause = min(pause * 2, 8.0)
                     continue
                 raise SpotguardError(f"{what} failed: {code}: {exc}") from None
             except BotoCoreError as exc:
+                if time.monotonic() + pause < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 8.0)
+                    continue
                 raise SpotguardError(f"{what} failed: {exc}") from None

@@ -4,10 +4,14 @@ The nodes install spotguard from the operator's own build, never by name from a 
 (DESIGN.md, "Fleet"): whoever registers the name there would get root on every node. This
 builds that wheel from the source tree of the running spotguard (an editable install or a
 checkout given with ``--source``), offline: ``pip wheel --no-build-isolation`` uses the build
-backend already installed beside this interpreter instead of downloading one.
+backend already installed beside this interpreter instead of downloading one. The ``fleet``
+extra brings it (``setuptools``, at the version ``[build-system]`` requires); it is checked
+before the build, so a venv without it (Python 3.12 venvs have no setuptools) fails with one
+line naming what to install, not with pip's traceback.
 
-The build is reproducible (``SOURCE_DATE_EPOCH`` fixes the timestamps in the zip), so the same
-source gives the same SHA-256 and Terraform's content-addressed upload
+The build is reproducible (``SOURCE_DATE_EPOCH`` fixes the timestamps in the zip, and the
+scratch copy's file modes are normalized to 0644/0755 whatever the umask or checkout), so the
+same source gives the same SHA-256 and Terraform's content-addressed upload
 (``spotguard/wheels/<sha256>/<file>``) does not change, nor the launch template, until the code
 does. Older spotguard wheels in the destination are removed, so that it holds exactly the one
 ``examples/basic`` picks up.
@@ -16,7 +20,10 @@ does. Older spotguard wheels in the destination are removed, so that it holds ex
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +69,83 @@ def _running_source() -> Path:
     return root
 
 
+_REQUIREMENT = re.compile(
+    r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(?:(>=|==)\s*([0-9][0-9.]*))?"
+)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version (``68.2.0rc1`` -> (68, 2, 0))."""
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.group() != part:
+            break
+    return tuple(parts)
+
+
+def _missing_build_requirements(pyproject: Path) -> list[str]:
+    """What ``[build-system]`` of ``pyproject`` needs that this interpreter's environment
+    lacks (``pip wheel --no-build-isolation`` builds with it): ``["setuptools>=68 (not
+    installed)"]``, or ``[]``."""
+    try:
+        system = tomllib.loads(pyproject.read_text()).get("build-system", {})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--source: cannot read {pyproject}: {exc}") from None
+    missing = []
+    for requirement in system.get("requires", ["setuptools"]):
+        parsed = _REQUIREMENT.match(requirement)
+        if parsed is None:
+            continue
+        name, operator, wanted = parsed.groups()
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"{requirement} (not installed)")
+            continue
+        if wanted and (
+            (operator == ">=" and _release(have) < _release(wanted))
+            or (operator == "==" and _release(have) != _release(wanted))
+        ):
+            missing.append(f"{requirement} (found {have})")
+    backend = str(system.get("build-backend", "setuptools.build_meta")).split(":")[0]
+    if not missing and importlib.util.find_spec(backend.split(".")[0]) is None:
+        missing.append(f"the build backend {backend} (not importable)")
+    if importlib.util.find_spec("pip") is None:
+        missing.append("pip (not installed)")
+    return missing
+
+
+_PIP_FRAMING = re.compile(r"^error: [a-z-]+$")
+
+
+def _pip_error(output: str) -> str:
+    """The line of pip's output that says what went wrong: the first ``error:`` line that is
+    not pip's own framing (``error: subprocess-exited-with-error``), else the first
+    ``error:`` line, else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]
+    for line in errors:
+        if not _PIP_FRAMING.match(line.lower()):
+            return line
+    if errors:
+        return errors[0]
+    return lines[-1] if lines else "no output"
+
+
+def _normalize_modes(tree: Path) -> None:
+    """0755 for folders, 0644 for files: what goes into the wheel must not depend on the
+    umask or the checkout (the SHA-256 is the upload's address)."""
+    tree.chmod(0o755)
+    for path in tree.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _package_dirs(pyproject: Path) -> list[str]:
     """The folders pyproject.toml maps to import packages (spotguard, agent, ...)."""
     try:
@@ -101,6 +185,13 @@ class BuiltWheel:
         pyproject = root / "pyproject.toml"
         if not pyproject.is_file():
             raise ConfigError(f"--source: {root} has no pyproject.toml")
+        missing = _missing_build_requirements(pyproject)
+        if missing:
+            raise SpotguardError(
+                f"building the wheel needs {', '.join(missing)} in {sys.executable}'s "
+                "environment (no build backend is downloaded): install the fleet extra "
+                "(pip install -e '.[fleet]') or pip install the requirement"
+            )
         try:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -114,6 +205,7 @@ class BuiltWheel:
                     shutil.copy2(root / name, tree / name)
             for folder in _package_dirs(pyproject):
                 shutil.copytree(root / folder, tree / folder, ignore=_IGNORED)
+            _normalize_modes(tree)
             done = subprocess.run(
                 [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                  "--no-build-isolation", "--no-index", "--wheel-dir", str(out), str(tree)],
@@ -121,10 +213,11 @@ class BuiltWheel:
                 text=True,
                 env=_build_env(),
                 check=False,
+                umask=0o022,  # the files the build writes itself (dist-info) too
             )  # fmt: skip
             if done.returncode != 0:
-                last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
-                raise SpotguardError(f"building the wheel of {root} failed: {last[-1]}")
+                why = _pip_error(f"{done.stdout}\n{done.stderr}")
+                raise SpotguardError(f"building the wheel of {root} failed: {why}")
             (built,) = out.glob("spotguard-*.whl")
             for old in dest.glob("spotguard-*.whl"):
                 if old.name != built.name:

@@ -12,7 +12,7 @@ pass through to the ``spot-training-fleet`` module::
       network: {vpc_id: vpc-0abc, subnet_ids: [subnet-a, subnet-b]}
       training:
         instance_types: [g5.12xlarge, g6.12xlarge]
-        capacity_units: 1                 # -> target_capacity (1: one single-node job)
+        capacity_units: 1                 # -> target_capacity (1: one single-node job; 0: paused)
         on_demand_base_units: 0           # -> on_demand_base_capacity
         spot_max_price: 4.10              # -> spot_max_price ("4.10")
         ami_id: ami-0abc                  # optional
@@ -146,7 +146,7 @@ def _instance_types(key: str, value: Any) -> list[str]:
 
 
 def _capacity(key: str, value: Any) -> int:
-    units = _whole(1)(key, value)
+    units = _whole(0)(key, value)  # 0: the job paused, or ended (job-end set its fleet to 0)
     if units > 1:
         raise RenderError(
             f"{key}: {units} nodes need the multi-node mode, which is not there yet (a later "

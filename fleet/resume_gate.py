@@ -25,11 +25,13 @@ from pathlib import Path
 from spotguard.errors import ProtocolError
 from spotguard.protocol import NOTICE_GRACE_SECONDS, SIGNALLING_KINDS, read_notice
 
-__all__ = ["wait_until_clear"]
+__all__ = ["stopping_notice", "wait_until_clear"]
 
 
-def _holding(state_dir: Path, now: datetime) -> str | None:
-    """Why the job must not start now, or ``None``."""
+def stopping_notice(state_dir: Path, now: datetime) -> str | None:
+    """Why the job must not start now (a notice that stops training is active, or the notice
+    file cannot be read), or ``None``. ``spotguard fleet job-end`` takes an exit 75 for a
+    preemption by the same rule."""
     try:
         notice = read_notice(state_dir)
     except ProtocolError as exc:
@@ -54,7 +56,7 @@ def wait_until_clear(
     if interval <= 0:
         raise ValueError(f"interval: must be > 0, got {interval!r}")
     held, last = 0, None
-    while (reason := _holding(state_dir, clock())) is not None:
+    while (reason := stopping_notice(state_dir, clock())) is not None:
         if reason != last:
             say(f"spotguard fleet wait-clear: holding the job: {reason}")
             last = reason

@@ -12,6 +12,7 @@ the fields of :class:`GuardSettings`, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -93,7 +94,8 @@ class GuardSettings:
     #: ttl s (its instance gone) may be taken over.
     lease_ttl: float = 60.0
     #: How long a new writer waits for a live holder to finish (a replacement instance for the
-    #: interrupted one's emergency save); ``None``: the spot notice plus one ``lease_ttl``.
+    #: interrupted one's emergency save); ``None``: ``SPOTGUARD_LEASE_WAIT`` (the fleet module
+    #: sets it above its rebalance termination delay), else the spot notice plus one ``lease_ttl``.
     lease_wait: float | None = None
 
     def __post_init__(self) -> None:
@@ -120,13 +122,32 @@ class GuardSettings:
             raise ConfigError(f"lease_ttl must be > 0, got {self.lease_ttl}")
         if self.lease_wait is not None and self.lease_wait < 0:
             raise ConfigError(f"lease_wait must be >= 0 or None, got {self.lease_wait}")
+        if self.lease_wait is None:
+            _lease_wait_from_environment()  # a bad value fails here, not at install
 
     @property
     def lease_wait_seconds(self) -> float:
         """How long a new writer waits for the lease, the default resolved."""
         if self.lease_wait is not None:
             return self.lease_wait
+        from_environment = _lease_wait_from_environment()
+        if from_environment is not None:
+            return from_environment
         return SPOT_NOTICE_SECONDS + self.lease_ttl
+
+
+def _lease_wait_from_environment() -> float | None:
+    """``SPOTGUARD_LEASE_WAIT`` (seconds >= 0), or ``None`` when it is unset or empty."""
+    text = os.environ.get("SPOTGUARD_LEASE_WAIT", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"SPOTGUARD_LEASE_WAIT must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 class CommonOptions(TypedDict, total=False):

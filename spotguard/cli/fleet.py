@@ -87,6 +87,7 @@ def _package(args: argparse.Namespace) -> int:
 
 def _job_end(args: argparse.Namespace) -> int:
     from spotguard.fleet.job_end import JobEnd
+    from spotguard.protocol import state_dir_from_env
 
     env = args.environ
     max_failures = args.max_failures
@@ -102,9 +103,12 @@ def _job_end(args: argparse.Namespace) -> int:
         region=args.region or env.get("AWS_DEFAULT_REGION", ""),
         max_failures=max_failures,
         state_dir=args.state_dir,
+        notice_dir=state_dir_from_env(env),
     )
     try:
-        decision = policy.handle(env.get("EXIT_CODE"), env.get("EXIT_STATUS"))
+        decision = policy.handle(
+            env.get("EXIT_CODE"), env.get("EXIT_STATUS"), env.get("SERVICE_RESULT")
+        )
     except SpotguardError as exc:
         print(f"spotguard fleet job-end: {exc}", file=sys.stderr)
         return 1

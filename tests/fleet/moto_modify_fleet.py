@@ -26,6 +26,9 @@ def modify_fleet(self: Any) -> ActionResult:
     total = int(spec["TotalTargetCapacity"])
     fleet.target_capacity = total
     fleet.target_capacity_specification["TotalTargetCapacity"] = total
+    for part in ("OnDemandTargetCapacity", "SpotTargetCapacity"):
+        if part in spec:
+            fleet.target_capacity_specification[part] = int(spec[part])
     policy = self._get_param("ExcessCapacityTerminationPolicy")
     if (policy or fleet.excess_capacity_termination_policy) == "termination":
         fleet.terminate_instances()

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
+from spotguard.errors import SpotguardError
+from spotguard.fleet import job_end
+from spotguard.fleet.job_end import JobEnd
 from spotguard.fleet.resume_gate import wait_until_clear
 from spotguard.protocol import Notice, write_notice
 from tests.conftest import free_port, wait_until_listening
@@ -28,6 +32,9 @@ SHIM = Path(__file__).with_name("moto_modify_fleet.py")
 JOB = "llm-job"
 UNIT = f"spotguard-training@{JOB}.service"
 
+SYSTEMD_RUN = r"""#!/bin/bash
+echo "systemd-run $*" >> "$CALLS"
+"""
 SYSTEMCTL = r"""#!/bin/bash
 echo "systemctl $*" >> "$CALLS"
 case "$1" in
@@ -94,7 +101,8 @@ def fleet(moto_ec2, tmp_path):
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in {"systemctl": SYSTEMCTL, "journalctl": JOURNALCTL}.items():
+    stubs = {"systemctl": SYSTEMCTL, "journalctl": JOURNALCTL, "systemd-run": SYSTEMD_RUN}
+    for name, body in stubs.items():
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     env = {
@@ -111,7 +119,10 @@ def fleet(moto_ec2, tmp_path):
         "SPOTGUARD_STATUS_URI": f"s3://{bucket}/spotguard/status/{JOB}.json",
         "SPOTGUARD_INSTANCE_ID": instance_id,
         "SPOTGUARD_MAX_FAILURES": "3",
+        # The agent's state dir, where the notice file is.
+        "SPOTGUARD_STATE_DIR": str(tmp_path / "run"),
     }
+    (tmp_path / "run").mkdir()
     return {
         "ec2": ec2,
         "s3": s3,
@@ -123,9 +134,13 @@ def fleet(moto_ec2, tmp_path):
     }
 
 
-def _end(fleet, exit_code: str, exit_status: str) -> subprocess.CompletedProcess[str]:
+def _end(
+    fleet, exit_code: str, exit_status: str, result: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**fleet["env"], "EXIT_CODE": exit_code, "EXIT_STATUS": exit_status}
-    env["SERVICE_RESULT"] = "success" if exit_status == "0" else "exit-code"
+    if result is None:
+        result = "success" if exit_status == "0" else "exit-code"
+    env["SERVICE_RESULT"] = result
     state = fleet["tmp"] / "state"
     return subprocess.run(
         [sys.executable, "-m", "spotguard", "fleet", "job-end", JOB, "--state-dir", str(state)],
@@ -178,7 +193,21 @@ def test_exit_0_sets_the_fleet_to_zero_writes_finished_and_powers_off(fleet):
     assert "systemctl --no-block poweroff" in _calls(fleet)
 
 
-def test_exit_75_leaves_the_fleet_alone(fleet):
+def _interrupted(fleet) -> None:
+    """The agent's notice file: a spot interruption, two minutes from now."""
+    now = datetime.now(timezone.utc)
+    notice = Notice(
+        kind="spot-interruption",
+        action="terminate",
+        deadline=now + timedelta(minutes=2),
+        noticed_at=now,
+        key="k",
+    )
+    write_notice(fleet["tmp"] / "run", notice)
+
+
+def test_exit_75_during_a_notice_leaves_the_fleet_alone(fleet):
+    _interrupted(fleet)
     done = _end(fleet, "exited", "75")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("preempted")
@@ -210,6 +239,10 @@ def test_a_crash_loop_ends_after_max_failures_with_the_last_error(fleet):
 
 def test_a_preemption_between_failures_restarts_the_count(fleet):
     for code, status in (("exited", "1"), ("exited", "1"), ("exited", "75"), ("exited", "2")):
+        if status == "75":
+            _interrupted(fleet)
+        elif (fleet["tmp"] / "run" / "notice.json").exists():
+            (fleet["tmp"] / "run" / "notice.json").unlink()
         done = _end(fleet, code, status)
         assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("retrying")  # 1 failure since the preemption, not 3
@@ -229,6 +262,55 @@ def test_an_exit_0_during_a_requested_stop_is_not_the_end_of_the_job(fleet, file
     assert _capacity(fleet) == 1
     assert _no_status(fleet)
     assert not any("poweroff" in call for call in _calls(fleet))
+
+
+def test_exit_75_without_a_notice_is_a_failure(fleet):
+    """The hooks exit 75 on any SIGTERM (a kill, OOMPolicy=stop): only a stopping notice makes
+    it a preemption; otherwise a crash loop of 75s would never end."""
+    for attempt in (1, 2):
+        done = _end(fleet, "exited", "75")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("retrying"), attempt
+    done = _end(fleet, "exited", "75")
+    assert done.stdout.strip().endswith("failed")
+    assert _capacity(fleet) == 0
+    assert _status(fleet)["exit"] == "exited 75 with no stopping notice active"
+
+
+def test_an_oom_kill_is_a_failure_even_with_exit_75_and_a_stop_job_queued(fleet):
+    """OOMPolicy=stop: systemd stops the unit (a stop job), the hooks save and exit 75, and
+    $SERVICE_RESULT says oom-kill."""
+    (fleet["tmp"] / "jobs").write_text(f"812 {UNIT} stop running\n")
+    for attempt in (1, 2):
+        done = _end(fleet, "exited", "75", "oom-kill")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("retrying"), attempt
+        assert _capacity(fleet) == 1
+    done = _end(fleet, "exited", "75", "oom-kill")
+    assert done.stdout.strip().endswith("failed")
+    assert _capacity(fleet) == 0
+    status = _status(fleet)
+    assert status["exit"] == "oom-kill (exited 75)"
+    assert "oom-kill" in status["last_error"]
+
+
+@pytest.mark.parametrize("result", ["signal", "core-dump", "timeout", "watchdog", "oom-kill"])
+def test_failure_results_count_even_during_a_notice(fleet, result):
+    _interrupted(fleet)
+    done = _end(fleet, "exited", "75", result)
+    assert done.stdout.strip().endswith("retrying")
+    state = json.loads((fleet["tmp"] / "state" / f"failures-{JOB}.json").read_text())
+    assert state["failures"] == 1
+
+
+def test_a_restart_asked_for_is_not_the_end_of_the_job(fleet):
+    (fleet["tmp"] / "jobs").write_text(f"813 {UNIT} restart running\n")
+    done = _end(fleet, "exited", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("stopped")
+    assert _capacity(fleet) == 1
+    assert _no_status(fleet)
+    assert not (fleet["tmp"] / "state" / f"failures-{JOB}.json").exists()
 
 
 def test_a_node_without_its_fleet_tag_still_powers_off_and_says_why(fleet):
@@ -324,3 +406,80 @@ def test_wait_clear_returns_when_the_agent_drops_the_notice(tmp_path):
     assert process.returncode == 0
     assert "holding the job: scheduled-maintenance notice" in out
     assert out.strip().endswith("no active notice: starting the job")
+
+
+# -- ending the fleet within the unit's TimeoutStopSec -----------------------------------------
+
+
+def _policy(tmp_path: Path, **overrides) -> JobEnd:
+    settings = {
+        "job": JOB,
+        "status_uri": "s3://status-bucket/spotguard/status/llm-job.json",
+        "instance_id": "i-0123456789abcdef0",
+        "region": "us-east-1",
+        "state_dir": tmp_path,
+        "notice_dir": tmp_path,
+        **overrides,
+    }
+    return JobEnd(**settings)
+
+
+def _client_error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}}, "ModifyFleet")
+
+
+def test_any_exception_on_the_way_still_powers_off(tmp_path, monkeypatch):
+    ran: list[tuple[str, ...]] = []
+    monkeypatch.setattr(job_end, "_run", lambda *command: ran.append(command) or "")
+
+    def broken(self, status, deadline):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(JobEnd, "_end_fleet", broken)
+    with pytest.raises(SpotguardError, match="RuntimeError: something nobody expected"):
+        _policy(tmp_path)._end({"state": "finished"})
+    assert ran[0][0] == "systemd-run"  # the fallback, armed first
+    assert ran[-1] == ("systemctl", "--no-block", "poweroff")
+
+
+@pytest.mark.parametrize("code", ["IncorrectFleetState", "RequestLimitExceeded", "AccessDenied"])
+def test_passing_errors_are_retried_within_the_budget(monkeypatch, code):
+    monkeypatch.setattr(job_end.time, "sleep", lambda seconds: None)
+    answers = [_client_error(code), _client_error(code), "done"]
+
+    def action():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    deadline = time.monotonic() + 30
+    assert JobEnd._attempt_value(action, "setting the capacity", deadline) == "done"
+
+
+def test_retries_stop_at_the_deadline(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(job_end.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(
+        job_end.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds)
+    )
+
+    def action():
+        raise _client_error("IncorrectFleetState")
+
+    with pytest.raises(SpotguardError, match="IncorrectFleetState"):
+        JobEnd._attempt_value(action, "setting the capacity", 1000.0 + 20)
+    assert clock[0] <= 1020.0
+
+
+def test_all_of_it_fits_well_within_timeout_stop_sec(tmp_path):
+    """The budget, the final status write's extra 10 s and the fallback power off all come
+    before systemd's TimeoutStopSec would kill job-end (and restart a finished job)."""
+    unit = (Path(__file__).parents[2] / "systemd" / "spotguard-training@.service").read_text()
+    (timeout,) = [
+        int(line.split("=")[1]) for line in unit.splitlines() if line.startswith("TimeoutStopSec=")
+    ]
+    policy = _policy(tmp_path)
+    assert policy.budget_seconds + 10 < job_end.FALLBACK_POWEROFF_SECONDS < timeout
+    with pytest.raises(ValueError, match="budget_seconds"):
+        _policy(tmp_path, budget_seconds=120)

@@ -20,6 +20,11 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 import boto3
 import pytest
 
@@ -69,6 +74,100 @@ def test_package_from_somewhere_that_is_not_a_checkout_is_one_line(tmp_path):
     done = _package("--source", str(tmp_path), "--dest", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr == f"spotguard fleet package: --source: {tmp_path} has no pyproject.toml\n"
+
+
+def _source_copy(folder: Path, pyproject: str | None = None) -> Path:
+    """The files a wheel is built from, copied (or ``pyproject`` replaced)."""
+    folder.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, folder / name)
+    if pyproject is not None:
+        (folder / "pyproject.toml").write_text(pyproject)
+    return folder
+
+
+def _build_system_requires() -> list[str]:
+    return list(tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"])
+
+
+def test_the_fleet_extra_brings_the_build_backend_at_the_version_build_system_requires():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    fleet = config["project"]["optional-dependencies"]["fleet"]
+    for requirement in _build_system_requires():
+        assert requirement in fleet, f"the fleet extra lacks {requirement}"
+
+
+def test_a_missing_build_backend_is_named_before_building(tmp_path):
+    """A venv without setuptools (Python 3.12's) or with one too old: one line naming it,
+    not pip's traceback."""
+    source = _source_copy(
+        tmp_path / "src",
+        PYPROJECT_TEMPLATE.format(requires='["setuptools>=9999", "no-such-backend-xyz"]'),
+    )
+    done = _package("--source", str(source), "--dest", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "setuptools>=9999 (found " in lines[0]
+    assert "no-such-backend-xyz (not installed)" in lines[0]
+    assert "fleet extra" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_build_reports_what_failed_not_pips_last_line(tmp_path):
+    source = _source_copy(
+        tmp_path / "src",
+        PYPROJECT_TEMPLATE.format(requires=json.dumps(_build_system_requires())).replace(
+            'version = "0.1.0"', 'version = "not a version!"'
+        ),
+    )
+    (source / "x").mkdir()
+    (source / "x" / "__init__.py").write_text("")
+    done = _package("--source", str(source), "--dest", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "project.version" in done.stderr, done.stderr
+    assert "hint:" not in done.stderr
+
+
+PYPROJECT_TEMPLATE = """[build-system]
+requires = {requires}
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "spotguard"
+version = "0.1.0"
+
+[tool.setuptools.package-dir]
+"spotguard.x" = "x"
+"""
+
+
+def test_the_build_does_not_depend_on_the_umask_or_the_checkouts_modes(tmp_path):
+    """A checkout made under umask 002 (group-writable files) builds the same bytes."""
+    previous = os.umask(0o002)
+    try:
+        source = _source_copy(tmp_path / "src")
+        for folder in ("spotguard", "agent", "trainer_hooks", "fleet", "systemd"):
+            shutil.copytree(
+                REPO / folder,
+                source / folder,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".terraform*", "*.tfstate*"),
+            )
+        for path in [source, *source.rglob("*")]:
+            path.chmod(0o775 if path.is_dir() else 0o664)
+        wheel = BuiltWheel.build(tmp_path / "out", source)
+    finally:
+        os.umask(previous)
+    assert wheel.sha256 == built_wheel().sha256
+    with zipfile.ZipFile(wheel.path) as archive:
+        modes = {
+            (info.external_attr >> 16) & 0o777
+            for info in archive.infolist()
+            if not info.filename.endswith("/RECORD")  # written by the wheel tool as 0664 always
+        }
+    assert modes <= {0o644, 0o755}, sorted(oct(mode) for mode in modes)
 
 
 def test_a_wheel_file_name_is_checked():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def test_every_key_maps_to_a_module_variable():
     }
 
 
+def test_capacity_0_pauses_the_job():
+    """0 is what a finished job leaves its fleet at: the config can say so (no drift)."""
+    config = copy.deepcopy(BASE)
+    config["infrastructure"]["training"]["capacity_units"] = 0
+    config["infrastructure"]["training"]["on_demand_base_units"] = 0
+    assert render(config)["target_capacity"] == 0
+
+
 def test_rendered_variables_are_all_declared_by_the_basic_example():
     declared = (Path(__file__).parents[2] / "fleet/examples/basic/variables.tf").read_text()
     for name in render(BASE):
@@ -75,7 +84,7 @@ def _with(path: str, value: object) -> dict:
     [
         ("infrastructure.training.gpus", 8, "unknown key infrastructure.training.gpus"),
         ("modle", {}, "unknown key modle"),
-        ("infrastructure.training.capacity_units", 0, "capacity_units: expected a whole number"),
+        ("infrastructure.training.capacity_units", -1, "capacity_units: expected a whole number"),
         ("infrastructure.training.capacity_units", "4", "capacity_units: expected a whole number"),
         ("infrastructure.training.spot_max_price", "cheap", "spot_max_price: expected a price"),
         ("infrastructure.training.spot_max_price", -1, "spot_max_price: expected a price"),

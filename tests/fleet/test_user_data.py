@@ -64,12 +64,23 @@ cp "$PIP_PYTHON" "$3/bin/python"
 echo "apt-get $*" >> "$CALLS"
 touch "$SANDBOX/python3-venv"
 """,
-    # `aws s3 cp URI FILE` copies $WHEEL_SOURCE; `aws s3 cp - URI` keeps what it was given.
+    # `aws s3 cp URI FILE` copies $WHEEL_SOURCE; `aws s3 cp - URI` keeps what it was given (the
+    # status object), `aws s3 cp URI -` gives it back (or fails as S3 does: no such key);
+    # `aws ec2 describe-tags` answers the fleet's ID, `aws ec2 modify-fleet` is recorded.
     "aws": r"""#!/bin/bash
 echo "aws $*" >> "$CALLS"
-[ "$1 $2" = "s3 cp" ] || exit 2
+case "$1 $2" in
+  "ec2 describe-tags") echo "fleet-00000000-1111-2222-3333-444444444444"; exit 0 ;;
+  "ec2 modify-fleet") exit "${MODIFY_FLEET_EXIT:-0}" ;;
+  "s3 cp") ;;
+  *) exit 2 ;;
+esac
 for last; do :; done
 if [ "${*: -2:1}" = "-" ]; then cat > "$SANDBOX/status.json"; exit 0; fi
+if [ "$last" = "-" ]; then
+  [ -f "$SANDBOX/status.json" ] || { echo "An error occurred (404): Key not found" >&2; exit 1; }
+  cat "$SANDBOX/status.json"; exit 0
+fi
 cp "$WHEEL_SOURCE" "$last"
 """,
     # Records, at each enable, whether the unit and the agent's config were already in place.
@@ -92,6 +103,8 @@ TOOLS = (
 )  # fmt: skip
 S3_URI = "s3://artifacts/wheels/spotguard-0.1.0-py3-none-any.whl"
 PIP = "-m pip install --quiet --disable-pip-version-check"
+STATUS = "s3://sandbox-ckpt-123456789012-us-east-1/spotguard/status/sandbox.json"
+FLEET_ID = "fleet-00000000-1111-2222-3333-444444444444"
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,8 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
         "systemctl enable --now spotguard-agent.service",
         # Not waited for: its start is held while a stopping notice is active.
         f"systemctl enable --now --no-block spotguard-training@{FLEET_NAME}.service",
+        # Whether earlier nodes' set-up failed (nothing there: nothing to reset).
+        f"aws s3 cp --only-show-errors --region us-east-1 {STATUS} -",
     ]
     # Every metadata read went through IMDSv2: one token PUT, then GETs carrying it.
     calls = Path(env["CALLS"]).read_text().splitlines()
@@ -286,6 +301,9 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
     )
     assert "SPOTGUARD_INSTANCE_ID=i-0123456789abcdef0" in environment
     assert "SPOTGUARD_MAX_FAILURES=3" in environment
+    # A rebalance replacement waits for the old node's writer lease (GuardSettings reads it):
+    # the termination delay (300 s by default), the notice (120 s) and the lease's TTL (60 s).
+    assert "SPOTGUARD_LEASE_WAIT=540" in environment
     # The training command's `python` is the environment the hooks went into.
     assert "PATH=/opt/pytorch/bin:/usr/local/bin:/usr/bin:/bin" in environment
     assert (
@@ -311,6 +329,7 @@ def test_a_second_run_changes_nothing(rendered, tmp_path):
     assert commands == [
         "systemctl enable --now spotguard-agent.service",
         f"systemctl enable --now --no-block spotguard-training@{FLEET_NAME}.service",
+        f"aws s3 cp --only-show-errors --region us-east-1 {STATUS} -",
     ]
 
 
@@ -341,27 +360,16 @@ def test_a_wheel_with_another_sha256_is_not_installed(uploaded, tmp_path):
     assert not list((root / "opt" / "spotguard" / "wheels").rglob("*.whl*"))
 
 
-def test_python3_venv_is_installed_when_missing(uploaded, tmp_path):
-    root, env = _sandbox(tmp_path)
-    commands = _commands(_run(uploaded.script, {**env, "VENV_NEEDS_APT": "1"}))
-    venv = f"{root}/opt/spotguard/venv"
-    at = commands.index(f"python3 -m venv {venv}")
-    assert commands[at : at + 3] == [
-        f"python3 -m venv {venv}",
-        "apt-get install -y -q python3-venv",
-        f"python3 -m venv {venv}",
-    ]
-    assert commands[-1].startswith("systemctl enable --now --no-block")
-
-
-def test_without_python3_venv_or_apt_the_node_says_so_and_powers_off(uploaded, tmp_path):
+def test_without_python3_venv_the_node_says_so_and_powers_off(uploaded, tmp_path):
+    """No apt-get fallback: the security group lets out only HTTPS and Ubuntu's mirrors are
+    plain HTTP, so the AMI must have python3-venv."""
     _, env = _sandbox(tmp_path)
-    (tmp_path / "bin" / "apt-get").unlink()
     commands = _commands(_run(uploaded.script, {**env, "VENV_NEEDS_APT": "1"}, ok=False))
     status = _setup_failed(tmp_path, commands)
     assert status["error"] == (
-        "python3 -m venv failed and there is no apt-get to install python3-venv"
+        "python3 -m venv failed: the AMI lacks python3-venv (install it into the AMI)"
     )
+    assert not any(command.startswith("apt-get") for command in commands), commands
 
 
 def test_any_failing_command_is_reported_with_its_line(uploaded, tmp_path):
@@ -377,3 +385,75 @@ def test_any_failing_command_is_reported_with_its_line(uploaded, tmp_path):
     assert status["state"] == "setup-failed"
     failed = r"line \d+: region=\$\(metadata placement/region\) \(exit code 22\)"
     assert re.fullmatch(failed, status["error"]), status["error"]
+
+
+def _impostor(tmp_path: Path) -> Path:
+    impostor = tmp_path / "impostor.whl"
+    impostor.write_bytes(b"PK\x03\x04 not the wheel Terraform uploaded")
+    return impostor
+
+
+def test_set_up_failures_in_a_row_set_the_fleets_capacity_to_0(uploaded, tmp_path):
+    """Nodes that cannot set themselves up must not be replaced forever: each failure adds one
+    to the count in the status object, and the max_consecutive_failures-th (3) ends the fleet,
+    found from the instance's own aws:ec2:fleet-id tag."""
+    _, env = _sandbox(tmp_path, wheel_source=_impostor(tmp_path))
+    for count in (1, 2):
+        commands = _commands(_run(uploaded.script, env, ok=False))
+        status = _setup_failed(tmp_path, commands)
+        assert (status["setup_failures"], status["fleet_ended"]) == (count, False)
+        assert not any(command.startswith("aws ec2") for command in commands), commands
+    commands = _commands(_run(uploaded.script, env, ok=False))
+    status = _setup_failed(tmp_path, commands)
+    assert (status["setup_failures"], status["fleet_ended"]) == (3, True)
+    assert "does not have the SHA-256 Terraform uploaded" in status["error"]
+    ec2 = [command for command in commands if command.startswith("aws ec2")]
+    assert ec2 == [
+        "aws ec2 describe-tags --region us-east-1 --output text --query Tags[0].Value "
+        "--filters Name=resource-id,Values=i-0123456789abcdef0 Name=key,Values=aws:ec2:fleet-id",
+        f"aws ec2 modify-fleet --region us-east-1 --fleet-id {FLEET_ID} "
+        "--target-capacity-specification "
+        "TotalTargetCapacity=0,OnDemandTargetCapacity=0,SpotTargetCapacity=0 "
+        "--excess-capacity-termination-policy termination",
+    ]
+    # Read, count, then write the status object; power off last.
+    read = commands.index(f"aws s3 cp --only-show-errors --region us-east-1 {STATUS} -")
+    assert read < commands.index(ec2[0]) < commands.index(ec2[1])
+
+
+def test_when_the_fleet_cannot_be_ended_the_status_says_so_and_the_node_powers_off(
+    uploaded, tmp_path
+):
+    _, env = _sandbox(tmp_path, wheel_source=_impostor(tmp_path))
+    (tmp_path / "status.json").write_text(
+        json.dumps({"fleet": FLEET_NAME, "state": "setup-failed", "setup_failures": 7})
+    )
+    commands = _commands(_run(uploaded.script, {**env, "MODIFY_FLEET_EXIT": "254"}, ok=False))
+    status = _setup_failed(tmp_path, commands)
+    assert (status["setup_failures"], status["fleet_ended"]) == (8, False)
+
+
+def test_a_set_up_that_works_starts_the_count_again(uploaded, tmp_path):
+    _, env = _sandbox(tmp_path)
+    (tmp_path / "status.json").write_text(
+        json.dumps({"fleet": FLEET_NAME, "state": "setup-failed", "setup_failures": 2})
+    )
+    commands = _commands(_run(uploaded.script, env))
+    assert commands[-1] == f"aws s3 cp --only-show-errors --region us-east-1 - {STATUS}"
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status == {
+        "fleet": FLEET_NAME,
+        "state": "running",
+        "instance_id": "i-0123456789abcdef0",
+        "setup_failures": 0,
+    }
+    assert not any(command.startswith("aws ec2") for command in commands), commands
+
+
+def test_a_finished_or_failed_jobs_status_is_not_counted_as_set_up_failures(uploaded, tmp_path):
+    _, env = _sandbox(tmp_path, wheel_source=_impostor(tmp_path))
+    (tmp_path / "status.json").write_text(
+        json.dumps({"fleet": FLEET_NAME, "state": "failed", "failures": 3})
+    )
+    status = _setup_failed(tmp_path, _commands(_run(uploaded.script, env, ok=False)))
+    assert status["setup_failures"] == 1

@@ -77,8 +77,9 @@ class GuardCore:
                 self.store.hold(ttl=self.settings.lease_ttl, wait=self.settings.lease_wait_seconds)
             except Exception as exc:  # raised below, on every rank alike
                 problem = exc
-        # The other ranks wait in this collective meanwhile: lease_wait (180 s by default)
-        # stays well below the process-group timeouts (gloo 30 min, NCCL 10 min).
+        # The other ranks wait in this collective meanwhile: lease_wait (180 s by default; the
+        # fleet sets SPOTGUARD_LEASE_WAIT to its termination delay + 240 s, and warns above
+        # 600 s in all) must stay below the process-group timeouts (gloo 30 min, NCCL 10 min).
         (failed,) = self.ranks.any(problem is not None)
         if problem is not None:
             raise problem

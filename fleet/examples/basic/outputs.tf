@@ -37,3 +37,8 @@ output "fleet_arn" {
   description = "ARN of the EC2 Fleet, which its events name (the event rule matches it)."
   value       = module.fleet.fleet_arn
 }
+
+output "status_uri" {
+  description = "The job's status object: finished, failed or setup-failed, with the last error."
+  value       = module.fleet.status_uri
+}

@@ -32,7 +32,7 @@ variable "instance_types" {
 }
 
 variable "target_capacity" {
-  description = "Number of instances to keep running: 1 (one single-node job; the module refuses more until its multi-node mode exists)."
+  description = "Number of instances to keep running: 1 (one single-node job; the module refuses more until its multi-node mode exists), or 0 to pause the job. Set 0 after the job ended (it set its fleet to 0 itself), or the next plan starts it again."
   type        = number
   default     = 1
 }

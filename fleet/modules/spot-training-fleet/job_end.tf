@@ -44,9 +44,10 @@ resource "aws_iam_role_policy" "job_status" {
     Version = "2012-10-17"
     Statement = [
       {
+        # Read too: the user data counts set-up failures in a row in it.
         Sid      = "WriteJobStatus"
         Effect   = "Allow"
-        Action   = ["s3:PutObject"]
+        Action   = ["s3:GetObject", "s3:PutObject"]
         Resource = "${local.bucket_arn}/${local.status_key}"
       },
     ]

@@ -50,6 +50,14 @@ locals {
     [for key in sort(keys(var.agent_settings)) : "${key} = ${var.agent_settings[key]}"],
   ))
 
+  # How long a new node's trainer waits for the store's writer lease (SPOTGUARD_LEASE_WAIT).
+  # A rebalance replacement starts while the old node still trains, for up to the termination
+  # delay, then the old node gets the spot notice's two minutes to save, and a lease left by a
+  # node that vanished expires after its TTL (60 s): the wait covers all three, plus a minute.
+  # With the trainer hooks' default (180 s) the replacement gave up, exited 1, and three such
+  # failures ended the fleet, healthy old node included.
+  lease_wait = var.capacity_rebalance_termination_delay + 120 + 60 + 60
+
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
     fleet_name = var.name
     extras     = local.extras
@@ -58,12 +66,22 @@ locals {
     wheel_sha256     = local.wheel_sha256
     status_uri       = local.status_uri
     max_failures     = var.max_consecutive_failures
+    lease_wait       = local.lease_wait
     training_python  = var.training_python
     agent_toml       = local.agent_toml
     checkpoint_uri   = local.checkpoint_uri
     training_command = var.training_command
     training_user    = var.training_user
   })
+}
+
+# While rank 0 waits for the lease, a multi-GPU job's other ranks wait in a collective, which
+# ends at the job's process-group timeout (NCCL's default: 600 s).
+check "lease_wait_within_the_default_process_group_timeout" {
+  assert {
+    condition     = local.lease_wait <= 600
+    error_message = "A new node's trainer waits up to ${local.lease_wait} s for the writer lease (capacity_rebalance_termination_delay + 240 s); on more than one GPU, the other ranks wait in a collective that ends at the process group's timeout (NCCL's default: 600 s): pass init_process_group(timeout=timedelta(seconds=${local.lease_wait + 60})) or more, or lower the delay to 360 s or less."
+  }
 }
 
 resource "aws_security_group" "nodes" {

@@ -124,13 +124,13 @@ variable "instance_requirements" {
 }
 
 variable "target_capacity" {
-  description = "Number of instances the fleet keeps running; EC2 replaces every interrupted one. One fleet runs one job, and until the multi-node mode exists that job runs on one node: 1 is the only value accepted."
+  description = "Number of instances the fleet keeps running; EC2 replaces every interrupted one. One fleet runs one job, and until the multi-node mode exists that job runs on one node: 1 runs it, 0 pauses it (the checkpoints stay; 1 again resumes it). A job that ended (finished, or failed max_consecutive_failures times) set its fleet to 0 itself: set 0 here too, or the next plan shows the drift 0 -> 1 and an apply starts the job again."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.target_capacity == 1
-    error_message = "target_capacity must be 1: one fleet runs one single-node job. More nodes need the multi-node mode (one job across N nodes with a rendezvous that survives spot), which is not there yet (a later issue); N copies of one single-node job would share one checkpoint prefix."
+    condition     = var.target_capacity == 0 || var.target_capacity == 1
+    error_message = "target_capacity must be 1 (or 0 to pause the job): one fleet runs one single-node job. More nodes need the multi-node mode (one job across N nodes with a rendezvous that survives spot), which is not there yet (a later issue); N copies of one single-node job would share one checkpoint prefix."
   }
 }
 

@@ -250,6 +250,21 @@ run "attribute_based_selection_keeps_the_gpu_count" {
   }
 }
 
+# A plan before the first apply: once the fleet exists, a termination delay change is refused.
+run "lease_wait_follows_the_termination_delay" {
+  command = plan
+  variables {
+    capacity_rebalance_termination_delay = 3600
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "SPOTGUARD_LEASE_WAIT=3840\n")
+    error_message = "The lease wait follows the termination delay."
+  }
+  # Above NCCL's default timeout: a warning naming what to do, not an error.
+  expect_failures = [check.lease_wait_within_the_default_process_group_timeout]
+}
+
 run "iam_policy_scoped_to_the_prefix" {
   command = apply
   variables {
@@ -386,6 +401,10 @@ run "user_data_installs_configures_and_starts" {
     error_message = "User data gives job-end its status object and failure limit."
   }
   assert {
+    condition     = strcontains(output.user_data, "SPOTGUARD_LEASE_WAIT=540\n")
+    error_message = "A rebalance replacement's trainer waits for the writer lease longer than the termination delay (300) + the notice (120) + the lease TTL (60)."
+  }
+  assert {
     condition     = strcontains(output.user_data, "SPOTGUARD_CHECKPOINT_URI=s3://unit-ckpt-123456789012-us-east-1/checkpoints")
     error_message = "User data gives training its checkpoint URI."
   }
@@ -479,12 +498,16 @@ run "on_demand_base_above_capacity" {
   expect_failures = [var.on_demand_base_capacity]
 }
 
-run "capacity_zero" {
+run "capacity_zero_pauses_the_job" {
   command = plan
   variables {
     target_capacity = 0
   }
-  expect_failures = [var.target_capacity]
+
+  assert {
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 0
+    error_message = "0 is a target capacity: a paused job, or the state a finished job left its fleet in."
+  }
 }
 
 run "bad_name" {
@@ -740,7 +763,7 @@ run "apply_before_changes" {
 run "termination_delay_change_is_refused" {
   command = plan
   variables {
-    capacity_rebalance_termination_delay = 600
+    capacity_rebalance_termination_delay = 360
   }
   expect_failures = [aws_ec2_fleet.training]
 }
@@ -827,7 +850,7 @@ run "job_end_may_modify_only_this_fleet" {
     error_message = "ModifyFleet is allowed on this fleet's ARN alone."
   }
   assert {
-    condition     = one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json" && one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Action == ["s3:PutObject"]
+    condition     = one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json" && one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Action == ["s3:GetObject", "s3:PutObject"]
     error_message = "The nodes may write their job's status object and nothing else there."
   }
   assert {
