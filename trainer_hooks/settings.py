@@ -97,8 +97,15 @@ class GuardSettings:
     #: interrupted one's emergency save); ``None``: ``SPOTGUARD_LEASE_WAIT`` (the fleet module
     #: sets it above its rebalance termination delay), else the spot notice plus one ``lease_ttl``.
     lease_wait: float | None = None
+    #: How much lower than training the background save runs (Linux niceness, per thread,
+    #: inherited by its transfer threads): where cores are short, training goes first and a
+    #: periodic save takes longer (the next one is deferred until it is done); 0: the same
+    #: priority as training. Emergency saves run in the training thread, at its priority.
+    save_niceness: int = 10
 
     def __post_init__(self) -> None:
+        if not 0 <= self.save_niceness <= 19:
+            raise ConfigError(f"save_niceness must be 0..19, got {self.save_niceness}")
         if self.every_n_steps is not None and self.every_n_steps < 1:
             raise ConfigError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
         if self.every_seconds is not None and self.every_seconds <= 0:
@@ -166,6 +173,7 @@ class CommonOptions(TypedDict, total=False):
     transfer: TransferSettings | None
     lease_ttl: float
     lease_wait: float | None
+    save_niceness: int
 
 
 class GuardOptions(CommonOptions, total=False):

@@ -31,8 +31,10 @@ class AgentProcess:
         return self.log_path.read_text()
 
     def notice(self) -> dict[str, Any] | None:
-        path = self.state_dir / "notice.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        try:  # the agent may remove it between a check and the read: no check
+            return json.loads((self.state_dir / "notice.json").read_text())
+        except FileNotFoundError:
+            return None
 
     def stop(self) -> int:
         if self.process.poll() is None:

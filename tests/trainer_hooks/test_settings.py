@@ -54,6 +54,8 @@ def test_both_front_ends_build_the_same_settings(tmp_path):
         ({"signals": ("SIGKILL",)}, "signals"),
         ({"exit_code": 0}, "exit_code"),
         ({"default_budget": -1.0}, "default_budget"),
+        ({"save_niceness": 20}, "save_niceness"),
+        ({"save_niceness": -1}, "save_niceness"),
     ],
 )
 def test_bad_guard_settings_are_config_errors_naming_the_setting(settings, named):

@@ -148,7 +148,7 @@ class Saver:
     def _in_background(self, step: int, epoch: int, snapshot: Any) -> None:
         """The upload thread: it yields the CPU to training (a lower scheduling priority,
         inherited by the transfer threads it starts), then puts and commits."""
-        yield_cpu()
+        yield_cpu(self.settings.save_niceness)
         self._put_then_commit(step, epoch, snapshot)
 
     def _put_then_commit(self, step: int, epoch: int, snapshot: Any) -> None:
@@ -271,15 +271,13 @@ class Saver:
         self.raise_if_failed()
 
 
-#: How much lower than training the background save runs (``nice`` steps, Linux per thread).
-BACKGROUND_NICENESS = 10
-
-
-def yield_cpu() -> None:
-    """Lower this thread's scheduling priority (Linux: niceness is per thread, and threads it
-    starts inherit it). Where cores are short (data-loader workers, a busy host), training
-    goes first and the save takes what is left; on an idle core it changes nothing."""
+def yield_cpu(niceness: int) -> None:
+    """Lower this thread's scheduling priority by ``niceness`` (Linux: niceness is per thread,
+    and threads it starts inherit it). Where cores are short (data-loader workers, a busy host),
+    training goes first and the save takes what is left; on an idle core it changes nothing."""
+    if not niceness:
+        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: a plain thread
         log.debug("background save keeps its priority: %s", exc)
