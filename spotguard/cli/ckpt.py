@@ -1,9 +1,14 @@
 """``spotguard ckpt list|verify|prune|pull``: inspect and manage a checkpoint store.
 
 The trainer hooks' store is imported when a subcommand runs, never when the parser is built:
-the agent's command line must not load them. Exit codes: 0 ok, 1 a checkpoint failed
-verification, 2 the store cannot be used (bad URI, missing bucket, no credentials), reported as
-one line.
+the agent's command line must not load them (nor torch: only ``pull --to-torch`` needs it).
+Both formats are handled: ``torch`` (one ``torch.save`` file per rank) and ``dcp`` (sharded,
+``torch.distributed.checkpoint``); ``list`` shows which, and the world size that wrote it.
+
+Exit codes: 0 ok; 1 a checkpoint failed verification, verifies but cannot be loaded or
+exported here, or a local file could not be written; 2 the store cannot be used (bad URI,
+missing bucket, no credentials), there is no committed checkpoint at ``--step``, or a bad
+argument (``--to-torch`` into a directory that does not exist). Every error is one line.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from spotguard.errors import CheckpointError, CorruptCheckpoint
+from spotguard.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpoint,
+    UnloadableCheckpoint,
+)
 from spotguard.sizes import human_size
 
 if TYPE_CHECKING:
@@ -42,10 +52,27 @@ def register(commands: Any) -> None:
     prune.add_argument(
         "--quarantined", action="store_true", help="also delete quarantined checkpoints"
     )
-    pull = ckpt_commands.add_parser("pull", help="download a verified checkpoint")
+    pull = ckpt_commands.add_parser(
+        "pull", help="download a verified checkpoint, or export it as one torch.save file"
+    )
     pull.add_argument("uri")
-    pull.add_argument("dest", help="local directory")
+    pull.add_argument(
+        "dest",
+        nargs="?",
+        type=Path,
+        help="local directory: the checkpoint's files and manifest go to DEST/ckpt-<step>/ "
+        "(optional with --to-torch)",
+    )
     pull.add_argument("--step", type=int, help="default: the newest")
+    pull.add_argument(
+        "--to-torch",
+        metavar="FILE",
+        type=Path,
+        help="write the checkpoint as one torch.save file that loads with "
+        "torch.load(FILE, weights_only=True): a dcp checkpoint gathered into full tensors "
+        "(in this process, any world size), a torch checkpoint's rank-0 state.pt as it is. "
+        "Replaces FILE atomically, mode 0600; with DEST, converted from the pulled copy",
+    )
     ckpt.set_defaults(handler=run_ckpt)
 
 
@@ -54,6 +81,8 @@ def _describe(manifest: Manifest) -> dict[str, object]:
         "step": manifest.step,
         "epoch": manifest.epoch,
         "kind": manifest.kind,
+        "format": manifest.format,
+        "world_size": manifest.world_size,
         "created_at": manifest.created_at.isoformat(),
         "bytes": sum(entry.size for entry in manifest.files.values()),
         "files": sorted(manifest.files),
@@ -74,12 +103,13 @@ def _list(store: CheckpointStore, as_json: bool, out: TextIO) -> int:
     if not rows:
         print(f"{store.uri}: no committed checkpoints", file=out)
         return 0
-    print(f"{'step':>12} {'epoch':>6} {'kind':10} {'size':>10}  created", file=out)
+    header = f"{'step':>12} {'epoch':>6} {'kind':10} {'format':6} {'ranks':>5} {'size':>10}"
+    print(f"{header}  created", file=out)
     for row in rows:
         size = human_size(float(row["bytes"]))  # type: ignore[arg-type]
         print(
-            f"{row['step']:>12} {row['epoch']:>6} {row['kind']!s:10} {size:>10}  "
-            f"{row['created_at']}",
+            f"{row['step']:>12} {row['epoch']:>6} {row['kind']!s:10} {row['format']!s:6} "
+            f"{row['world_size']:>5} {size:>10}  {row['created_at']}",
             file=out,
         )
     return 0
@@ -133,13 +163,40 @@ class _Tee:
         return self.sink.write(data) or len(data)
 
 
-def _pull(store: CheckpointStore, dest: Path, step: int | None, out: TextIO) -> int:
-    from spotguard.trainer_hooks.manifest import step_dir
-
+def _pull(
+    store: CheckpointStore, dest: Path | None, step: int | None, to_torch: Path | None, out: TextIO
+) -> int:
+    """Download the checkpoint into ``dest``, convert it into the file ``to_torch``, or both
+    (converted from the verified local copy: one download)."""
+    if dest is None and to_torch is None:
+        raise ConfigError("pull needs DEST, --to-torch FILE, or both")
     manifest = store.get(step) if step is not None else store.latest()
     if manifest is None:
         print(f"{store.uri}: no committed checkpoint to pull", file=sys.stderr)
         return 1
+    if to_torch is not None:  # imports torch: only now, and before any download
+        from spotguard.trainer_hooks._internals.dcp_export import export_torch, writable_target
+
+        writable_target(to_torch)
+    source = store
+    if dest is not None:
+        from spotguard.trainer_hooks import CheckpointStore
+
+        _download(store, manifest, dest, out)
+        source = CheckpointStore(str(dest))
+    if to_torch is not None:
+        export_torch(source, manifest, to_torch)
+        print(
+            f"exported step {manifest.step} ({manifest.format}, written by "
+            f"{manifest.world_size} rank(s)) to {to_torch}",
+            file=out,
+        )
+    return 0
+
+
+def _download(store: CheckpointStore, manifest: Manifest, dest: Path, out: TextIO) -> None:
+    from spotguard.trainer_hooks.manifest import step_dir
+
     target = dest / step_dir(manifest.step)
     partial = dest / f".{step_dir(manifest.step)}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -160,13 +217,14 @@ def _pull(store: CheckpointStore, dest: Path, step: int | None, out: TextIO) -> 
         shutil.rmtree(target)
     os.replace(partial, target)
     print(f"pulled step {manifest.step} (verified) to {target}", file=out)
-    return 0
 
 
-def run_ckpt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Run one ``spotguard ckpt`` subcommand; the exit code is returned."""
+def run_ckpt(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run one ``spotguard ckpt`` subcommand; the exit code is returned. Output goes to
+    ``out``, by default to ``sys.stdout`` as it is when this runs (not as it was at import)."""
     from spotguard.trainer_hooks import CheckpointStore
 
+    out = out or sys.stdout
     try:
         store = CheckpointStore(args.uri)
         if args.ckpt_command == "list":
@@ -175,10 +233,13 @@ def run_ckpt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             return _verify(store, args.step, out)
         if args.ckpt_command == "prune":
             return _prune(store, args.keep_last, args.quarantined, out)
-        return _pull(store, Path(args.dest), args.step, out)
-    except CorruptCheckpoint as exc:
+        return _pull(store, args.dest, args.step, args.to_torch, out)
+    except (CorruptCheckpoint, UnloadableCheckpoint) as exc:
         print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
         return 1
     except (CheckpointError, ValueError) as exc:
         print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a local file: disk full, permission denied
+        print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
+        return 1
