@@ -16,7 +16,9 @@ notice is active             (``spotguard fleet wait-clear``) or a replacement r
 (preempted)
 anything else (a failure)    counts it; the ``max_failures``-th in a row writes ``failed`` with
                              the last error and the log's tail, then ends the fleet as above;
-                             before that, systemd restarts the job. A failure includes the
+                             before that, systemd restarts the job. A failure after the job
+                             committed a newer checkpoint than at the failure before starts
+                             the count again: progress, not a crash loop. A failure includes the
                              results ``oom-kill`` (``OOMPolicy=stop`` SIGTERMs the job, whose
                              hooks save and exit 75), ``signal``, ``core-dump``, ``timeout``
                              and ``watchdog``, and an exit 75 with no notice active
@@ -55,6 +57,14 @@ FLEET_TAG = "aws:ec2:fleet-id"
 _JOB = re.compile(r"^[a-z0-9][a-z0-9-]{1,30}[a-z0-9]$")
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
 _INSTANCE = re.compile(r"^i-[0-9a-f]{8,17}$")
+#: A committed checkpoint's manifest under the checkpoint URI (DESIGN.md, "Checkpoint store":
+#: ``<uri>/ckpt-<12-digit step>/manifest.json``, written last).
+_MANIFEST = re.compile(r"(?:^|/)ckpt-(\d{12})/manifest\.json$")
+#: Seconds to learn the newest committed checkpoint before counting a failure: part of the
+#: budget, and short, since systemd waits for job-end before it restarts the job.
+PROGRESS_LOOKUP_SECONDS = 15.0
+#: Keys listed at most in that lookup (10 pages); a larger store counts as unknown progress.
+PROGRESS_LOOKUP_PAGES = 10
 _DENIED = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
 #: Worth another try within the budget: IAM still reaching EC2 (the job-end policy follows the
 #: fleet), a fleet still modifying, throttling.
@@ -96,6 +106,10 @@ class JobEnd:
     state_dir: Path = Path("/var/lib/spotguard")
     #: The agent's state dir, where the notice file is (``SPOTGUARD_STATE_DIR``).
     notice_dir: Path = Path(DEFAULT_STATE_DIR)
+    #: The job's checkpoint store (``SPOTGUARD_CHECKPOINT_URI``), looked at on a failure: a
+    #: newer committed checkpoint since the last failure is progress. ``None``: every failure
+    #: counts.
+    checkpoint_uri: str | None = None
     #: Seconds for all of ending the fleet, retries included (an AccessDenied while the role's
     #: job-end policy, created after the fleet, reaches EC2; a fleet still modifying;
     #: throttling): well under the unit's TimeoutStopSec (100 s), which also bounds job-end.
@@ -110,6 +124,10 @@ class JobEnd:
             raise ConfigError(f"instance_id: expected i-..., got {self.instance_id!r}")
         if not self.region:
             raise ConfigError("region: empty (AWS_DEFAULT_REGION in the unit's environment)")
+        if self.checkpoint_uri is not None and not _S3_URI.match(self.checkpoint_uri.rstrip("/")):
+            raise ConfigError(
+                f"checkpoint_uri: expected s3://bucket/prefix, got {self.checkpoint_uri!r}"
+            )
         if isinstance(self.max_failures, bool) or self.max_failures < 1:
             raise ConfigError(f"max_failures: must be >= 1, got {self.max_failures!r}")
         if not 0 < self.budget_seconds <= 80:
@@ -159,13 +177,22 @@ class JobEnd:
         ):
             counter.unlink(missing_ok=True)  # it ran until preempted: not a crash loop
             return "preempted"
-        failures = self._count(counter) + 1
+        earlier, newest_before = self._count(counter)
+        newest = self._newest_checkpoint()
+        progressed = newest is not None and (newest_before is None or newest > newest_before)
+        failures = 1 if progressed else earlier + 1
         ended = f"{exit_code or 'not started'} {exit_status or ''}".strip()
         if failed_result:
             ended = f"{service_result} ({ended})"
         elif preempted:
             ended = f"{ended} with no stopping notice active"
-        write_json_atomic(counter, {"failures": failures, "last": ended}, 0o600)
+        record = {
+            "failures": failures,
+            "last": ended,
+            # Unknown now (the store could not be read): the last known stays the bar.
+            "newest_step": newest if newest is not None else newest_before,
+        }
+        write_json_atomic(counter, record, 0o600)
         if failures < self.max_failures:
             return "retrying"
         tail = _run("journalctl", "--unit", self.unit, "--lines", "30", "--no-pager", "-o", "cat")
@@ -181,11 +208,50 @@ class JobEnd:
         return "failed"
 
     @staticmethod
-    def _count(counter: Path) -> int:
+    def _count(counter: Path) -> tuple[int, int | None]:
+        """Failures in a row so far, and the newest committed checkpoint's step at the last
+        one (``None``: not known)."""
         try:
-            return int(json.loads(counter.read_text())["failures"])
+            record = json.loads(counter.read_text())
+            failures = int(record["failures"])
         except (OSError, ValueError, KeyError, TypeError):
-            return 0
+            return 0, None
+        newest = record.get("newest_step")
+        return failures, newest if isinstance(newest, int) and not isinstance(
+            newest, bool
+        ) else None
+
+    def _newest_checkpoint(self) -> int | None:
+        """The step of the newest committed checkpoint in the job's store, ``None`` when there
+        is none, no store is configured, or it cannot be read in time (a failure then counts:
+        an unreadable store must not keep a crash loop paying forever)."""
+        if self.checkpoint_uri is None:
+            return None
+        import boto3
+        from botocore.config import Config
+
+        bucket, prefix = _S3_URI.match(self.checkpoint_uri.rstrip("/")).groups()  # type: ignore[union-attr]
+        config = Config(
+            connect_timeout=3, read_timeout=5, retries={"mode": "standard", "total_max_attempts": 2}
+        )
+        s3 = boto3.client("s3", region_name=self.region, config=config)
+        deadline = time.monotonic() + PROGRESS_LOOKUP_SECONDS
+        newest: int | None = None
+        try:
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{prefix}/ckpt-"
+            )
+            for number, page in enumerate(pages, start=1):
+                for item in page.get("Contents", []):
+                    found = _MANIFEST.search(item["Key"])
+                    if found and (newest is None or int(found[1]) > newest):
+                        newest = int(found[1])
+                if number >= PROGRESS_LOOKUP_PAGES or time.monotonic() > deadline:
+                    return None if page.get("IsTruncated") else newest
+        except Exception as exc:  # best effort: no progress known
+            print(f"spotguard fleet job-end: could not look for new checkpoints: {exc}")
+            return None
+        return newest
 
     # -- ending the fleet --------------------------------------------------------------------
 

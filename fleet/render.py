@@ -12,6 +12,8 @@ pass through to the ``spot-training-fleet`` module::
       network: {vpc_id: vpc-0abc, subnet_ids: [subnet-a, subnet-b]}
       training:
         instance_types: [g5.12xlarge, g6.12xlarge]
+        allowed_instance_types: [g5.*, g6.*]  # optional: the default is the DLAMI's GPU families
+        allow_gpu_count_change: false     # optional: true if the job resumes at any world size
         capacity_units: 1                 # -> target_capacity (1: one single-node job; 0: paused)
         on_demand_base_units: 0           # -> on_demand_base_capacity
         spot_max_price: 4.10              # -> spot_max_price ("4.10")
@@ -134,15 +136,40 @@ ALLOWED_INSTANCE_TYPES = (
 _TAG_TEXT = re.compile(r"[\w .:/=+@-]*")
 
 
-def _instance_types(key: str, value: Any) -> list[str]:
-    types = _strings(key, value)
-    for index, name in enumerate(types):
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in ALLOWED_INSTANCE_TYPES):
+_PATTERN = re.compile(r"[a-z0-9*][a-z0-9.*-]*")
+
+
+def _patterns(key: str, value: Any) -> list[str]:
+    patterns = _strings(key, value)
+    for index, pattern in enumerate(patterns):
+        if not _PATTERN.fullmatch(pattern):
             raise RenderError(
-                f"{key}[{index}]: {name!r} is not a GPU type the Deep Learning AMI supports "
-                f"({', '.join(ALLOWED_INSTANCE_TYPES)})"
+                f"{key}[{index}]: {pattern!r} is not an instance type or pattern such as g5.*"
             )
-    return types
+    return patterns
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RenderError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _check_instance_types(types: list[str], allowed: list[str] | None) -> None:
+    """Each type must match the allow-list: the configured one, else the module's default."""
+    patterns = allowed or list(ALLOWED_INSTANCE_TYPES)
+    for index, name in enumerate(types):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        where = f"allowed_instance_types ({', '.join(patterns)})"
+        if not allowed:
+            where = (
+                f"the GPU types the Deep Learning AMI supports ({', '.join(patterns)}); widen "
+                "infrastructure.training.allowed_instance_types if your AMI supports more"
+            )
+        raise RenderError(
+            f"infrastructure.training.instance_types[{index}]: {name!r} is not in {where}"
+        )
 
 
 def _capacity(key: str, value: Any) -> int:
@@ -169,7 +196,9 @@ FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "infrastructure.region": ("region", _text),
     "infrastructure.network.vpc_id": ("vpc_id", _prefixed("vpc-")),
     "infrastructure.network.subnet_ids": ("subnet_ids", _strings),
-    "infrastructure.training.instance_types": ("instance_types", _instance_types),
+    "infrastructure.training.instance_types": ("instance_types", _strings),
+    "infrastructure.training.allowed_instance_types": ("allowed_instance_types", _patterns),
+    "infrastructure.training.allow_gpu_count_change": ("allow_gpu_count_change", _flag),
     "infrastructure.training.capacity_units": ("target_capacity", _capacity),
     "infrastructure.training.on_demand_base_units": ("on_demand_base_capacity", _whole(0)),
     "infrastructure.training.spot_max_price": ("spot_max_price", _price),
@@ -255,6 +284,8 @@ def render(config: Any) -> dict[str, Any]:
             f"({on_demand} > {variables.get('target_capacity', 1)})"
         )
     types, subnets = variables.get("instance_types"), variables["subnet_ids"]
+    if types is not None:
+        _check_instance_types(types, variables.get("allowed_instance_types"))
     if types is not None and len(types) * len(subnets) > 50:
         raise RenderError(
             f"infrastructure.training.instance_types: {len(types)} types x {len(subnets)} "

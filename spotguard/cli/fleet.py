@@ -104,6 +104,7 @@ def _job_end(args: argparse.Namespace) -> int:
         max_failures=max_failures,
         state_dir=args.state_dir,
         notice_dir=state_dir_from_env(env),
+        checkpoint_uri=env.get("SPOTGUARD_CHECKPOINT_URI") or None,
     )
     try:
         decision = policy.handle(

@@ -249,6 +249,50 @@ def test_a_preemption_between_failures_restarts_the_count(fleet):
     assert _capacity(fleet) == 1
 
 
+def _commit(fleet, step: int, *, manifest: bool = True) -> None:
+    """What the trainer hooks leave in the store: a checkpoint's files, then its manifest."""
+    folder = f"runs/llm/ckpt-{step:012d}"
+    fleet["s3"].put_object(Bucket=fleet["bucket"], Key=f"{folder}/state.pt", Body=b"x")
+    if manifest:
+        fleet["s3"].put_object(Bucket=fleet["bucket"], Key=f"{folder}/manifest.json", Body=b"{}")
+
+
+def test_failures_after_a_newer_checkpoint_start_the_count_again(fleet):
+    """A job that crashes now and then but commits checkpoints in between is making progress:
+    three such crashes over a long run must not end it. Only failures with no newer committed
+    checkpoint since the one before count towards the end."""
+    fleet["env"]["SPOTGUARD_CHECKPOINT_URI"] = f"s3://{fleet['bucket']}/runs/llm"
+    _commit(fleet, 100)
+    # A longer run's checkpoints must not count for this one (runs/llm-7b is not runs/llm).
+    fleet["s3"].put_object(
+        Bucket=fleet["bucket"], Key="runs/llm-7b/ckpt-000000099999/manifest.json", Body=b"{}"
+    )
+    decisions = []
+    for step in (None, 200, None, 300, None, None):
+        if step is not None:
+            _commit(fleet, step)
+        done = _end(fleet, "exited", "1")
+        assert done.returncode == 0, done.stderr
+        decisions.append(done.stdout.strip().rsplit(" ", 1)[-1])
+    # 1, progress -> 1, 2, progress -> 1, 2, 3 -> the end
+    assert decisions == ["retrying"] * 5 + ["failed"]
+    assert _capacity(fleet) == 0
+    assert _status(fleet)["failures"] == 3
+
+
+def test_an_uncommitted_checkpoint_or_an_unreadable_store_is_no_progress(fleet):
+    fleet["env"]["SPOTGUARD_CHECKPOINT_URI"] = f"s3://{fleet['bucket']}/runs/llm"
+    _commit(fleet, 100)
+    assert _end(fleet, "exited", "1").stdout.strip().endswith("retrying")
+    _commit(fleet, 200, manifest=False)  # files without a manifest: not committed
+    assert _end(fleet, "exited", "1").stdout.strip().endswith("retrying")
+    fleet["env"]["SPOTGUARD_CHECKPOINT_URI"] = "s3://no-such-bucket-anywhere/runs/llm"
+    done = _end(fleet, "exited", "1")
+    assert done.stdout.strip().endswith("failed"), done.stdout
+    assert "could not look for new checkpoints" in done.stdout
+    assert _capacity(fleet) == 0
+
+
 @pytest.mark.parametrize(
     ("file", "content"),
     [("jobs", f"812 {UNIT} stop running\n"), ("system-state", "stopping\n")],

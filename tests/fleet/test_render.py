@@ -19,6 +19,8 @@ BASE = {
         "network": {"vpc_id": "vpc-0abc", "subnet_ids": ["subnet-a", "subnet-b"]},
         "training": {
             "instance_types": ["g5.12xlarge", "g6.12xlarge"],
+            "allowed_instance_types": ["g5.*", "g6.*"],
+            "allow_gpu_count_change": False,
             "capacity_units": 1,
             "on_demand_base_units": 1,
             "spot_max_price": 3.5,
@@ -35,6 +37,8 @@ BASE = {
 
 def test_every_key_maps_to_a_module_variable():
     assert render(BASE) == {
+        "allow_gpu_count_change": False,
+        "allowed_instance_types": ["g5.*", "g6.*"],
         "ami_id": "ami-0abc",
         "bucket_name": "my-ckpts",
         "checkpoint_prefix": "runs/llama",
@@ -67,6 +71,15 @@ def test_rendered_variables_are_all_declared_by_the_basic_example():
     declared = (Path(__file__).parents[2] / "fleet/examples/basic/variables.tf").read_text()
     for name in render(BASE):
         assert f'variable "{name}"' in declared
+
+
+def test_the_allow_list_defaults_to_the_deep_learning_ami_families_and_can_be_widened():
+    config = _with("infrastructure.training.instance_types", ["g5.xlarge", "t3.large"])
+    del config["infrastructure"]["training"]["allowed_instance_types"]
+    with pytest.raises(RenderError, match=r"'t3.large' is not in the GPU types .* widen"):
+        render(config)
+    config["infrastructure"]["training"]["allowed_instance_types"] = ["g5.*", "t3.large"]
+    assert render(config)["instance_types"] == ["g5.xlarge", "t3.large"]
 
 
 def _with(path: str, value: object) -> dict:
@@ -105,8 +118,10 @@ def _with(path: str, value: object) -> dict:
         (
             "infrastructure.training.instance_types",
             ["g5.xlarge", "t3.large"],
-            "'t3.large' is not a GPU type",
+            "'t3.large' is not in allowed_instance_types",
         ),
+        ("infrastructure.training.allowed_instance_types", ["G5.*"], "'G5.*' is not an instance"),
+        ("infrastructure.training.allow_gpu_count_change", "yes", "expected true or false"),
         ("tags", {"aws:team": "ml"}, "'aws:team' is not a tag key EC2 accepts"),
         ("tags", {"a,b": "ml"}, "'a,b' is not a tag key"),
         ("infrastructure.checkpoints.expiration_days", 30, "newest checkpoint of a paused run"),

@@ -139,7 +139,8 @@ def _render(mode: str, terraform: Terraform, tmp_path_factory, moto_server) -> R
         main = work / "main.tf"
         text, count = re.subn(
             r"^(\s+tags\s+= var\.tags)$",
-            rf'\1\n  spotguard_wheel_s3_uri = "{S3_URI}"',
+            rf'\1\n  spotguard_wheel_s3_uri = "{S3_URI}"'
+            rf'\n  spotguard_wheel_sha256 = "{built_wheel().sha256}"',
             main.read_text(),
             flags=re.M,
         )
@@ -258,7 +259,8 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
         wheel = f"{root}/opt/spotguard/wheels/{sha}/{name}"
     else:
         assert rendered.mode == "s3-uri"
-        uri, wheel = S3_URI, f"{root}/opt/spotguard/wheels/from-uri/{Path(S3_URI).name}"
+        sha = built_wheel().sha256  # given with the URI, checked like an uploaded one
+        uri, wheel = S3_URI, f"{root}/opt/spotguard/wheels/{sha}/{Path(S3_URI).name}"
     installs = [command for command in commands if PIP in command]
     assert installs, commands
     assert all(command.split(PIP)[1].strip().startswith(wheel + "[") for command in installs), (
@@ -349,11 +351,13 @@ def _setup_failed(tmp_path: Path, commands: list[str]) -> dict:
     return status
 
 
-def test_a_wheel_with_another_sha256_is_not_installed(uploaded, tmp_path):
+def test_a_wheel_with_another_sha256_is_not_installed(rendered, tmp_path):
+    """Uploaded by Terraform or given as an S3 URI with its SHA-256: an object overwritten
+    in the bucket is never installed."""
     impostor = tmp_path / "impostor.whl"
     impostor.write_bytes(b"PK\x03\x04 not the wheel Terraform uploaded")
     root, env = _sandbox(tmp_path, wheel_source=impostor)
-    commands = _commands(_run(uploaded.script, env, ok=False))
+    commands = _commands(_run(rendered.script, env, ok=False))
     assert not any(PIP in command for command in commands), commands
     status = _setup_failed(tmp_path, commands)
     assert "does not have the SHA-256 Terraform uploaded" in status["error"]

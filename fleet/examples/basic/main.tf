@@ -20,6 +20,8 @@ module "fleet" {
   vpc_id                               = var.vpc_id
   subnet_ids                           = var.subnet_ids
   instance_types                       = var.instance_types
+  allowed_instance_types               = var.allowed_instance_types
+  allow_gpu_count_change               = var.allow_gpu_count_change
   target_capacity                      = var.target_capacity
   on_demand_base_capacity              = var.on_demand_base_capacity
   capacity_rebalance_termination_delay = var.capacity_rebalance_termination_delay

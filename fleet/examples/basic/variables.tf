@@ -31,6 +31,18 @@ variable "instance_types" {
   default     = ["g5.xlarge", "g5.2xlarge", "g6.xlarge", "g6.2xlarge"]
 }
 
+variable "allowed_instance_types" {
+  description = "Instance types (patterns with *) the fleet may ever launch; null keeps the module's default, the GPU families the Deep Learning AMI supports."
+  type        = list(string)
+  default     = null
+}
+
+variable "allow_gpu_count_change" {
+  description = "Whether instance types with different GPU counts may replace each other (only for a job that resumes at any world size)."
+  type        = bool
+  default     = false
+}
+
 variable "target_capacity" {
   description = "Number of instances to keep running: 1 (one single-node job; the module refuses more until its multi-node mode exists), or 0 to pause the job. Set 0 after the job ended (it set its fleet to 0 itself), or the next plan starts it again."
   type        = number

@@ -18,6 +18,28 @@ data "aws_ami" "selected" {
   }
 }
 
+# The AMI found by the lookup, fixed when first found. The lookup answers the newest matching
+# AMI, and AWS publishes a new Deep Learning AMI every few weeks: read straight into the launch
+# template, it would make a later plan, with nothing changed, update the template and the fleet
+# (a drift alarm, and new nodes on an untested image). A new ami_name_filter or ami_owners
+# replaces this and takes effect, as does an ami_id; to move to the newest AMI of the same
+# filter: terraform apply -replace='<address of terraform_data.ami[0]>'.
+resource "terraform_data" "ami" {
+  count            = var.ami_id == null ? 1 : 0
+  input            = data.aws_ami.selected[0].id
+  triggers_replace = [var.ami_name_filter, var.ami_owners]
+
+  lifecycle {
+    ignore_changes = [input]
+  }
+}
+
+# Each listed instance type's GPUs, to keep the world size (see the fleet's preconditions).
+data "aws_ec2_instance_type" "listed" {
+  for_each      = toset(var.instance_types)
+  instance_type = each.value
+}
+
 locals {
   account_id = data.aws_caller_identity.current.account_id
   partition  = data.aws_partition.current.partition
@@ -37,6 +59,11 @@ locals {
     }
   ]
   use_requirements = length(var.instance_types) == 0
+  # GPUs per listed instance type, from EC2's description of the type.
+  gpu_count = {
+    for type in values(data.aws_ec2_instance_type.listed) :
+    type.instance_type => sum(concat([0], [for gpu in type.gpus : gpu.count]))
+  }
 
   # The agent needs no extras; the trainer hooks get them in the training environment.
   extras = length(var.spotguard_extras) > 0 ? "[${join(",", var.spotguard_extras)}]" : ""
@@ -123,7 +150,7 @@ resource "aws_launch_template" "nodes" {
   #checkov:skip=CKV_AWS_341:hop limit 2 is deliberate: containers on a bridge network must reach IMDSv2 (metadata_hop_limit = 1 confines it to the host)
   name_prefix            = "${var.name}-"
   description            = "spotguard spot training node for ${var.name}"
-  image_id               = var.ami_id != null ? var.ami_id : data.aws_ami.selected[0].id
+  image_id               = var.ami_id != null ? var.ami_id : terraform_data.ami[0].output
   key_name               = var.key_name
   update_default_version = true
   # No instance_initiated_shutdown_behavior: an EC2 Fleet's spot instances come from one-time
@@ -304,6 +331,14 @@ resource "aws_ec2_fleet" "training" {
     precondition {
       condition     = !local.use_requirements || var.instance_requirements != null
       error_message = "Give instance_types, or instance_requirements for attribute-based selection."
+    }
+    precondition {
+      condition     = alltrue([for type in values(data.aws_ec2_instance_type.listed) : local.gpu_count[type.instance_type] > 0])
+      error_message = "Every instance type needs GPUs; without: ${join(", ", [for type in values(data.aws_ec2_instance_type.listed) : type.instance_type if local.gpu_count[type.instance_type] == 0])}."
+    }
+    precondition {
+      condition     = var.allow_gpu_count_change || length(distinct(values(local.gpu_count))) <= 1
+      error_message = "instance_types mix GPU counts (${join(", ", [for type, count in local.gpu_count : "${type}: ${count}"])}): a replacement node of another type would change the job's world size. List types with one GPU count, or set allow_gpu_count_change = true if the job resumes at any world size."
     }
     precondition {
       condition     = !local.use_requirements || length(var.subnet_ids) <= 50

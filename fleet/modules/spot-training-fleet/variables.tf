@@ -76,6 +76,8 @@ variable "allowed_instance_types" {
   description = "Instance types the fleet may ever launch, with * as a wildcard: instance_types must match them, and attribute-based selection is restricted to them. The default is the x86_64 GPU families the Deep Learning AMI (OSS NVIDIA driver, PyTorch) supports: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200."
   type        = list(string)
   default     = ["g4dn.*", "g5.*", "g6.*", "gr6.*", "g6e.*", "p4d.*", "p4de.*", "p5.*", "p5e.*", "p5en.*", "p6-b200.*"]
+  # A caller passing null (examples/basic when not set) gets this default.
+  nullable = false
 
   validation {
     condition     = length(var.allowed_instance_types) >= 1 && length(var.allowed_instance_types) <= 400 && alltrue([for pattern in var.allowed_instance_types : can(regex("^[a-z0-9*][a-z0-9.*-]*$", pattern))])
@@ -84,7 +86,7 @@ variable "allowed_instance_types" {
 }
 
 variable "allow_gpu_count_change" {
-  description = "Let attribute-based selection pick instances with a different number of GPUs than accelerator_count_min (up to accelerator_count_max). Off by default: a replacement with another GPU count changes the job's world size; turn it on only when the training command resumes at any world size."
+  description = "Let the fleet launch instances with different numbers of GPUs: attribute-based selection then picks from accelerator_count_min up to accelerator_count_max, and instance_types may mix GPU counts. Off by default: a replacement with another GPU count changes the job's world size; turn it on only when the training command resumes at any world size."
   type        = bool
   default     = false
 }
@@ -184,7 +186,7 @@ variable "create_fleet_service_linked_role" {
 # ---------------------------------------------------------------------------------------------
 
 variable "ami_id" {
-  description = "AMI to launch. Null looks up the newest AMI matching ami_name_filter from ami_owners."
+  description = "AMI to launch. Null looks up the newest AMI matching ami_name_filter from ami_owners, once: the AMI found stays in use (plans stay clean when AWS publishes a newer one) until ami_id, ami_name_filter or ami_owners changes, or terraform apply -replace='<address of terraform_data.ami[0]>' moves it to the newest."
   type        = string
   default     = null
 }
@@ -268,13 +270,24 @@ variable "spotguard_version" {
 }
 
 variable "spotguard_wheel_s3_uri" {
-  description = "A spotguard wheel already in S3 (s3://bucket/key.whl) to install instead of uploading spotguard_wheel_path. The instance role may read exactly this object. Give this or spotguard_wheel_path."
+  description = "A spotguard wheel already in S3 (s3://bucket/key.whl) to install instead of uploading spotguard_wheel_path, with its SHA-256 in spotguard_wheel_sha256. The instance role may read exactly this object. Give this or spotguard_wheel_path."
   type        = string
   default     = null
 
   validation {
     condition     = var.spotguard_wheel_s3_uri == null ? true : can(regex("^s3://[a-z0-9.-]{3,63}/.+\\.whl$", var.spotguard_wheel_s3_uri))
     error_message = "spotguard_wheel_s3_uri must look like s3://bucket/path/spotguard-0.1.0-py3-none-any.whl."
+  }
+}
+
+variable "spotguard_wheel_sha256" {
+  description = "SHA-256 of the wheel at spotguard_wheel_s3_uri (64 hex digits, as `spotguard fleet package` prints it). The nodes install that object only if its bytes have this hash, so whoever can overwrite the object cannot make the nodes run other code. Required with spotguard_wheel_s3_uri; not with spotguard_wheel_path, whose file Terraform hashes itself."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.spotguard_wheel_sha256 == null ? var.spotguard_wheel_s3_uri == null : can(regex("^[0-9a-f]{64}$", var.spotguard_wheel_sha256)) && var.spotguard_wheel_s3_uri != null
+    error_message = "spotguard_wheel_sha256 goes with spotguard_wheel_s3_uri, and only with it: 64 lower-case hex digits, the wheel's SHA-256 (sha256sum, or what `spotguard fleet package` prints)."
   }
 }
 

@@ -8,7 +8,7 @@ locals {
   wheel_from_path = var.spotguard_wheel_path != null
   wheel_name      = basename(local.wheel_from_path ? var.spotguard_wheel_path : coalesce(var.spotguard_wheel_s3_uri, "none.whl"))
   # Known at plan time: the key (and so the launch template) changes exactly when the code does.
-  wheel_sha256 = local.wheel_from_path ? filesha256(var.spotguard_wheel_path) : ""
+  wheel_sha256 = local.wheel_from_path ? filesha256(var.spotguard_wheel_path) : coalesce(var.spotguard_wheel_sha256, "none")
   wheel_key    = "spotguard/wheels/${local.wheel_sha256}/${local.wheel_name}"
 }
 

@@ -18,6 +18,10 @@ mock_provider "aws" {
   mock_data "aws_ami" {
     defaults = { id = "ami-0123456789abcdef0" }
   }
+  # One GPU, as each default instance type has; runs below override it per type.
+  mock_data "aws_ec2_instance_type" {
+    defaults = { gpus = [{ count = 1, manufacturer = "NVIDIA", memory_size = 22888, name = "A10G" }] }
+  }
   mock_resource "aws_sqs_queue" {
     defaults = { arn = "arn:aws:sqs:us-east-1:123456789012:unit-spot-events" }
   }
@@ -76,8 +80,8 @@ run "launch_template_imdsv2_encryption_monitoring" {
     error_message = "Detailed monitoring must be on."
   }
   assert {
-    condition     = aws_launch_template.nodes.image_id == "ami-0123456789abcdef0"
-    error_message = "Without ami_id, the AMI comes from the name filter lookup."
+    condition     = terraform_data.ami[0].input == "ami-0123456789abcdef0"
+    error_message = "Without ami_id, the AMI comes from the name filter lookup (the launch template takes it from terraform_data.ami: ami_found_at_the_first_apply)."
   }
   assert {
     condition     = toset([for spec in aws_launch_template.nodes.tag_specifications : spec.resource_type]) == toset(["instance", "volume"])
@@ -427,11 +431,12 @@ run "wheel_from_s3" {
   variables {
     spotguard_wheel_path   = null
     spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
+    spotguard_wheel_sha256 = "5d41402abc4b2a76b9719d911017c592ae2d2b1f5d41402abc4b2a76b9719d91"
   }
 
   assert {
-    condition     = strcontains(output.user_data, "WHEEL_URI='s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'")
-    error_message = "User data installs the wheel from S3 with the extras."
+    condition     = strcontains(output.user_data, "WHEEL_URI='s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl'") && strcontains(output.user_data, "WHEEL_SHA256='5d41402abc4b2a76b9719d911017c592ae2d2b1f5d41402abc4b2a76b9719d91'") && strcontains(output.user_data, "EXTRAS='[s3,lightning]'")
+    error_message = "User data installs the wheel from S3, checked against the SHA-256 given, with the extras."
   }
 }
 
@@ -542,11 +547,21 @@ run "bad_version" {
   expect_failures = [var.spotguard_version]
 }
 
+run "wheel_from_s3_without_its_sha256" {
+  command = plan
+  variables {
+    spotguard_wheel_path   = null
+    spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
+  }
+  expect_failures = [var.spotguard_wheel_sha256]
+}
+
 run "bad_wheel_uri" {
   command = plan
   variables {
     spotguard_wheel_path   = null
     spotguard_wheel_s3_uri = "https://example.com/spotguard.whl"
+    spotguard_wheel_sha256 = "5d41402abc4b2a76b9719d911017c592ae2d2b1f5d41402abc4b2a76b9719d91"
   }
   expect_failures = [var.spotguard_wheel_s3_uri]
 }
@@ -682,6 +697,49 @@ run "instance_type_outside_the_allow_list" {
     instance_types = ["g5.xlarge", "t3.large"]
   }
   expect_failures = [var.instance_types]
+}
+
+run "instance_types_mixing_gpu_counts" {
+  command = plan
+  variables {
+    instance_types = ["g5.xlarge", "g5.12xlarge"]
+  }
+  override_data {
+    target = data.aws_ec2_instance_type.listed["g5.12xlarge"]
+    values = { gpus = [{ count = 4, manufacturer = "NVIDIA", memory_size = 22888, name = "A10G" }] }
+  }
+  expect_failures = [aws_ec2_fleet.training]
+}
+
+run "instance_types_mixing_gpu_counts_when_the_job_allows_it" {
+  command = plan
+  variables {
+    instance_types         = ["g5.xlarge", "g5.12xlarge"]
+    allow_gpu_count_change = true
+  }
+  override_data {
+    target = data.aws_ec2_instance_type.listed["g5.12xlarge"]
+    values = { gpus = [{ count = 4, manufacturer = "NVIDIA", memory_size = 22888, name = "A10G" }] }
+  }
+
+  assert {
+    condition     = length(aws_ec2_fleet.training.launch_template_config[0].override) == 4
+    error_message = "Both types in both subnets."
+  }
+}
+
+run "instance_type_without_gpus" {
+  command = plan
+  variables {
+    allowed_instance_types = ["g5.*", "m5.*"]
+    instance_types         = ["g5.xlarge", "m5.large"]
+    allow_gpu_count_change = true
+  }
+  override_data {
+    target = data.aws_ec2_instance_type.listed["m5.large"]
+    values = { gpus = [] }
+  }
+  expect_failures = [aws_ec2_fleet.training]
 }
 
 run "gpu_count_change_without_allow" {
@@ -820,6 +878,7 @@ run "two_wheels_are_refused" {
   command = plan
   variables {
     spotguard_wheel_s3_uri = "s3://artifacts-bucket/wheels/spotguard-0.1.0-py3-none-any.whl"
+    spotguard_wheel_sha256 = "5d41402abc4b2a76b9719d911017c592ae2d2b1f5d41402abc4b2a76b9719d91"
   }
   expect_failures = [var.spotguard_wheel_path]
 }
@@ -873,4 +932,39 @@ run "max_consecutive_failures_at_least_one" {
     max_consecutive_failures = 0
   }
   expect_failures = [var.max_consecutive_failures]
+}
+
+# The AMI lookup answers the newest AMI; the one found at the first apply stays in use.
+run "ami_found_at_the_first_apply" {
+  command = apply
+
+  assert {
+    condition     = aws_launch_template.nodes.image_id == "ami-0123456789abcdef0"
+    error_message = "The launch template uses the AMI found."
+  }
+}
+
+run "a_newer_ami_published_changes_nothing" {
+  command = apply
+  override_data {
+    target = data.aws_ami.selected[0]
+    values = { id = "ami-0fedcba98765432100" }
+  }
+
+  assert {
+    condition     = aws_launch_template.nodes.image_id == "ami-0123456789abcdef0" && terraform_data.ami[0].output == "ami-0123456789abcdef0"
+    error_message = "A newer AMI matching the filter must not change the launch template (nor the fleet) by itself."
+  }
+}
+
+run "a_new_ami_id_takes_effect" {
+  command = apply
+  variables {
+    ami_id = "ami-0aaaabbbbccccdddd"
+  }
+
+  assert {
+    condition     = aws_launch_template.nodes.image_id == "ami-0aaaabbbbccccdddd"
+    error_message = "An AMI given on purpose replaces the one found."
+  }
 }
