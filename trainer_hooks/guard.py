@@ -16,6 +16,13 @@ or to plain values (ints, tensors, dicts), which :meth:`restore` replaces in the
 states (Python, NumPy, torch, CUDA) are saved alongside and restored last, so the resumed run
 draws the same random numbers the uninterrupted one would have.
 
+With FSDP2 or tensor parallelism (DTensor state), every rank saves its own shards
+(``checkpoint_format="dcp"``, chosen by the default ``"auto"``): modules and optimizers through
+torch's ``get_model_state_dict``/``get_optimizer_state_dict`` (an optimizer with the module of
+``state`` that owns its parameters), so a resume may run at another world size; each rank's
+random streams go into a small file of its own. :meth:`restore` loads the newest checkpoint
+whatever its format.
+
 Where no agent runs, ``imds_endpoint="http://169.254.169.254"`` makes the process poll IMDS
 itself (spot notice and rebalance recommendation, with the agent's IMDSv2 client).
 
@@ -35,6 +42,11 @@ from typing import TYPE_CHECKING, Any
 from spotguard.trainer_hooks._internals import rng
 from spotguard.trainer_hooks._internals.core import GuardCore
 from spotguard.trainer_hooks._internals.files import META_KEY, load_newest, meta
+from spotguard.trainer_hooks._internals.sharded import (
+    ShardedSave,
+    choose_format,
+    load_sharded_step,
+)
 from spotguard.trainer_hooks.settings import GuardSettings
 
 if TYPE_CHECKING:
@@ -59,6 +71,8 @@ class SpotGuard:
     def __init__(self, uri: str, **options: Unpack[GuardOptions]) -> None:
         self._core = GuardCore(GuardSettings(uri=uri, **options))
         self._installed = False
+        #: ``torch`` or ``dcp``: decided once, the same on every rank, at first use.
+        self._format: str | None = None
         self.epoch = 0
 
     @property
@@ -78,31 +92,48 @@ class SpotGuard:
 
     def restore(self, state: MutableMapping[str, Any]) -> int:
         """Load the newest verified checkpoint into ``state``; returns the step to start at."""
-        self._install()
+        self._install(state)
         core = self._core
         restored = load_newest(
-            core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start
-        )
+            core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start,
+            sharded=lambda step: load_sharded_step(core.store, core.ranks, step, state),
+        )  # fmt: skip
         if restored is None:
             return 0
-        for name, value in restored.whole["state"].items():
-            target = state.get(name)
-            if target is not None and hasattr(target, "load_state_dict"):
-                target.load_state_dict(value)
-            else:
-                state[name] = value
-        self.epoch = int(restored.meta["epoch"])
-        core.resumed_from(restored.manifest.step, newest_in_store=restored.manifest.step)
-        rng.restore(restored.meta["rng"])  # last: nothing above may draw random numbers after it
-        return int(restored.meta["step"])
+        manifest = restored.manifest
+        if restored.whole is not None:  # whole-state: sharded state is loaded in place
+            for name, value in restored.whole["state"].items():
+                target = state.get(name)
+                if target is not None and hasattr(target, "load_state_dict"):
+                    target.load_state_dict(value)
+                else:
+                    state[name] = value
+        self.epoch = int(restored.meta.get("epoch", manifest.epoch))
+        core.resumed_from(manifest.step, newest_in_store=manifest.step)
+        if "rng" in restored.meta:
+            rng.restore(restored.meta["rng"])  # last: nothing above may draw random numbers
+        else:
+            log.warning("checkpoint %d was written by %d rank(s) and holds no random streams "
+                        "of rank %d: it keeps its own, so this run is not bit-exact against "
+                        "an uninterrupted one", manifest.step, manifest.world_size,
+                        core.ranks.rank)  # fmt: skip
+        return int(restored.meta.get("step", manifest.step))
 
-    def _install(self) -> None:
+    def _install(self, state: MutableMapping[str, Any]) -> None:
+        """At first use (every rank alike): install the core, then decide the format."""
         if not self._installed:
             self._core.install()
             self._installed = True
+        if self._format is None:
+            core = self._core
+            self._format = choose_format(core.settings.checkpoint_format, state, core.ranks)
+            if self._format == "dcp":
+                core.saver.use_sharded()
 
-    def _tree(self, step: int, state: MutableMapping[str, Any]) -> dict[str, Any]:
+    def _tree(self, step: int, state: MutableMapping[str, Any]) -> dict[str, Any] | ShardedSave:
         own = {META_KEY: meta(step, self.epoch)}
+        if self._format == "dcp":  # every rank its shards, and its own streams beside them
+            return ShardedSave.of(state, own, self._core.ranks.rank)
         if self._core.ranks.rank != 0:
             return own  # replicated state is saved once, by rank 0
         whole = {
@@ -113,7 +144,7 @@ class SpotGuard:
 
     def step(self, step: int, state: MutableMapping[str, Any], *, epoch: int | None = None) -> None:
         """Call at every step boundary with the number of steps completed."""
-        self._install()
+        self._install(state)
         if epoch is not None:
             self.epoch = epoch
         self._core.at_step_boundary(step, self.epoch, lambda: self._tree(step, state))
@@ -121,6 +152,7 @@ class SpotGuard:
     def finish(self, step: int, state: MutableMapping[str, Any]) -> None:
         """Save the final checkpoint, wait for every upload, raise any background failure."""
         try:
+            self._install(state)
             self._core.save_sync(step, self.epoch, self._tree(step, state), "final")
         finally:
             self.close()

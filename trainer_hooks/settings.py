@@ -23,6 +23,8 @@ from spotguard.protocol import ALLOWED_SIGNALS, EXIT_PREEMPTED, SPOT_NOTICE_SECO
 __all__ = ["CommonOptions", "GuardOptions", "GuardSettings", "TransferSettings"]
 
 MiB = 2**20
+#: The values of :attr:`GuardSettings.checkpoint_format`.
+CHECKPOINT_FORMATS = ("auto", "torch", "dcp")
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,20 @@ class GuardSettings:
     #: periodic save takes longer (the next one is deferred until it is done); 0: the same
     #: priority as training. Emergency saves run in the training thread, at its priority.
     save_niceness: int = 10
+    #: How checkpoints are written: ``torch`` (one ``torch.save`` file of the whole state,
+    #: from rank 0, plus each rank's own), ``dcp`` (``torch.distributed.checkpoint``: every
+    #: rank writes its shards, and a resume may reshard to another world size), or ``auto``:
+    #: ``dcp`` when the state holds DTensors (FSDP2, tensor parallelism: no rank holds it all),
+    #: else ``torch``. Decided once, the same on every rank, at the first restore() or step().
+    #: A resume loads the newest checkpoint whatever its format.
+    checkpoint_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
+                f"{self.checkpoint_format!r}"
+            )
         if not 0 <= self.save_niceness <= 19:
             raise ConfigError(f"save_niceness must be 0..19, got {self.save_niceness}")
         if self.every_n_steps is not None and self.every_n_steps < 1:
@@ -174,6 +188,7 @@ class CommonOptions(TypedDict, total=False):
     lease_ttl: float
     lease_wait: float | None
     save_niceness: int
+    checkpoint_format: str
 
 
 class GuardOptions(CommonOptions, total=False):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -37,7 +37,7 @@ from spotguard.trainer_hooks.manifest import Manifest
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks._internals.reader import StoreReader as ReadableStore
-    from spotguard.trainer_hooks.store import CheckpointStore
+    from spotguard.trainer_hooks.store import CheckpointStore, Payload
 
 __all__ = ["load_sharded", "save_sharded"]
 
@@ -52,6 +52,8 @@ def save_sharded(
     kind: str = "periodic",
     resumed_from: int | None = None,
     extra: dict[str, Any] | None = None,
+    own_file: tuple[str, Payload] | None = None,
+    may_commit: Callable[[], bool] | None = None,
 ) -> Manifest:
     """Save ``state_dict`` (plain tensors, DTensors, FSDP2 state from
     ``torch.distributed.checkpoint.state_dict.get_state_dict``, non-tensor values) as the
@@ -64,11 +66,16 @@ def save_sharded(
     Everything but DTensors is saved once, as replicated state: a value that differs across
     ranks (per-rank state: RNG states, data loader positions) is refused with
     :class:`~spotguard.errors.ConfigError` naming its key, on every rank. It belongs in the
-    per-rank files.
+    per-rank files: ``own_file`` (name, payload), which this rank writes beside its shard and
+    the manifest lists with the rest (a name of its own on every rank).
+
+    ``may_commit`` is asked on the coordinator just before the commit: ``False`` fails the
+    save on every rank, with nothing committed (a save overtaken by an emergency save).
     """
     writer = StoreWriter(
-        store, step, epoch=epoch, kind=kind, resumed_from=resumed_from, extra=extra
-    )
+        store, step, epoch=epoch, kind=kind, resumed_from=resumed_from, extra=extra,
+        own_file=own_file, may_commit=may_commit,
+    )  # fmt: skip
     alone = not _distributed()
     state_dict = unwrap_stateful(state_dict)
     if not alone:  # the same ConfigError on every rank, before anything is written

@@ -9,6 +9,9 @@ all ranks upload at once; the coordinator then puts DCP's metadata and commits t
 
 The (name, size, SHA-256) of each rank's file travels to the coordinator inside the
 ``WriteResult`` list that DCP already gathers for :meth:`finish`: no collective of our own.
+So does a rank's *own file* (``own_file``: what differs per rank and must not be resharded,
+its RNG states): written beside its shard, listed in the same manifest, left out of DCP's
+metadata. A save where any rank failed commits none of them.
 The metadata written is DCP's own, byte for byte what ``FileSystemWriter`` would write (plain
 ``_StorageInfo`` entries), so a checkpoint downloaded into a folder, with ``dcp-<id>.metadata``
 renamed ``.metadata``, is an ordinary DCP checkpoint (``dcp_to_torch_save`` reads it).
@@ -25,6 +28,7 @@ import dataclasses
 import io
 import pickle
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -35,16 +39,16 @@ from torch.distributed.checkpoint.filesystem import (
     _StorageInfo,
     _StoragePrefix,
 )
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from spotguard.errors import UnloadableCheckpoint
+from spotguard.errors import CheckpointError, UnloadableCheckpoint
 from spotguard.trainer_hooks.manifest import FileEntry, Manifest, step_dir
 
 if TYPE_CHECKING:
-    from spotguard.trainer_hooks.store import CheckpointStore
+    from spotguard.trainer_hooks.store import CheckpointStore, Payload
 
 __all__ = ["StoreWriter", "metadata_name"]
 
@@ -72,6 +76,15 @@ class _Written:
     the store's record of the whole file it lies in (so the manifest can list it)."""
 
     info: _StorageInfo
+    file: str
+    entry: FileEntry
+
+
+@dataclass(frozen=True)
+class _OwnFile:
+    """A rank's own file (not part of DCP's state): listed in the manifest, not in the
+    metadata."""
+
     file: str
     entry: FileEntry
 
@@ -122,10 +135,16 @@ class StoreWriter(StorageWriter):
         kind: str = "periodic",
         resumed_from: int | None = None,
         extra: dict[str, Any] | None = None,
+        own_file: tuple[str, Payload] | None = None,
+        may_commit: Callable[[], bool] | None = None,
     ) -> None:
+        """``own_file``: (name, payload) this rank writes beside its shard (its RNG states);
+        ``may_commit``: asked on the coordinator right before the commit; ``False`` fails the
+        save on every rank instead (an emergency took over from this save)."""
         super().__init__()
         self.store, self.step = store, step
         self.epoch, self.kind, self.resumed_from, self.extra = epoch, kind, resumed_from, extra
+        self.own_file, self.may_commit = own_file, may_commit
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self._tag = ""  # the coordinator's save id in file names, from prepare_global_plan
@@ -170,10 +189,19 @@ class StoreWriter(StorageWriter):
 
         Synchronous: DCP waits for the future at once, and the upload already runs its parts
         in parallel. A rank with nothing to write (replicated state deduplicated to another
-        rank) writes no file at all, so the manifest never lists an empty shard.
+        rank) writes no shard file, so the manifest never lists an empty shard; its own file
+        (if any) it always writes.
         """
-        if not plan.items:
-            return _done([])
+        results = self._write_shard(plan, planner) if plan.items else []
+        if self.own_file is not None:
+            name, payload = self.own_file
+            entry = self.store.put(self.step, name, payload)
+            results.append(
+                WriteResult(MetadataIndex(name), entry.size, storage_data=_OwnFile(name, entry))
+            )
+        return _done(results)
+
+    def _write_shard(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         prefix: _StoragePrefix = plan.storage_data
         name = f"{prefix.prefix}0{DEFAULT_SUFFIX}"
         placed: list[tuple[Any, int, int]] = []  # (index, offset, length)
@@ -204,16 +232,14 @@ class StoreWriter(StorageWriter):
 
         size_hint = sum(_nbytes(item) for item in items) + 4096 * len(items)
         entry = self.store.put(self.step, name, produce, size_hint=size_hint)
-        return _done(
-            [
-                WriteResult(
-                    index=index,
-                    size_in_bytes=length,
-                    storage_data=_Written(_StorageInfo(name, offset, length), name, entry),
-                )
-                for index, offset, length in placed
-            ]
-        )
+        return [
+            WriteResult(
+                index=index,
+                size_in_bytes=length,
+                storage_data=_Written(_StorageInfo(name, offset, length), name, entry),
+            )
+            for index, offset, length in placed
+        ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator, after every rank wrote: put DCP's metadata, then commit the
@@ -224,6 +250,11 @@ class StoreWriter(StorageWriter):
         for rank_results in results:
             for result in rank_results:
                 written = result.storage_data
+                if isinstance(written, _OwnFile):
+                    if written.file in files:  # one rank's file would replace another's
+                        raise CheckpointError(f"two ranks wrote their own file {written.file}")
+                    files[written.file] = written.entry
+                    continue
                 if not isinstance(written, _Written):
                     raise TypeError(f"a rank wrote {type(written).__name__}, not a store file")
                 storage[result.index] = written.info
@@ -233,6 +264,8 @@ class StoreWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         name = f"dcp-{self._tag}{METADATA_SUFFIX}"
         files[name] = self.store.put(self.step, name, pickle.dumps(metadata))
+        if self.may_commit is not None and not self.may_commit():
+            raise CheckpointError(f"step {self.step}: save abandoned before its commit")
         self.manifest = self.store.commit(
             self.step,
             files,

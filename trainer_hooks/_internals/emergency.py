@@ -5,7 +5,9 @@ Called at the same step on every rank; every decision below is agreed on by all 
 for an in-flight periodic save while that leaves time (a finished one is committed, unpruned, as
 the fallback), estimates from the measured throughput whether the emergency save fits in what
 is left before the deadline (assuming a conservative speed before the first save is measured),
-and only then saves; with no checkpoint at all to fall back on it tries anyway.
+and only then saves; with no checkpoint at all to fall back on it tries anyway. A sharded save
+is estimated per rank from its own shards and speed, and every rank saves its shards at the
+same step (one DCP save: it commits for all or for none).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from spotguard.trainer_hooks._internals.ranks import Ranks
 from spotguard.trainer_hooks._internals.saver import Saver
+from spotguard.trainer_hooks._internals.sharded import ShardedSave
 from spotguard.trainer_hooks._internals.snapshot import tree_nbytes
 from spotguard.trainer_hooks._internals.stops import StopIntake
 from spotguard.trainer_hooks.manifest import FileEntry
@@ -73,7 +76,9 @@ def emergency_save(
                   "checkpoint (step %s)", step, saver.last_committed_step)  # fmt: skip
         return False
     tree = tree_fn()
-    estimate = tree_nbytes(tree) / (saver.throughput or UNMEASURED_BYTES_PER_SECOND)
+    # Sharded: this rank's own shards at its own measured speed; the verdict is agreed below.
+    size = tree.nbytes if isinstance(tree, ShardedSave) else tree_nbytes(tree)
+    estimate = size / (saver.throughput or UNMEASURED_BYTES_PER_SECOND)
     # Both agreed: after a failed commit only rank 0 knows there is nothing to fall back on.
     too_slow, nothing_older = ranks.any(estimate > left, saver.last_committed_step is None)
     if too_slow and not nothing_older:
@@ -91,6 +96,11 @@ def emergency_save(
 
 
 def _put_and_commit(saver: Saver, ranks: Ranks, step: int, epoch: int, tree: Any) -> bool:
+    if isinstance(tree, ShardedSave):  # one DCP save, on the training thread's own group
+        committed = saver.save_sharded(step, epoch, "emergency", tree, ranks.cpu_group())
+        if not committed:
+            log.error("emergency checkpoint of step %d not committed: %s", step, saver.failure)
+        return committed
     try:
         entry: FileEntry | None = saver.put(step, tree)
     except Exception as exc:

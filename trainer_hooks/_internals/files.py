@@ -10,11 +10,16 @@ streams, saved by each rank and restored by each rank from its own file. The fro
 what the whole state is (``SpotGuard``: ``{"state": {name: state_dict}}``; ``SpotCheckpoint``:
 Lightning's own checkpoint dict, which Lightning can still load with ``ckpt_path``); the
 ``__spotguard__`` entry is the same for both.
+
+That is format ``torch``. In format ``dcp`` (sharded state, :mod:`.sharded`) every rank writes
+its shards and its own ``rank-<k>.pt`` (rank 0's too); :func:`load_newest` resumes from the
+newest checkpoint of either format when the front end passes it a sharded loader.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from spotguard.errors import (
@@ -27,7 +32,15 @@ from spotguard.trainer_hooks._internals.ranks import Ranks
 from spotguard.trainer_hooks.manifest import Manifest
 from spotguard.trainer_hooks.store import CheckpointStore
 
-__all__ = ["META_KEY", "WHOLE_STATE_FILE", "Restored", "load_newest", "meta", "rank_file"]
+__all__ = [
+    "META_KEY",
+    "WHOLE_STATE_FILE",
+    "Restored",
+    "ShardedLoad",
+    "load_newest",
+    "meta",
+    "rank_file",
+]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
@@ -47,16 +60,31 @@ def meta(step: int, epoch: int) -> dict[str, Any]:
 
 
 class Restored:
-    """The newest verified checkpoint as one rank sees it: the whole state and its own meta."""
+    """The newest verified checkpoint as one rank sees it: the whole state (``None`` for a
+    sharded checkpoint, already loaded into the live state) and its own meta."""
 
     def __init__(self, manifest: Manifest, whole: Any, own_meta: dict[str, Any]) -> None:
         self.manifest, self.whole, self.meta = manifest, whole, own_meta
 
 
+#: Loads the sharded checkpoint of a step on every rank (a collective), never raising: what
+#: it restored, or (file, reason) for a file that failed verification (``""``: one of its
+#: shards), or another reason (see :func:`.sharded.load_sharded_step`).
+ShardedLoad = Callable[[int], tuple[Restored | None, tuple[str, str] | None, str | None]]
+
+
 def load_newest(
-    store: CheckpointStore, ranks: Ranks, *, allow_fresh_start: bool = False
+    store: CheckpointStore,
+    ranks: Ranks,
+    *,
+    allow_fresh_start: bool = False,
+    sharded: ShardedLoad | None = None,
 ) -> Restored | None:
     """Load the checkpoint every rank resumes from; ``None`` when the store holds none.
+
+    With ``sharded``, the newest checkpoint may be of either format (``torch``: whole-state
+    files, at the same world size; ``dcp``: loaded by ``sharded``, at any world size); without
+    it a ``dcp`` one raises :class:`UnloadableCheckpoint`.
 
     Rank 0 proposes the newest that verifies for it (quarantining what fails on the way down)
     and the others load exactly that step: ranks never resume from different checkpoints,
@@ -70,10 +98,13 @@ def load_newest(
     ``allow_fresh_start`` (then the log says so and all start from 0).
     """
     while True:
-        step, found = _proposed(store, ranks, allow_fresh_start)
+        step, layout, found = _proposed(store, ranks, allow_fresh_start, sharded is not None)
         if step is None:
             return None
-        restored, corrupt, other = _load_step(store, ranks, step, found)
+        if layout == "dcp" and sharded is not None:
+            restored, corrupt, other = sharded(step)
+        else:
+            restored, corrupt, other = _load_step(store, ranks, step, found)
         problems = ranks.gather((corrupt, other))
         unloadable = "; ".join(f"rank {k}: {why}" for k, (_, why) in enumerate(problems) if why)
         if unloadable:
@@ -96,14 +127,23 @@ def _confirm(
     broken: list[tuple[int, str, str]],
 ) -> tuple[bool, str]:
     """Rank 0's verdict on files other ranks could not verify: read back from the store, bad
-    bytes quarantine the checkpoint (``True``); good bytes mean a fault on that node."""
+    bytes quarantine the checkpoint (``True``); good bytes mean a fault on that node. A file
+    named ``""`` is one of a sharded checkpoint's (DCP names it in the reason only): every
+    file of the checkpoint is read back then."""
     if found is None:  # rank 0 proposed this step: it has loaded its manifest
         return False, "rank 0 has no manifest to check the other ranks' files against"
     manifest = found[0]
+    checked: set[str] = set()
     try:
         for rank, name, why in broken:
+            if name in checked:
+                continue
+            checked.add(name)
             try:
-                store.read_back_payload(step, name, manifest.files[name])
+                if name:
+                    store.read_back_payload(step, name, manifest.files[name])
+                else:
+                    _read_back_all(store, step)
             except CorruptCheckpoint:
                 reason = f"rank {rank}: {why}"
                 store.quarantine(step, reason)
@@ -116,24 +156,54 @@ def _confirm(
         return False, f"rank 0 could not check the other ranks' report: {exc}"
 
 
+def _read_back_all(store: CheckpointStore, step: int) -> None:
+    """Every file of checkpoint ``step`` read back: :class:`CorruptCheckpoint` for the first
+    that does not match its manifest."""
+    for result in store.verify(step):
+        if not result.ok:
+            raise CorruptCheckpoint(f"{store.uri}: step {step}: {result.problem}")
+
+
+def _newest(store: CheckpointStore, sharded: bool) -> tuple[Manifest, Any] | None:
+    """Rank 0's candidate: the newest committed checkpoint, its whole state loaded (format
+    ``torch``: :meth:`CheckpointStore.resume`, which quarantines what fails on the way down)
+    or not (format ``dcp``, with ``sharded``: every rank loads its part)."""
+    if not sharded:
+        return store.resume(WHOLE_STATE_FILE)
+    while True:
+        newest = store.latest()
+        if newest is not None and newest.format == "dcp":
+            return newest, None
+        try:
+            return store.resume(WHOLE_STATE_FILE)
+        except UnloadableCheckpoint:
+            # resume quarantined whole-state checkpoints down to a sharded one: take that one
+            below = store.latest()
+            if below is None or below.format != "dcp":
+                raise
+
+
 def _proposed(
-    store: CheckpointStore, ranks: Ranks, allow_fresh_start: bool
-) -> tuple[int | None, tuple[Manifest, Any] | None]:
-    """Rank 0's newest verified step, told to every rank (or its error, raised on all), and
-    on rank 0 what it loaded on the way."""
+    store: CheckpointStore, ranks: Ranks, allow_fresh_start: bool, sharded: bool
+) -> tuple[int | None, str | None, tuple[Manifest, Any] | None]:
+    """Rank 0's newest verified step and its format, told to every rank (or its error,
+    raised on all), and on rank 0 what it loaded on the way."""
     step: int | None = None
+    layout: str | None = None
     found: tuple[Manifest, Any] | None = None
     problem: Exception | None = None
     if ranks.rank == 0:
         try:
-            found = store.resume(WHOLE_STATE_FILE)
-            if found is not None and found[0].world_size != ranks.world:
+            found = _newest(store, sharded)
+            whole = found is not None and found[0].format == "torch"  # dcp: any world size
+            if found is not None and whole and found[0].world_size != ranks.world:
                 raise UnloadableCheckpoint(
                     f"{store.uri}: checkpoint {found[0].step} was written by "
                     f"{found[0].world_size} rank(s), this run has {ranks.world}: whole-state "
                     "checkpoints resume at the same world size"
                 )
-            step = found[0].step if found is not None else None
+            if found is not None:
+                step, layout = found[0].step, found[0].format
         except ResumeRefused as exc:
             if not allow_fresh_start:
                 problem = exc
@@ -141,12 +211,12 @@ def _proposed(
                 log.error("starting from step 0 (allow_fresh_start=True) although %s", exc)
         except Exception as exc:  # raised below, after the others heard of it
             problem = exc
-    step, message = ranks.gather((step, str(problem) if problem else None))[0]
+    step, layout, message = ranks.gather((step, layout, str(problem) if problem else None))[0]
     if message is not None:
         if problem is not None:
             raise problem
         raise ResumeRefused(f"rank 0 could not resume: {message}")
-    return step, found
+    return step, layout, found
 
 
 def _load_step(

@@ -98,6 +98,23 @@ class Ranks:
             return self._group, None
         return None, torch.device("cuda", torch.cuda.current_device())
 
+    def cpu_group(self) -> Any:
+        """The group for the training thread's own collectives off the step boundary's flags
+        (a sharded save or load in the foreground): the agreements' gloo group with several
+        ranks, else ``None`` (the default group, if any)."""
+        return self._agreement_group()[0] if self.active else None
+
+    def new_save_group(self) -> Any:
+        """A gloo group for the background saves' collectives (a collective: every rank
+        alike), so that no other thread ever issues collectives on the training's groups; its
+        timeout is the job's (a peer lost mid-save ends the save, not the process). ``None``
+        without ``torch.distributed``."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.new_group(backend="gloo", timeout=_job_timeout())
+
     # -- collectives ----------------------------------------------------------------------
 
     def any(self, *flags: bool) -> tuple[bool, ...]:

@@ -17,6 +17,14 @@ and, once every rank is done, rank 0 commits the manifest with the entries gathe
 the commit is a collective, run at a step boundary on every rank alike. With one rank the
 upload thread commits itself. Either way the pending commit has one lock: the emergency path
 and the upload thread never both commit it.
+
+A sharded (``dcp``) save is a :class:`~.sharded.ShardedSave` job instead of a tree: staged
+into reused CPU buffers at the boundary, then saved *and committed* by one DCP save in which
+every rank takes part (:func:`~.dcp_store.save_sharded`), so nothing is left pending for the
+boundary. Periodic ones run their collectives on a gloo group of their own
+(:meth:`Saver.use_sharded`), never on a group the training thread uses; emergency and final
+saves run in the training thread on the agreements' group. DCP raises a failure of any rank
+on every rank, and it is kept like any other.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ from typing import Any
 import torch
 
 from spotguard.errors import UploadFailed
+from spotguard.trainer_hooks._internals.dcp_store import save_sharded
 from spotguard.trainer_hooks._internals.files import rank_file
 from spotguard.trainer_hooks._internals.ranks import Ranks
+from spotguard.trainer_hooks._internals.sharded import ShardedSave, ShardedStager
 from spotguard.trainer_hooks._internals.snapshot import (
     NoRoomForCopy,
     Snapshotter,
@@ -64,6 +74,9 @@ class Saver:
         self.store = store
         self.ranks = ranks
         self._snapshots = Snapshotter(available)
+        self._stager = ShardedStager(available)
+        #: The background sharded saves' own process group (:meth:`use_sharded`).
+        self._save_group: Any = None
         self._worker: threading.Thread | None = None
         #: Guards taking ``pending``: the upload thread and the main thread never both commit
         #: it. Never held across I/O (the emergency path must not wait behind a slow store).
@@ -87,6 +100,10 @@ class Saver:
         self.last_committed_step: int | None = None
         #: The step this run resumed from, recorded in every manifest it commits.
         self.resumed_from: int | None = None
+
+    def use_sharded(self) -> None:
+        """Make the background sharded saves' process group (a collective: every rank)."""
+        self._save_group = self.ranks.new_save_group()
 
     @property
     def my_file(self) -> str:
@@ -133,7 +150,10 @@ class Saver:
         self._last_save_step, self._last_save_time = step, started
         self.deferred = False
         try:
-            snapshot = self._snapshots.copy(tree)
+            if isinstance(tree, ShardedSave):
+                snapshot: Any = self._stager.stage(tree)
+            else:
+                snapshot = self._snapshots.copy(tree)
         except NoRoomForCopy as exc:
             log.warning("%s: saving step %d in the foreground instead", exc, step)
             self._put_then_commit(step, epoch, tree)
@@ -153,7 +173,12 @@ class Saver:
 
     def _put_then_commit(self, step: int, epoch: int, snapshot: Any) -> None:
         """Put this rank's file, then commit it (one rank) or leave it pending for the next
-        boundary's collective commit; a failure is kept for the next boundary."""
+        boundary's collective commit; a failure is kept for the next boundary. A sharded job
+        is saved and committed at once, on the background saves' group (the same group
+        wherever a rank runs it: every rank's saves start in the same order)."""
+        if isinstance(snapshot, ShardedSave):
+            self.save_sharded(step, epoch, "periodic", snapshot, self._save_group, periodic=True)
+            return
         try:
             entry = self.put(step, snapshot, read_back=not self._read_back_once)
             self._read_back_once = True
@@ -180,11 +205,58 @@ class Saver:
             lambda handle: torch.save(tree, handle),
             size_hint=tree_nbytes(tree),
         )
-        rate = entry.size / max(time.monotonic() - started, 1e-6)
-        self.throughput = rate if self.throughput is None else 0.5 * (self.throughput + rate)
+        self._measure(entry.size, started)
         if read_back:
             self.store.read_back_payload(step, self.my_file, entry)
         return entry
+
+    def _measure(self, size: int, started: float) -> None:
+        rate = size / max(time.monotonic() - started, 1e-6)
+        self.throughput = rate if self.throughput is None else 0.5 * (self.throughput + rate)
+
+    def save_sharded(
+        self,
+        step: int,
+        epoch: int,
+        kind: str,
+        job: ShardedSave,
+        group: Any,
+        *,
+        periodic: bool = False,
+    ) -> bool:
+        """Save and commit ``job`` on every rank of ``group`` (a collective); measures this
+        rank's throughput. A failure (of any rank: DCP raises it on all) is kept for the next
+        boundary, not raised: ``True`` when committed. A ``periodic`` save that the emergency
+        path abandoned meanwhile is not committed (its coordinator asks before committing)."""
+        started = time.monotonic()
+        try:
+            manifest = save_sharded(
+                self.store, step, job.state_dict, process_group=group, epoch=epoch, kind=kind,
+                resumed_from=self.resumed_from, own_file=job.own_file(),
+                may_commit=(lambda: not self._abandoned) if periodic else None,
+            )  # fmt: skip
+        except BaseException as exc:  # the upload thread keeps even an interruption
+            if not periodic and not isinstance(exc, Exception):
+                raise
+            if periodic and self._abandoned:
+                log.warning("the sharded save of step %d was abandoned for the emergency: "
+                            "not committed (%s)", step, exc)  # fmt: skip
+                return False
+            self._fail(step, f"{kind} sharded save", exc)
+            return False
+        self._measure(job.nbytes, started)
+        with self._lock:
+            self.last_committed_step = max(step, self.last_committed_step or step)
+        if self.ranks.rank == 0:
+            log.info("checkpoint %s at step %d committed (dcp, %d bytes)", kind, step,
+                     sum(e.size for e in manifest.files.values()))  # fmt: skip
+        # Not after an emergency save: a periodic save may still be uploading into its folder.
+        if kind != "emergency" and self.settings.keep_last and self.ranks.rank == 0:
+            try:
+                self.store.prune(self.settings.keep_last, newest_verified=step)
+            except Exception as exc:
+                self._fail(step, "retention (prune)", exc)
+        return True
 
     def commit_pending(self, *, prune: bool = True) -> bool:
         """Commit the save whose files every rank has put (collectives with several ranks: call
@@ -252,6 +324,10 @@ class Saver:
         if self.last_committed_step == step:
             return  # e.g. a final save right after a periodic one at the same step
         self._last_save_step = step
+        if isinstance(tree, ShardedSave):  # DCP: every rank fails alike, or none does
+            self.save_sharded(step, epoch, kind, tree, self.ranks.cpu_group())
+            self._agree_and_raise()
+            return
         try:
             entry = self.put(step, tree)
         except Exception as exc:
