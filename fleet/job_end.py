@@ -157,6 +157,7 @@ class JobEnd:
         """Act on one end of the process (systemd's ``$EXIT_CODE``, ``$EXIT_STATUS`` and
         ``$SERVICE_RESULT``); returns what it decided: ``stopped``, ``preempted``,
         ``retrying``, ``finished`` or ``failed``."""
+        started = time.monotonic()  # the budget counts from here: the lookup below is part of it
         if self._system_stopping():
             return "stopped"
         # A result systemd calls a failure is one even when a stop job is queued (OOMPolicy=stop
@@ -167,7 +168,7 @@ class JobEnd:
         counter = self.state_dir / f"failures-{self.job}.json"
         if not failed_result and exit_code == "exited" and exit_status == "0":
             counter.unlink(missing_ok=True)
-            self._end({"state": "finished", "exit": "exited 0"})
+            self._end({"state": "finished", "exit": "exited 0"}, started)
             return "finished"
         preempted = exit_code == "exited" and exit_status == str(EXIT_PREEMPTED)
         if (
@@ -203,7 +204,8 @@ class JobEnd:
                 "failures": failures,
                 "last_error": f"{failures} failures in a row, the last: {ended}",
                 "log_tail": tail.splitlines()[-30:],
-            }
+            },
+            started,
         )
         return "failed"
 
@@ -255,12 +257,12 @@ class JobEnd:
 
     # -- ending the fleet --------------------------------------------------------------------
 
-    def _end(self, status: dict[str, Any]) -> None:
+    def _end(self, status: dict[str, Any], started: float) -> None:
         """Status first (what happened must be visible even if the rest fails), then the
         fleet's capacity to 0, then power off: a failure on the way is recorded and the node
         still goes down, never idles. A fallback power off is armed before anything else, and
         the power off comes in ``finally``: no exception keeps the node up."""
-        deadline = time.monotonic() + self.budget_seconds
+        deadline = started + self.budget_seconds
         _run(
             "systemd-run", "--no-block", "--collect", f"--on-active={FALLBACK_POWEROFF_SECONDS}",
             "--unit", f"spotguard-job-end-poweroff-{self.job}",

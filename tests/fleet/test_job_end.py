@@ -481,7 +481,7 @@ def test_any_exception_on_the_way_still_powers_off(tmp_path, monkeypatch):
 
     monkeypatch.setattr(JobEnd, "_end_fleet", broken)
     with pytest.raises(SpotguardError, match="RuntimeError: something nobody expected"):
-        _policy(tmp_path)._end({"state": "finished"})
+        _policy(tmp_path)._end({"state": "finished"}, time.monotonic())
     assert ran[0][0] == "systemd-run"  # the fallback, armed first
     assert ran[-1] == ("systemctl", "--no-block", "poweroff")
 

@@ -54,7 +54,11 @@ def test_training_unit_wiring():
     assert settings["ExecStopPost"] == ["+/usr/local/bin/spotguard fleet job-end %i"]
     # ... and every start waits until no notice that stops training is active, for as long
     # as a maintenance window lasts; systemd's start limit never ends the restarts itself.
-    assert settings["ExecStartPre"] == ["/usr/local/bin/spotguard fleet wait-clear"]
+    # The GPU's UVM module is loaded as root first: the hardened job may not load modules.
+    assert settings["ExecStartPre"] == [
+        "+/bin/sh -c 'if command -v nvidia-modprobe >/dev/null; then nvidia-modprobe -u -c=0; fi'",
+        "/usr/local/bin/spotguard fleet wait-clear",
+    ]
     assert settings["TimeoutStartSec"] == ["infinity"]
     assert settings["StartLimitIntervalSec"] == ["0"]
     assert settings["StateDirectory"] == ["spotguard"]

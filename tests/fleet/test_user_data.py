@@ -263,14 +263,19 @@ def test_user_data_installs_configures_then_starts_agent_before_training(rendere
         uri, wheel = S3_URI, f"{root}/opt/spotguard/wheels/{sha}/{Path(S3_URI).name}"
     installs = [command for command in commands if PIP in command]
     assert installs, commands
-    assert all(command.split(PIP)[1].strip().startswith(wheel + "[") for command in installs), (
-        f"spotguard installed from something else than the wheel: {installs}"
-    )
+    reinstall = "--force-reinstall --no-deps "
+    assert all(
+        command.split(PIP)[1].strip().removeprefix(reinstall).startswith(wheel)
+        for command in installs
+    ), f"spotguard installed from something else than the wheel: {installs}"
     assert commands == [
         f"aws s3 cp --only-show-errors --region us-east-1 {uri} {wheel}.part",
         f"python3 -m venv {venv}",
         f"{venv}/bin/python {PIP} {wheel}[s3]",  # the agent, and job-end's boto3: no torch
+        # and the wheel itself again: pip keeps an installed spotguard of the same version
+        f"{venv}/bin/python {PIP} --force-reinstall --no-deps {wheel}",
         f"{torch_env} {PIP} {wheel}[s3,lightning]",  # the hooks, beside torch
+        f"{torch_env} {PIP} --force-reinstall --no-deps {wheel}",
         "systemctl daemon-reload",
         "systemctl enable --now spotguard-agent.service",
         # Not waited for: its start is held while a stopping notice is active.

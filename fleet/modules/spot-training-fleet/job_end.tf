@@ -18,10 +18,13 @@ resource "aws_iam_role_policy" "job_end" {
       {
         # Only this fleet: its ARN, known once it exists (so this policy follows the fleet;
         # job-end retries while IAM catches up).
-        Sid      = "EndThisFleet"
-        Effect   = "Allow"
-        Action   = ["ec2:ModifyFleet"]
-        Resource = aws_ec2_fleet.training.arn
+        Sid    = "EndThisFleet"
+        Effect = "Allow"
+        Action = ["ec2:ModifyFleet"]
+        # The fleet, and its launch template: EC2 may authorize a fleet action against the
+        # template it launches from too (CreateFleet does: karpenter#2813). Both are this
+        # module's own; the node sends no LaunchTemplateConfigs, so it can change neither.
+        Resource = [aws_ec2_fleet.training.arn, aws_launch_template.nodes.arn]
       },
       {
         # The node finds its fleet from its own aws:ec2:fleet-id tag. DescribeTags has no

@@ -5,7 +5,10 @@ data "aws_region" "current" {}
 data "aws_ami" "selected" {
   count       = var.ami_id == null ? 1 : 0
   most_recent = true
-  owners      = var.ami_owners
+  # The AMI found stays in use (terraform_data.ami): once AWS deprecates it, the lookup must
+  # still answer, or every plan (pause, drift check, destroy) would fail with no results.
+  include_deprecated = true
+  owners             = var.ami_owners
 
   filter {
     name   = "name"
@@ -31,6 +34,15 @@ resource "terraform_data" "ami" {
 
   lifecycle {
     ignore_changes = [input]
+  }
+}
+
+# Listed types with different GPU memory: allowed (a job sized for the smallest runs on all),
+# but a job sized for the largest runs out of memory on the others, three times, and ends.
+check "instance_types_share_gpu_memory" {
+  assert {
+    condition     = length(distinct(values(local.gpu_memory))) <= 1
+    error_message = "instance_types differ in GPU memory (${join(", ", [for type, mib in local.gpu_memory : "${type}: ${mib} MiB"])}): a job sized for the largest runs out of memory on the smallest. List types with equal GPU memory unless the job fits the smallest."
   }
 }
 
@@ -63,6 +75,11 @@ locals {
   gpu_count = {
     for type in values(data.aws_ec2_instance_type.listed) :
     type.instance_type => sum(concat([0], [for gpu in type.gpus : gpu.count]))
+  }
+  # Memory of one GPU (MiB) per listed type: the smallest of its GPUs.
+  gpu_memory = {
+    for type in values(data.aws_ec2_instance_type.listed) :
+    type.instance_type => min([for gpu in type.gpus : gpu.memory_size]...) if length(type.gpus) > 0
   }
 
   # The agent needs no extras; the trainer hooks get them in the training environment.
@@ -153,12 +170,14 @@ resource "aws_launch_template" "nodes" {
   image_id               = var.ami_id != null ? var.ami_id : terraform_data.ami[0].output
   key_name               = var.key_name
   update_default_version = true
-  # No instance_initiated_shutdown_behavior: an EC2 Fleet's spot instances come from one-time
-  # requests, which cannot stop, so a node that powers itself off terminates; and AWS refuses
-  # the field in launch templates of some services (Auto Scaling), a risk for no gain.
-  user_data              = base64encode(local.user_data)
-  vpc_security_group_ids = concat([aws_security_group.nodes.id], var.additional_security_group_ids)
-  ebs_optimized          = true
+  # A node that powers itself off (job-end, a failed set-up) must go away, not stop: spot
+  # instances of one-time requests terminate anyway, but an on-demand node (on-demand base
+  # capacity) would stop by default, and a stopped instance keeps its volumes billed and is
+  # not replaced by the fleet. (AWS ParallelCluster sets the same in its fleets' templates.)
+  instance_initiated_shutdown_behavior = "terminate"
+  user_data                            = base64encode(local.user_data)
+  vpc_security_group_ids               = concat([aws_security_group.nodes.id], var.additional_security_group_ids)
+  ebs_optimized                        = true
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.nodes.arn
@@ -350,7 +369,7 @@ resource "aws_ec2_fleet" "training" {
     }
     postcondition {
       condition     = coalesce(self.target_capacity_specification[0].on_demand_target_capacity, 0) == var.on_demand_base_capacity
-      error_message = "on_demand_base_capacity is fixed when the fleet is created: EC2 Fleet cannot change its spot/on-demand split in place. Set it back to ${coalesce(self.target_capacity_specification[0].on_demand_target_capacity, 0)}, or replace the fleet on purpose (terraform apply -replace=<address of aws_ec2_fleet.training>), which terminates its instances."
+      error_message = "on_demand_base_capacity is fixed when the fleet is created: EC2 Fleet cannot change its spot/on-demand split in place. Set it back to ${coalesce(self.target_capacity_specification[0].on_demand_target_capacity, 0)}, or replace the fleet on purpose (terraform apply -replace=<address of aws_ec2_fleet.training>), which terminates its instances. A fleet whose job ended (spotguard fleet job-end set every capacity to 0) needs the replacement to run again with an on-demand base: target_capacity alone would restart it on spot."
     }
   }
 

@@ -275,8 +275,8 @@ variable "spotguard_wheel_s3_uri" {
   default     = null
 
   validation {
-    condition     = var.spotguard_wheel_s3_uri == null ? true : can(regex("^s3://[a-z0-9.-]{3,63}/.+\\.whl$", var.spotguard_wheel_s3_uri))
-    error_message = "spotguard_wheel_s3_uri must look like s3://bucket/path/spotguard-0.1.0-py3-none-any.whl."
+    condition     = var.spotguard_wheel_s3_uri == null ? true : can(regex("^s3://[a-z0-9.-]{3,63}/([^/]+/)*spotguard-[0-9][^-/]*-py3-none-any\\.whl$", var.spotguard_wheel_s3_uri))
+    error_message = "spotguard_wheel_s3_uri must look like s3://bucket/path/spotguard-0.1.0-py3-none-any.whl (pip installs a wheel only under its own file name, as `spotguard fleet package` writes it)."
   }
 }
 

@@ -24,6 +24,11 @@ resource "aws_s3_object" "spotguard_wheel" {
   tags         = local.tags
 
   lifecycle {
+    # A new wheel is a new key (a replacement): upload it first, switch the launch template
+    # and the fleet to it, and only then delete the old one, which a node launched from the
+    # old template version may still be downloading.
+    create_before_destroy = true
+
     precondition {
       condition     = var.checkpoint_prefix != "spotguard" && !startswith(var.checkpoint_prefix, "spotguard/")
       error_message = "checkpoint_prefix must not be spotguard or lie under spotguard/: the nodes may write there, and that prefix holds the wheel they install."
@@ -33,8 +38,11 @@ resource "aws_s3_object" "spotguard_wheel" {
   depends_on = [aws_s3_bucket.checkpoints, aws_s3_bucket_server_side_encryption_configuration.checkpoints]
 }
 
-# Read access to that one object, in a policy of its own: the nodes' main policy must not
-# depend on the upload.
+# Read access to the uploaded wheels, in a policy of its own: the nodes' main policy must not
+# depend on the upload. All of spotguard/wheels/, not the one key: while an apply replaces the
+# wheel, a node booting from the previous launch template version still needs the previous
+# wheel (each node installs only the file whose SHA-256 its user data names, so reading the
+# others gives it nothing it would run).
 resource "aws_iam_role_policy" "spotguard_wheel" {
   count = local.wheel_from_path ? 1 : 0
   name  = "spotguard-wheel"
@@ -46,7 +54,7 @@ resource "aws_iam_role_policy" "spotguard_wheel" {
         Sid      = "ReadTheSpotguardWheel"
         Effect   = "Allow"
         Action   = ["s3:GetObject"]
-        Resource = "${local.bucket_arn}/${local.wheel_key}"
+        Resource = "${local.bucket_arn}/spotguard/wheels/*"
       },
     ]
   })

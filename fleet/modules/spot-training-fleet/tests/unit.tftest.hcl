@@ -37,6 +37,9 @@ mock_provider "aws" {
   mock_resource "aws_ec2_fleet" {
     defaults = { arn = "arn:aws:ec2:us-east-1:123456789012:fleet/fleet-unit" }
   }
+  mock_resource "aws_launch_template" {
+    defaults = { arn = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-unit" }
+  }
 }
 
 variables {
@@ -728,6 +731,22 @@ run "instance_types_mixing_gpu_counts_when_the_job_allows_it" {
   }
 }
 
+run "instance_types_mixing_gpu_memory_warn" {
+  command = plan
+  variables {
+    instance_types = ["g5.12xlarge", "g6e.12xlarge"]
+  }
+  override_data {
+    target = data.aws_ec2_instance_type.listed["g5.12xlarge"]
+    values = { gpus = [{ count = 4, manufacturer = "NVIDIA", memory_size = 22888, name = "A10G" }] }
+  }
+  override_data {
+    target = data.aws_ec2_instance_type.listed["g6e.12xlarge"]
+    values = { gpus = [{ count = 4, manufacturer = "NVIDIA", memory_size = 45776, name = "L40S" }] }
+  }
+  expect_failures = [check.instance_types_share_gpu_memory]
+}
+
 run "instance_type_without_gpus" {
   command = plan
   variables {
@@ -857,8 +876,8 @@ run "wheel_uploaded_content_addressed_and_readable_by_the_nodes_only" {
     error_message = "A changed wheel is uploaded again (source_hash)."
   }
   assert {
-    condition     = jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Action == ["s3:GetObject"] && jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl"
-    error_message = "The nodes may read exactly that object."
+    condition     = jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Action == ["s3:GetObject"] && jsondecode(aws_iam_role_policy.spotguard_wheel[0].policy).Statement[0].Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/wheels/*"
+    error_message = "The nodes may read the uploaded wheels (they install only the one whose SHA-256 they are given), and nothing else there."
   }
   assert {
     condition     = output.spotguard_wheel_uri == "s3://unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl"
@@ -905,8 +924,8 @@ run "job_end_may_modify_only_this_fleet" {
   command = apply
 
   assert {
-    condition     = one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Resource == aws_ec2_fleet.training.arn && one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Action == ["ec2:ModifyFleet"]
-    error_message = "ModifyFleet is allowed on this fleet's ARN alone."
+    condition     = one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Resource == ["arn:aws:ec2:us-east-1:123456789012:fleet/fleet-unit", "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-unit"] && one([for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s if s.Sid == "EndThisFleet"]).Action == ["ec2:ModifyFleet"]
+    error_message = "ModifyFleet is allowed on this fleet and its launch template alone."
   }
   assert {
     condition     = one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/status/unit.json" && one(jsondecode(aws_iam_role_policy.job_status.policy).Statement).Action == ["s3:GetObject", "s3:PutObject"]
