@@ -27,7 +27,11 @@ uninterrupted run (its resumed iterator draws from its generator once more), so 
 runs across epochs need this loader.
 
 Under ``torch.distributed`` it shards itself the way ``DistributedSampler`` does (each rank
-every world-size-th sample of the epoch's order). With Lightning's DDP, pass
+every world-size-th sample of the epoch's order). Its state records the world size: after
+``B`` batches of ``b`` samples on each of ``W`` ranks, the first ``B * b * W`` samples of the
+epoch's order are consumed (the ranks' batches interleave), so a resume at another world size
+shares out the rest of that epoch over the new ranks (padded by wrapping as above): across
+the resume no sample of the epoch is seen twice or skipped. With Lightning's DDP, pass
 ``Trainer(use_distributed_sampler=False)``: Lightning would otherwise try to rebuild the
 loader around a ``DistributedSampler`` of its own.
 """
@@ -127,6 +131,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
         self.start_batch = 0
+        #: Samples of this epoch's order consumed before the sharding (a resume at another
+        #: world size); the rest is sharded over the ranks of now.
+        self.start_sample = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Move to ``epoch`` (the loader does this itself at the start of each epoch)."""
@@ -143,7 +150,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def _shard_length(self) -> int:
         _, world = self._replicas()
-        return -(-self.length // world)  # every rank gets as many samples (padded by wrapping)
+        left = max(self.length - self.start_sample, 0)
+        return -(-left // world)  # every rank gets as many samples (padded by wrapping)
+
+    def position(self, start_sample: int, batches: int, world: int) -> tuple[int, int]:
+        """(start_sample, batches) in this epoch at the world size of now, for a position
+        saved at ``world`` ranks: the same at the same world size; at another, the samples
+        consumed by all ranks (``batches`` each, interleaved) become the start of the order."""
+        if world == self._replicas()[1]:
+            return start_sample, batches
+        return min(start_sample + batches * self.batch_size * world, self.length), 0
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -156,13 +172,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
+        order = order[self.start_sample :]
         rank, world = self._replicas()
-        if world > 1:  # like DistributedSampler: pad by wrapping, then every world-th index
+        if world > 1 and order:  # like DistributedSampler: pad by wrapping, every world-th
             order = (order * world)[: self._shard_length() * world][rank::world]
         start, self.start_batch = self.start_batch, 0
+        # The seeds of a batch: by its place in the epoch (of a resharded rest, its own).
+        place = (self.start_sample,) if self.start_sample else ()
         for batch in range(start, len(self)):
             indices = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield _Batch(indices, _derive(self.seed, rank, self.epoch, batch))
+            yield _Batch(indices, _derive(self.seed, rank, self.epoch, batch, *place))
 
 
 class ResumableDataLoader(DataLoader[Any]):
@@ -198,7 +217,8 @@ class ResumableDataLoader(DataLoader[Any]):
         self._resumable = sampler
         self._generator = generator
         self._epoch = 0  # the epoch the position below belongs to
-        self._consumed = 0  # batches handed to the training loop in that epoch
+        self._start = 0  # samples of its order consumed at another world size (a resume)
+        self._consumed = 0  # batches handed to the training loop in that epoch (after those)
         self._epoch_done = False
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator of batches
@@ -207,9 +227,9 @@ class ResumableDataLoader(DataLoader[Any]):
         if self._epoch_done and sampler.epoch == self._epoch:
             sampler.set_epoch(sampler.epoch + 1)
         if sampler.epoch != self._epoch:
-            self._epoch, self._consumed = sampler.epoch, 0
+            self._epoch, self._start, self._consumed = sampler.epoch, 0, 0
         self._epoch_done = False
-        sampler.start_batch = self._consumed
+        sampler.start_sample, sampler.start_batch = self._start, self._consumed
         rank, _ = sampler._replicas()
         # The workers' base seed, drawn from this at iter(): the same for a resumed epoch.
         self._generator.manual_seed(_derive(sampler.seed, rank, self._epoch))
@@ -223,18 +243,25 @@ class ResumableDataLoader(DataLoader[Any]):
         self._epoch_done = True
 
     def state_dict(self) -> dict[str, int]:
-        """The position; everything random derives from it, the seed and the rank."""
+        """The position (and the world size it counts batches at); everything random derives
+        from it, the seed and the rank."""
         done = self._epoch_done
-        epoch, consumed = (self._epoch + 1, 0) if done else (self._epoch, self._consumed)
+        epoch, start, consumed = (
+            (self._epoch + 1, 0, 0) if done else (self._epoch, self._start, self._consumed)
+        )
         return {
             "epoch": epoch,
             "batches_consumed": consumed,
+            "start_sample": start,
+            "world_size": self._resumable._replicas()[1],
             "seed": self._resumable.seed,
             "worker_seeding": WORKER_SEEDING,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at the saved position; another seed is refused (the order would change)."""
+        """Resume at the saved position, at any world size (a state without one, from an
+        older spotguard, is taken as saved at the world size of now); another seed is refused
+        (the order would change)."""
         if state.get("seed", self._resumable.seed) != self._resumable.seed:
             raise ConfigError(
                 f"checkpoint was taken with loader seed {state['seed']}, this loader has seed "
@@ -246,7 +273,12 @@ class ResumableDataLoader(DataLoader[Any]):
                 "resumes exactly, but random augmentation in the loader's worker processes "
                 "will differ from the run that saved it"
             )
+        sampler = self._resumable
+        world = int(state.get("world_size", sampler._replicas()[1]))
         self._epoch = int(state["epoch"])
-        self._consumed = int(state["batches_consumed"])
-        self._resumable.set_epoch(self._epoch)
+        self._start, self._consumed = sampler.position(
+            int(state.get("start_sample", 0)), int(state["batches_consumed"]), world
+        )
+        sampler.set_epoch(self._epoch)
+        sampler.start_sample = self._start  # len(loader) of the resumed epoch, before iter()
         self._epoch_done = False

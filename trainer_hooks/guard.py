@@ -19,9 +19,11 @@ draws the same random numbers the uninterrupted one would have.
 With FSDP2 or tensor parallelism (DTensor state), every rank saves its own shards
 (``checkpoint_format="dcp"``, chosen by the default ``"auto"``): modules and optimizers through
 torch's ``get_model_state_dict``/``get_optimizer_state_dict`` (an optimizer with the module of
-``state`` that owns its parameters), so a resume may run at another world size; each rank's
-random streams go into a small file of its own. :meth:`restore` loads the newest checkpoint
-whatever its format.
+``state`` that holds all its parameters; one saved before its first step resumes fresh), so a
+resume may run at another world size; the other entries of ``state`` are rank 0's, saved
+whole in rank 0's own file and loaded whole on every rank, as in format ``torch``; each
+rank's random streams go into a small file of its own. :meth:`restore` loads the newest
+checkpoint whatever its format.
 
 Where no agent runs, ``imds_endpoint="http://169.254.169.254"`` makes the process poll IMDS
 itself (spot notice and rebalance recommendation, with the agent's IMDSv2 client).

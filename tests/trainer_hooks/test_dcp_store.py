@@ -28,10 +28,12 @@ from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
 from spotguard.trainer_hooks import CheckpointStore
 from spotguard.trainer_hooks.backends import MemoryBackend
 from spotguard.trainer_hooks.manifest import MANIFEST_NAME, step_dir
+from tests.trainer_hooks.rank_processes import full_tensors, outcome, wait_for_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 STEP, FAILED_STEP, REPLICATED_STEP = 10, 20, 30
 PER_RANK_STEP, TWICE_STEP, CONFLICT_STEP = 40, 50, 60
+BROKEN_STEP, BUFFERS_STEP = 80, 90
 SHARD = re.compile(r"__(\d)_([0-9a-f]{12})_0\.distcp")
 
 
@@ -75,19 +77,6 @@ def _state(model: Any, optim: Any, seed: int) -> dict[str, Any]:
     model_state, optim_state = get_state_dict(model, optim)
     plain = {"table": torch.arange(12.0).reshape(3, 4) * seed, "count": seed, "name": f"s{seed}"}
     return {"model": model_state, "optim": optim_state, "plain": plain}
-
-
-def _full(value: Any) -> Any:
-    """The state with every DTensor gathered (a collective: every rank, the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: _full(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_full(item) for item in value)
-    return value
 
 
 class _CutUpload:
@@ -148,13 +137,37 @@ def _run(op: dict[str, Any], rank: int, out: Path) -> None:
                      **({"only0": 7} if rank == 0 else {})}  # fmt: skip
             full = state
             record["manifest"] = json.loads(save_sharded(store, op["step"], state).to_bytes())
+        elif op["op"] == "save-broken":  # rank 1 could not build its state dict
+            full = {"w": torch.ones(3)}
+            failure = RuntimeError("injected: no state dict") if rank == 1 else None
+            save_sharded(store, op["step"], full, failure=failure)
+        elif op["op"] == "save-buffers":  # FSDP2 and BatchNorm: running stats per rank
+            from torch import nn
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            from spotguard.trainer_hooks._internals.sharded import ShardedSave
+
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+            mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+            fully_shard(model, mesh=mesh)
+            model(torch.randn(5, 4) + rank)  # each rank its own batch: its own statistics
+            plain = {}
+            if op.get("plain_dtensor"):  # not in a module: rank 0's shard alone would be saved
+                plain = {"first": distribute_tensor(torch.ones(4), mesh, [Shard(0)])}
+            job = ShardedSave.of({"model": model, **plain}, {}, rank)
+            full = {}
+            save_sharded(store, op["step"], job.state_dict, buffers=job.buffers,
+                         failure=job.failure)  # fmt: skip
         elif op["op"] == "save-replicated":  # one small tensor: one rank writes it, one none
             full = {"only": torch.arange(4.0)}
             record["manifest"] = json.loads(save_sharded(store, op["step"], full).to_bytes())
         elif op["op"] == "save":
             model, optim = _build(seed=3, train=True)
             state = _state(model, optim, seed=3)
-            full = _full(state)
+            full = full_tensors(state)
             manifest = save_sharded(store, op["step"], state, epoch=2, kind="emergency")
             record["manifest"] = json.loads(manifest.to_bytes())
         else:
@@ -165,7 +178,7 @@ def _run(op: dict[str, Any], rank: int, out: Path) -> None:
             manifest = load_sharded(store, op["step"], state)
             set_state_dict(model, optim, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])  # fmt: skip
-            full = _full(_state(model, optim, seed=0) | {"plain": state["plain"]})
+            full = full_tensors(_state(model, optim, seed=0) | {"plain": state["plain"]})
             record["manifest"] = json.loads(manifest.to_bytes())
         if rank == 0:
             torch.save(full, out / f"{op['tag']}.pt")
@@ -209,20 +222,8 @@ def launch(world: int, ops: list[dict[str, Any]], out: Path, env: dict[str, str]
         subprocess.Popen(command, cwd=REPO, env={**os.environ, **env, "RANK": str(rank)})
         for rank in range(world)
     ]
-    try:
-        codes = [rank.wait(100) for rank in ranks]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank of {world} hung on {[op['tag'] for op in ops]}")
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
+    codes = wait_for_ranks(ranks, ops, 100)
     assert codes == [0] * world
-
-
-def outcome(out: Path, tag: str, world: int) -> list[dict[str, Any]]:
-    return [json.loads((out / f"{tag}-rank{rank}.json").read_text()) for rank in range(world)]
 
 
 def assert_same(saved: Any, loaded: Any, where: str = "") -> None:
@@ -279,6 +280,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]) -> d
          "listing": True},
         {"op": "save", "uri": local, "step": TWICE_STEP, "tag": "again", "listing": True},
         {"op": "save", "uri": taken, "step": CONFLICT_STEP, "tag": "taken"},
+        {"op": "save-broken", "uri": local, "step": BROKEN_STEP, "tag": "broken"},
+        {"op": "save-buffers", "uri": local, "step": BUFFERS_STEP, "tag": "buffers"},
+        {"op": "save-buffers", "uri": local, "step": BUFFERS_STEP, "tag": "plain-dtensor",
+         "plain_dtensor": True},
     ]  # fmt: skip
     launch(2, ops, folder, s3_env)
     return {"out": folder, "local": local, "s3": s3, "env": s3_env, "taken": taken}
@@ -400,6 +405,35 @@ def test_per_rank_values_are_refused_on_every_rank_before_anything_is_written(sa
     assert "only0" not in message
     assert "per-rank files" in message
     assert not (Path(saved["local"]) / step_dir(PER_RANK_STEP)).exists()
+
+
+def test_a_rank_that_could_not_build_its_part_fails_the_save_before_dcp(saved):
+    """The ranks agree that each built its part before DCP's first collective: the failed
+    rank raises its own error, the other one names it; nobody waits in DCP alone."""
+    errors = [r.get("error") for r in outcome(saved["out"], "broken", 2)]
+    assert [e and e["type"] for e in errors] == ["CheckpointError", "RuntimeError"], errors
+    assert errors[0]["message"] == (
+        f"sharded save of step {BROKEN_STEP}: rank 1 failed before saving (RuntimeError: "
+        "injected: no state dict); nothing was written"
+    )
+    assert not (Path(saved["local"]) / step_dir(BROKEN_STEP)).exists()
+
+
+def test_fsdp2_batchnorm_buffers_that_differ_per_rank_are_named_as_such(saved):
+    errors = [r.get("error") for r in outcome(saved["out"], "buffers", 2)]
+    assert [e and e["type"] for e in errors] == ["ConfigError"] * 2, errors
+    message = errors[0]["message"]
+    assert "module buffers 'model.1.running_mean' (rank 0 vs rank 1)" in message
+    assert "FSDP2 shards parameters but does not keep buffers" in message
+    assert "SyncBatchNorm.convert_sync_batchnorm" in message
+    assert not (Path(saved["local"]) / step_dir(BUFFERS_STEP)).exists()
+
+
+def test_a_dtensor_outside_modules_and_optimizers_is_refused_on_every_rank(saved):
+    """Such entries are rank 0's, saved whole: a DTensor there would keep rank 0's shard."""
+    errors = [r.get("error") for r in outcome(saved["out"], "plain-dtensor", 2)]
+    assert [e and e["type"] for e in errors] == ["ConfigError"] * 2, errors
+    assert all("state['first'] holds a DTensor outside a module" in e["message"] for e in errors)
 
 
 def test_two_saves_of_one_step_never_share_a_file(saved):

@@ -7,6 +7,10 @@ save), or only restore. Rank 0 writes the full state (every DTensor gathered) wh
 every rank what happened to it (``<tag>-rank<N>.json``); the tests compare those here. Four
 launches in all (2, 2, 1 and 3 ranks) check every case below, on a local store and on S3
 (the moto server, through a proxy that holds or refuses chosen uploads).
+
+Besides the model and Adam, the state holds plain values: a counter, a dict that grows every
+step and a value that differs per rank. They are rank 0's, saved whole in its own file and
+loaded whole on every rank, at any world size (as in format ``torch``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,10 +34,13 @@ import torch
 from spotguard.errors import ConfigError
 from spotguard.trainer_hooks import CheckpointStore, GuardSettings
 from spotguard.trainer_hooks.manifest import MANIFEST_NAME, QUARANTINE_NAME, step_dir
+from tests.trainer_hooks.rank_processes import full_tensors, outcome, report, wait_for_ranks
 from tests.trainer_hooks.test_dcp_store import SHARD, assert_same, metadata_file, shards
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY, STOP_AFTER = 14, 4, 6
+#: A rank's own file: its random streams (rank 0's: the plain values too), named by the save.
+OWN = re.compile(r"rank-(\d)-[0-9a-f]{12}\.pt")
 #: The stop is agreed without blocking: rank 1's flag of step 6 is read at step 7's boundary.
 EMERGENCY_STEP = STOP_AFTER + 1
 
@@ -56,19 +64,6 @@ def _build(rank: int) -> tuple[Any, Any]:
     return model, optim
 
 
-def _full(value: Any) -> Any:
-    """``value`` with every DTensor gathered (a collective: every rank, the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: _full(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_full(item) for item in value)
-    return value
-
-
 def _dump(model: Any, optim: Any, path: Path) -> None:
     """The full model and optimizer state (FQN keys: the same at any world size), by rank 0."""
     from torch.distributed.checkpoint.state_dict import (
@@ -76,7 +71,7 @@ def _dump(model: Any, optim: Any, path: Path) -> None:
         get_optimizer_state_dict,
     )
 
-    full = _full(
+    full = full_tensors(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
     )
     if torch.distributed.get_rank() == 0:
@@ -87,7 +82,7 @@ def _train(op: dict[str, Any], rank: int, out: Path, record: dict[str, Any]) -> 
     from spotguard.trainer_hooks import SpotGuard
 
     model, optim = _build(rank)
-    state = {"model": model, "optim": optim, "seen": 0}
+    state = {"model": model, "optim": optim, "seen": 0, "losses": {}, "rank": rank}
     with SpotGuard(op["uri"], every_n_steps=EVERY, keep_last=4, **op.get("options", {})) as guard:
         start = guard.restore(state)
         record["start"] = start
@@ -98,6 +93,7 @@ def _train(op: dict[str, Any], rank: int, out: Path, record: dict[str, Any]) -> 
             optim.step()
             optim.zero_grad()
             state["seen"] = done  # a plain value, replicated: restored in the dict
+            state["losses"][str(done)] = done  # a dict that grows: restored whole
             if done in op.get("dump_at", ()):
                 _dump(model, optim, out / f"{op['tag']}-{done}.pt")
             if done == op.get("stop_after") and rank == 1:
@@ -112,7 +108,7 @@ def _train(op: dict[str, Any], rank: int, out: Path, record: dict[str, Any]) -> 
             record["abandoned"] = guard._core.saver.saving  # still in flight at this boundary
             guard.step(done, state)  # the emergency exits here: Preempted, code 75
         guard.finish(STEPS, state)
-    record["seen"] = state["seen"]
+    record["seen"], record["losses"] = state["seen"], len(state["losses"])
     _dump(model, optim, out / f"{op['tag']}-final.pt")
 
 
@@ -129,28 +125,32 @@ def _restore(op: dict[str, Any], rank: int, out: Path, record: dict[str, Any]) -
     from spotguard.trainer_hooks import SpotGuard
 
     model, optim = _build(rank)
-    state = {"model": model, "optim": optim, "seen": -1}
+    state = {"model": model, "optim": optim, "seen": -1, "losses": {}, "rank": -1}
+    if op.get("broken_rank") == rank:  # fails to build its part of the load, before DCP's
+        state["extra"] = _Broken()
     warnings = _Warnings()
     logging.getLogger("spotguard.trainer_hooks").addHandler(warnings)
     with SpotGuard(op["uri"], **op.get("options", {})) as guard:
         record["start"] = guard.restore(state)
-    record["seen"] = state["seen"]
+    record["seen"], record["losses"], record["rank"] = (
+        state["seen"],
+        len(state["losses"]),
+        state["rank"],
+    )
     record["not_bit_exact"] = any("not bit-exact" in m for m in warnings.messages)
     _dump(model, optim, out / f"{op['tag']}.pt")
 
 
+class _Broken(torch.nn.Module):
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: this rank cannot build its state dict")
+
+
 def _run(op: dict[str, Any], rank: int, out: Path) -> None:
-    record: dict[str, Any] = {}
-    path = out / f"{op['tag']}-rank{rank}.json"
-    try:
-        (_train if op["op"] == "train" else _restore)(op, rank, out, record)
-    except Exception as exc:
-        record["error"] = {"type": type(exc).__name__, "message": str(exc)}
-    except SystemExit as exc:  # Preempted: say so, then leave with its code
-        record["exit"], record["saved"] = exc.code, getattr(exc, "saved", None)
-        path.write_text(json.dumps(record))
-        raise
-    path.write_text(json.dumps(record))
+    report(
+        out / f"{op['tag']}-rank{rank}.json",
+        lambda record: (_train if op["op"] == "train" else _restore)(op, rank, out, record),
+    )
 
 
 def _rank_main(job_file: str) -> None:
@@ -190,19 +190,7 @@ def launch(
     for rank in range(world):
         own = {**os.environ, **env, **(rank_env or {}).get(rank, {}), "RANK": str(rank)}
         ranks.append(subprocess.Popen(command, cwd=REPO, env=own))
-    try:
-        return [rank.wait(120) for rank in ranks]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank of {world} hung on {[op['tag'] for op in ops]}")
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
-
-
-def outcome(out: Path, tag: str, world: int) -> list[dict[str, Any]]:
-    return [json.loads((out / f"{tag}-rank{rank}.json").read_text()) for rank in range(world)]
+    return wait_for_ranks(ranks, ops, 120)
 
 
 def loaded(path: Path) -> Any:
@@ -263,6 +251,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> dict[str
     second = [
         {"op": "train", "uri": stopped, "tag": "resumed", "options": hurried},
         {"op": "restore", "uri": str(damaged), "tag": "damaged"},
+        {"op": "restore", "uri": str(damaged), "tag": "broken", "broken_rank": 1},
         {"op": "restore", "uri": str(folder / "refused"), "tag": "refused",
          "options": {"checkpoint_format": "torch"}},
         {"op": "train", "uri": f"s3://{bucket}/denied", "tag": "denied"},
@@ -288,9 +277,13 @@ def test_periodic_saves_are_sharded_and_committed_while_training_goes_on(runs):
     ]  # fmt: skip
     for manifest in kept:
         assert [SHARD.fullmatch(n)[1] for n in shards(manifest.files)] == ["0", "1"]
+        own = sorted(name for name in manifest.files if OWN.fullmatch(name))
+        assert [OWN.fullmatch(name)[1] for name in own] == ["0", "1"]
         assert sorted(manifest.files) == sorted(
-            [*shards(manifest.files), metadata_file(manifest.files), "rank-0.pt", "rank-1.pt"]
+            [*shards(manifest.files), metadata_file(manifest.files), *own]
         )
+        save_id = SHARD.fullmatch(shards(manifest.files)[0])[2]
+        assert all(name.endswith(f"-{save_id}.pt") for name in own)  # the save's own id
 
 
 def test_a_stop_saves_every_ranks_shards_exits_75_and_resumes_bit_exact(runs):
@@ -304,14 +297,14 @@ def test_a_stop_saves_every_ranks_shards_exits_75_and_resumes_bit_exact(runs):
     saved = runs["emergency"]
     assert (saved.kind, saved.format, saved.world_size) == ("emergency", "dcp", 2)
     assert [SHARD.fullmatch(n)[1] for n in shards(saved.files)] == ["0", "1"]
-    assert sorted(saved.files) == sorted(
-        [*shards(saved.files), metadata_file(saved.files), "rank-0.pt", "rank-1.pt"]
-    )
+    own = [name for name in saved.files if OWN.fullmatch(name)]
+    assert sorted(saved.files) == sorted([*shards(saved.files), metadata_file(saved.files), *own])
+    assert sorted(OWN.fullmatch(name)[1] for name in own) == ["0", "1"]
 
     assert runs["resumed_codes"] == [0, 0]
     resumed = outcome(out, "resumed", 2)
-    assert [(r.get("error"), r["start"], r["seen"]) for r in resumed] == [
-        (None, EMERGENCY_STEP, STEPS)
+    assert [(r.get("error"), r["start"], r["seen"], r["losses"]) for r in resumed] == [
+        (None, EMERGENCY_STEP, STEPS, STEPS)
     ] * 2
     # Weights and Adam's state, gathered in full: the same bits as the uninterrupted run.
     assert_same(loaded(out / "whole-final.pt"), loaded(out / "resumed-final.pt"))
@@ -320,13 +313,24 @@ def test_a_stop_saves_every_ranks_shards_exits_75_and_resumes_bit_exact(runs):
 def test_a_corrupt_shard_sends_every_rank_to_the_older_checkpoint(runs):
     out, step = runs["out"], runs["damaged_step"]
     damaged = outcome(out, "damaged", 2)
-    assert [(r.get("error"), r["start"], r["seen"]) for r in damaged] == [(None, 12, 12)] * 2
+    assert [(r.get("error"), r["start"], r["seen"], r["losses"]) for r in damaged] == [
+        (None, 12, 12, 12)
+    ] * 2
     assert_same(loaded(out / "whole-12.pt"), loaded(out / "damaged.pt"))
     folder = runs["damaged"] / step_dir(step)
     assert (folder / QUARANTINE_NAME).exists()
     assert not (folder / MANIFEST_NAME).exists()
     reason = json.loads((folder / QUARANTINE_NAME).read_text())["reason"]
     assert "content does not match" in reason
+
+
+def test_a_rank_failing_to_build_its_load_leaves_no_rank_inside_dcp(runs):
+    """Rank 1 cannot build its state dict: the ranks agree on that before DCP's first
+    collective, so rank 0 never waits in one alone (a hang) or pairs it with the next."""
+    broken = outcome(runs["out"], "broken", 2)
+    errors = [r.get("error") for r in broken]
+    assert [e and e["type"] for e in errors] == ["UnloadableCheckpoint"] * 2, errors
+    assert all("rank 1: RuntimeError: injected" in e["message"] for e in errors), errors
 
 
 def test_a_background_save_failing_on_one_rank_raises_on_every_rank(runs):
@@ -349,9 +353,10 @@ def test_another_world_size_loads_what_two_ranks_saved(runs, world, tmp_path):
     shutil.copytree(runs["whole"], store)
     codes = launch(world, [{"op": "restore", "uri": str(store), "tag": "w"}], tmp_path, runs["env"])
     assert codes == [0] * world
-    assert [(r.get("error"), r["start"], r["seen"]) for r in outcome(tmp_path, "w", world)] == [
-        (None, STEPS, STEPS)
-    ] * world
+    restored = [(r.get("error"), r["start"], r["seen"], r["losses"], r["rank"])
+                for r in outcome(tmp_path, "w", world)]  # fmt: skip
+    # Plain values are rank 0's on every rank, whatever its own value was (the rank's).
+    assert restored == [(None, STEPS, STEPS, STEPS, 0)] * world
     assert_same(loaded(runs["out"] / "whole-final.pt"), loaded(tmp_path / "w.pt"))
     # Ranks 0 and 1 got their own streams back; rank 2 had none saved, and says so.
     warned = [r["not_bit_exact"] for r in outcome(tmp_path, "w", world)]

@@ -11,8 +11,9 @@ shards, a process group, or spotguard. What is written loads with
   weights-only. Never through DCP's ``FileSystemReader`` or ``dcp_to_torch_save``, which
   ``pickle.load`` the metadata: a store is data, not trusted code. DTensor and FSDP2 shards
   come out as full plain tensors, nested as they were saved. Only DCP's state is exported:
-  files a rank writes beside its shards (``rank-<k>.pt``, its random streams) resume a run,
-  they are not the model.
+  files a rank writes beside its shards (``rank-<k>-<save id>.pt``: its random streams, and
+  on rank 0 the run's plain values) resume a run, they are not the model: they are listed in
+  the manifest but not in DCP's metadata, which alone says what is loaded here.
 * ``torch`` checkpoints are one ``torch.save`` file already: rank 0's ``state.pt`` (the whole
   state; the other ranks' files hold only their own random streams) is copied as it is,
   verified on the way.

@@ -201,6 +201,7 @@ class StoreReader(StorageReader):
         self.manifest: Manifest | None = None
         self._failure: BaseException | None = None
         self._storage: dict[Any, _StorageInfo] = {}
+        self._metadata: Metadata | None = None
 
     @property
     def checkpoint_id(self) -> str:
@@ -208,13 +209,22 @@ class StoreReader(StorageReader):
 
     def reset(self, checkpoint_id: Any = None) -> None:
         self.manifest, self._failure, self._storage = None, None, {}
+        self._metadata = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         try:
-            return self._read_metadata()
+            return self.checked_metadata()
         except Exception as exc:  # raised on every rank from set_up_storage_reader
             self._failure = exc
             return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta())
+
+    def checked_metadata(self) -> Metadata:
+        """The checkpoint's manifest and DCP metadata, verified (read once: a caller that
+        needs them before ``dcp.load`` to build its state dict, then DCP, share one read).
+        Raises :class:`CorruptCheckpoint` or :class:`UnloadableCheckpoint` naming what failed."""
+        if self._metadata is None:
+            self._metadata = self._read_metadata()
+        return self._metadata
 
     def _read_metadata(self) -> Metadata:
         manifest = self.store.manifest(self.step)

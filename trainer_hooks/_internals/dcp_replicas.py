@@ -12,13 +12,17 @@ other objects by their pickle) and every rank refuses, with the same
 :class:`~spotguard.errors.ConfigError` naming the keys, when a key's digests differ across
 ranks. A key present on only some ranks is fine: it is saved from the one rank that has it.
 Per-rank state belongs in the per-rank files, not in the sharded state dict.
+
+That one collective is also where the ranks agree that each built its part of the save: a rank
+that failed before (building its state dict, these digests) says so in it, and every rank
+raises before DCP's first collective.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -27,7 +31,7 @@ from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from spotguard.errors import ConfigError
+from spotguard.errors import CheckpointError, ConfigError
 
 __all__ = ["refuse_per_rank_state", "unwrap_stateful"]
 
@@ -89,22 +93,64 @@ def _digest(value: Any) -> str:
     return digest.hexdigest()
 
 
-def refuse_per_rank_state(state_dict: Mapping[str, Any], group: Any = None) -> None:
+def refuse_per_rank_state(
+    state_dict: Mapping[str, Any],
+    group: Any = None,
+    *,
+    failure: BaseException | None = None,
+    what: str = "sharded save",
+    buffers: Collection[str] = (),
+) -> None:
     """Raise :class:`ConfigError` on every rank of ``group`` when an unsharded value of
-    ``state_dict`` differs across ranks (a collective: call it on every rank)."""
-    digests = {path: _digest(value) for path, value in _leaves(state_dict, "")}
-    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, digests, group=group)
-    differing = []
-    for path in sorted({path for ranks in gathered for path in ranks or {}}):
+    ``state_dict`` differs across ranks (a collective: call it on every rank).
+
+    The same collective tells every rank whether every rank got this far: a rank that failed
+    to build its part (``failure``, or its digests here) raises that error, every other rank
+    :class:`CheckpointError` naming it, before anyone enters DCP's collectives (which the
+    failed rank would never join: the others would wait in them or pair mismatched ones).
+    ``buffers``: paths that are module buffers, named as such when they differ.
+    """
+    digests: dict[str, str] = {}
+    if failure is None:
+        try:
+            digests = {path: _digest(value) for path, value in _leaves(state_dict, "")}
+        except Exception as exc:
+            failure = exc
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    gathered: list[tuple[dict[str, str], str | None] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (digests, mine), group=group)
+    if failure is not None:
+        raise failure
+    failed = [(rank, item[1]) for rank, item in enumerate(gathered) if item and item[1]]
+    if failed:
+        rank, why = failed[0]
+        raise CheckpointError(f"{what}: rank {rank} failed before saving ({why}); nothing was "
+                              "written")  # fmt: skip
+    per_rank = [item[0] if item else {} for item in gathered]
+    differing: list[str] = []
+    differing_buffers: list[str] = []
+    for path in sorted({path for ranks in per_rank for path in ranks}):
         seen: dict[str, list[int]] = {}
-        for rank, ranks in enumerate(gathered):
-            if ranks is not None and path in ranks:
+        for rank, ranks in enumerate(per_rank):
+            if path in ranks:
                 seen.setdefault(ranks[path], []).append(rank)
         if len(seen) > 1:
             groups = " vs ".join(f"rank{'s' * (len(r) > 1)} {','.join(map(str, r))}"
                                  for r in seen.values())  # fmt: skip
-            differing.append(f"{path!r} ({groups})")
+            (differing_buffers if path in buffers else differing).append(f"{path!r} ({groups})")
+    if differing_buffers:
+        shown = ", ".join(differing_buffers[:5]) + (
+            f" and {len(differing_buffers) - 5} more" * (len(differing_buffers) > 5)
+        )
+        raise ConfigError(
+            f"sharded save: module buffer{'s' * (len(differing_buffers) > 1)} {shown} "
+            f"differ{'s' * (len(differing_buffers) == 1)} across ranks. FSDP2 shards "
+            "parameters but does not keep buffers (BatchNorm's running statistics) in sync "
+            "across ranks, and a checkpoint holds one copy of a buffer: sync them before the "
+            "save (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before fully_shard, "
+            "or all-reduce the buffers at each step), or use a normalization without running "
+            "statistics (LayerNorm, GroupNorm)"
+        )
     if differing:
         shown = ", ".join(differing[:5]) + (
             f" and {len(differing) - 5} more" * (len(differing) > 5)

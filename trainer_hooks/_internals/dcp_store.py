@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -29,7 +29,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from spotguard.errors import CheckpointError, SpotguardError, UnloadableCheckpoint
+from spotguard.errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    SpotguardError,
+    UnloadableCheckpoint,
+)
 from spotguard.trainer_hooks._internals.dcp_reader import SafeLoadPlanner, StoreReader
 from spotguard.trainer_hooks._internals.dcp_replicas import refuse_per_rank_state, unwrap_stateful
 from spotguard.trainer_hooks._internals.dcp_writer import StoreWriter
@@ -54,6 +59,9 @@ def save_sharded(
     extra: dict[str, Any] | None = None,
     own_file: tuple[str, Payload] | None = None,
     may_commit: Callable[[], bool] | None = None,
+    failure: BaseException | None = None,
+    buffers: Collection[str] = (),
+    read_back: bool = False,
 ) -> Manifest:
     """Save ``state_dict`` (plain tensors, DTensors, FSDP2 state from
     ``torch.distributed.checkpoint.state_dict.get_state_dict``, non-tensor values) as the
@@ -66,20 +74,35 @@ def save_sharded(
     Everything but DTensors is saved once, as replicated state: a value that differs across
     ranks (per-rank state: RNG states, data loader positions) is refused with
     :class:`~spotguard.errors.ConfigError` naming its key, on every rank. It belongs in the
-    per-rank files: ``own_file`` (name, payload), which this rank writes beside its shard and
-    the manifest lists with the rest (a name of its own on every rank).
+    per-rank files: ``own_file`` (stem, payload), which this rank writes beside its shard as
+    ``<stem>-<save id>.pt`` and the manifest lists with the rest (a stem of its own on every
+    rank). ``buffers``: the paths of module buffers, named as such in that error.
+
+    ``failure``: this rank could not build its part (its state dict): raised here, and every
+    other rank raises :class:`~spotguard.errors.CheckpointError` naming it, all before DCP's
+    first collective (which this rank would never join). ``read_back``: each rank reads back
+    the files it wrote before the coordinator commits (the first save of a process: a store
+    that keeps other bytes than were sent fails it on every rank).
 
     ``may_commit`` is asked on the coordinator just before the commit: ``False`` fails the
     save on every rank, with nothing committed (a save overtaken by an emergency save).
     """
     writer = StoreWriter(
         store, step, epoch=epoch, kind=kind, resumed_from=resumed_from, extra=extra,
-        own_file=own_file, may_commit=may_commit,
+        own_file=own_file, may_commit=may_commit, read_back=read_back,
     )  # fmt: skip
     alone = not _distributed()
-    state_dict = unwrap_stateful(state_dict)
-    if not alone:  # the same ConfigError on every rank, before anything is written
-        refuse_per_rank_state(state_dict, process_group)
+    if alone and failure is not None:
+        raise failure
+    try:
+        state_dict = unwrap_stateful(state_dict)
+    except Exception as exc:
+        if alone:
+            raise
+        failure = failure or exc
+    if not alone:  # the same error on every rank, before anything is written
+        refuse_per_rank_state(state_dict, process_group, failure=failure,
+                              what=f"sharded save of step {step}", buffers=buffers)  # fmt: skip
     try:
         with _quiet(alone):
             dcp_save(state_dict, storage_writer=writer, process_group=process_group, no_dist=alone)
@@ -103,6 +126,7 @@ def load_sharded(
     state_dict: dict[str, Any],
     *,
     process_group: dist.ProcessGroup | None = None,
+    reader: StoreReader | None = None,
 ) -> Manifest:
     """Load the sharded checkpoint of ``step`` into ``state_dict`` in place (DCP semantics:
     tensors and DTensors are filled as they are laid out now, at any world size; other values
@@ -111,9 +135,10 @@ def load_sharded(
     Every file used is verified first (:class:`~spotguard.errors.CorruptCheckpoint` naming
     it, on every rank); nothing is unpickled beyond DCP's metadata (through an allow-list)
     and weights-only ``torch.save`` records. After an error the state dict may hold a mix of
-    old and loaded values: do not train on it.
+    old and loaded values: do not train on it. ``reader``: one that read the metadata
+    already (:meth:`StoreReader.checked_metadata`, to build ``state_dict`` from it).
     """
-    reader = StoreReader(store, step)
+    reader = reader or StoreReader(store, step)
     alone = not _distributed()
     try:
         with _quiet(alone):
@@ -146,14 +171,18 @@ def _quiet(alone: bool) -> Iterator[None]:
 def _as_spotguard_error(
     exc: CheckpointException, what: str, default: type[CheckpointError]
 ) -> BaseException:
-    """One error for DCP's gathered failures, the same on every rank: the first rank's
-    spotguard error keeps its type (a corrupt file stays :class:`CorruptCheckpoint`);
-    anything else becomes ``default`` naming its type. Interruptions pass through."""
+    """One error for DCP's gathered failures, the same on every rank: a
+    :class:`CorruptCheckpoint` of any rank first (what the caller quarantines or falls back
+    on: a transient error of a lower rank must not hide it), else the lowest rank's spotguard
+    error, keeping its type; anything else becomes ``default`` naming its type. Interruptions
+    pass through."""
     failures = {rank: failure[0] for rank, failure in exc.failures.items()}
     if not failures:
         return default(f"{what} failed: {exc}")
-    ours = [rank for rank, error in sorted(failures.items()) if isinstance(error, SpotguardError)]
-    rank = ours[0] if ours else min(failures)
+    ranked = sorted(failures.items())
+    corrupt = [rank for rank, error in ranked if isinstance(error, CorruptCheckpoint)]
+    ours = [rank for rank, error in ranked if isinstance(error, SpotguardError)]
+    rank = (corrupt or ours or [min(failures)])[0]
     error = failures[rank]
     if not isinstance(error, Exception):
         return error  # KeyboardInterrupt, SystemExit: not a checkpoint problem

@@ -10,13 +10,14 @@ all ranks upload at once; the coordinator then puts DCP's metadata and commits t
 The (name, size, SHA-256) of each rank's file travels to the coordinator inside the
 ``WriteResult`` list that DCP already gathers for :meth:`finish`: no collective of our own.
 So does a rank's *own file* (``own_file``: what differs per rank and must not be resharded,
-its RNG states): written beside its shard, listed in the same manifest, left out of DCP's
-metadata. A save where any rank failed commits none of them.
+its RNG states; rank 0's also the replicated plain values): written beside its shard as
+``rank-<k>-<id>.pt``, listed in the same manifest, left out of DCP's metadata. A save where
+any rank failed commits none of them.
 The metadata written is DCP's own, byte for byte what ``FileSystemWriter`` would write (plain
 ``_StorageInfo`` entries), so a checkpoint downloaded into a folder, with ``dcp-<id>.metadata``
 renamed ``.metadata``, is an ordinary DCP checkpoint (``dcp_to_torch_save`` reads it).
-Every file name carries the save's id (``__0_<id>_0.distcp``, ``dcp-<id>.metadata``): two
-saves never write the same key.
+Every file name carries the save's id (``__0_<id>_0.distcp``, ``dcp-<id>.metadata``,
+``rank-0-<id>.pt``): two saves never write the same key.
 
 The shard file layout is DCP's too: each item at an offset, a tensor as one ``torch.save``
 record (so the reader can use ``torch.load(weights_only=True)``), bytes items as they are.
@@ -137,14 +138,18 @@ class StoreWriter(StorageWriter):
         extra: dict[str, Any] | None = None,
         own_file: tuple[str, Payload] | None = None,
         may_commit: Callable[[], bool] | None = None,
+        read_back: bool = False,
     ) -> None:
-        """``own_file``: (name, payload) this rank writes beside its shard (its RNG states);
-        ``may_commit``: asked on the coordinator right before the commit; ``False`` fails the
-        save on every rank instead (an emergency took over from this save)."""
+        """``own_file``: (stem, payload) this rank writes beside its shard as
+        ``<stem>-<save id>.pt`` (its RNG states); ``may_commit``: asked on the coordinator
+        right before the commit; ``False`` fails the save on every rank instead (an emergency
+        took over from this save); ``read_back``: every file this rank wrote is read back in
+        full before it reports them, and DCP's metadata on the coordinator before the commit
+        (a failure fails the save on every rank)."""
         super().__init__()
         self.store, self.step = store, step
         self.epoch, self.kind, self.resumed_from, self.extra = epoch, kind, resumed_from, extra
-        self.own_file, self.may_commit = own_file, may_commit
+        self.own_file, self.may_commit, self.read_back = own_file, may_commit, read_back
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self._tag = ""  # the coordinator's save id in file names, from prepare_global_plan
@@ -194,11 +199,17 @@ class StoreWriter(StorageWriter):
         """
         results = self._write_shard(plan, planner) if plan.items else []
         if self.own_file is not None:
-            name, payload = self.own_file
+            stem, payload = self.own_file
+            prefix: _StoragePrefix = plan.storage_data  # __<rank>_<the save's id>_
+            name = f"{stem}-{prefix.prefix.split('_')[3]}.pt"
             entry = self.store.put(self.step, name, payload)
             results.append(
                 WriteResult(MetadataIndex(name), entry.size, storage_data=_OwnFile(name, entry))
             )
+        if self.read_back:  # each file once (a shard holds many items)
+            files = {result.storage_data.file: result.storage_data.entry for result in results}
+            for name, entry in files.items():
+                self.store.read_back_payload(self.step, name, entry)
         return _done(results)
 
     def _write_shard(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
@@ -264,6 +275,8 @@ class StoreWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         name = f"dcp-{self._tag}{METADATA_SUFFIX}"
         files[name] = self.store.put(self.step, name, pickle.dumps(metadata))
+        if self.read_back:
+            self.store.read_back_payload(self.step, name, files[name])
         if self.may_commit is not None and not self.may_commit():
             raise CheckpointError(f"step {self.step}: save abandoned before its commit")
         self.manifest = self.store.commit(

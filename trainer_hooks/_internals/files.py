@@ -12,8 +12,9 @@ Lightning's own checkpoint dict, which Lightning can still load with ``ckpt_path
 ``__spotguard__`` entry is the same for both.
 
 That is format ``torch``. In format ``dcp`` (sharded state, :mod:`.sharded`) every rank writes
-its shards and its own ``rank-<k>.pt`` (rank 0's too); :func:`load_newest` resumes from the
-newest checkpoint of either format when the front end passes it a sharded loader.
+its shards and its own ``rank-<k>-<save id>.pt`` (rank 0's too, with the state's plain
+values); :func:`load_newest` resumes from the newest checkpoint of either format when the
+front end passes it a sharded loader.
 """
 
 from __future__ import annotations
@@ -165,22 +166,38 @@ def _read_back_all(store: CheckpointStore, step: int) -> None:
 
 
 def _newest(store: CheckpointStore, sharded: bool) -> tuple[Manifest, Any] | None:
-    """Rank 0's candidate: the newest committed checkpoint, its whole state loaded (format
-    ``torch``: :meth:`CheckpointStore.resume`, which quarantines what fails on the way down)
-    or not (format ``dcp``, with ``sharded``: every rank loads its part)."""
+    """Rank 0's candidate: the newest checkpoint that verifies, its whole state loaded
+    (format ``torch``) or not (format ``dcp``, with ``sharded``: every rank loads its part,
+    and its shards are verified then). Walked newest first as
+    :meth:`CheckpointStore.resume` walks: what fails on the way down (a manifest, a listed
+    file missing or truncated, a whole-state file's checksum) is quarantined, never skipped
+    and left in place (the run would resume older and then find its next save's step
+    committed already, at every restart). :class:`ResumeRefused` when checkpoints exist and
+    none verifies; ``None`` for a store without any."""
     if not sharded:
         return store.resume(WHOLE_STATE_FILE)
-    while True:
-        newest = store.latest()
-        if newest is not None and newest.format == "dcp":
-            return newest, None
+    failed: list[str] = []
+    for step, manifest, problem in store.walk():
         try:
-            return store.resume(WHOLE_STATE_FILE)
-        except UnloadableCheckpoint:
-            # resume quarantined whole-state checkpoints down to a sharded one: take that one
-            below = store.latest()
-            if below is None or below.format != "dcp":
-                raise
+            if manifest is None:
+                if not problem.startswith("quarantined earlier"):
+                    raise CorruptCheckpoint(problem)
+            elif manifest.format == "dcp":
+                return manifest, None
+            else:
+                return store.load_state(step=step, name=WHOLE_STATE_FILE)
+        except CorruptCheckpoint as exc:
+            problem = str(exc)
+            log.error("checkpoint %d failed verification: %s", step, problem)
+            store.quarantine(step, problem)
+        failed.append(f"step {step}: {problem}")
+    if not failed:
+        return None
+    raise ResumeRefused(
+        f"{store.uri} holds checkpoints but none verifies ({'; '.join(failed)}). Starting "
+        "from step 0 would lose the run: inspect with `spotguard ckpt list`, or pass "
+        "allow_fresh_start=True to start over"
+    )
 
 
 def _proposed(

@@ -26,7 +26,12 @@ import torch
 
 from spotguard.errors import ConfigError
 
-__all__ = ["Ranks"]
+__all__ = ["SAVE_GROUP_TIMEOUT", "Ranks"]
+
+#: The least timeout of the background saves' group. It carries save traffic only, where one
+#: rank may upload for minutes longer than another (a bigger shard, a slower link): with the
+#: job's timeout (NCCL's default is 10 minutes) every periodic save of a big state would fail.
+SAVE_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
 class Ranks:
@@ -104,16 +109,19 @@ class Ranks:
         ranks, else ``None`` (the default group, if any)."""
         return self._agreement_group()[0] if self.active else None
 
-    def new_save_group(self) -> Any:
+    def new_save_group(self) -> tuple[Any, timedelta]:
         """A gloo group for the background saves' collectives (a collective: every rank
-        alike), so that no other thread ever issues collectives on the training's groups; its
-        timeout is the job's (a peer lost mid-save ends the save, not the process). ``None``
-        without ``torch.distributed``."""
+        alike), so that no other thread ever issues collectives on the training's groups, and
+        its timeout: the job's, but at least :data:`SAVE_GROUP_TIMEOUT` (a peer lost mid-save
+        ends the save after it, not the process). No group (``None``) without
+        ``torch.distributed``."""
         import torch.distributed as dist
 
+        job = _job_timeout()
+        timeout = max(job, SAVE_GROUP_TIMEOUT) if job is not None else SAVE_GROUP_TIMEOUT
         if not (dist.is_available() and dist.is_initialized()):
-            return None
-        return dist.new_group(backend="gloo", timeout=_job_timeout())
+            return None, timeout
+        return dist.new_group(backend="gloo", timeout=timeout), timeout
 
     # -- collectives ----------------------------------------------------------------------
 

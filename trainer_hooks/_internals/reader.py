@@ -116,6 +116,23 @@ class StoreReader:
                 log.warning("skipping checkpoint %d: %s", step, exc)
         return None
 
+    def walk(self) -> Iterator[tuple[int, Manifest | None, str]]:
+        """Every checkpoint that was committed, newest first, as a resume walks them:
+        ``(step, manifest, "")`` for one whose manifest reads and matches the listed sizes (a
+        file missing or truncated does not), ``(step, None, reason)`` for one that does not
+        (``quarantined earlier: ...`` when it was moved aside before). Uploads that never
+        committed are left out. Lazily: the common case reads one manifest."""
+        for step, directory in self._newest_first():
+            sizes = self._backend.files(directory)
+            if MANIFEST_NAME not in sizes:
+                if QUARANTINE_NAME in sizes:
+                    yield step, None, f"quarantined earlier ({self._reason(directory)})"
+                continue
+            try:
+                yield step, self._manifest(directory, sizes), ""
+            except CorruptCheckpoint as exc:
+                yield step, None, str(exc)
+
     def quarantined(self) -> builtins.list[Quarantined]:
         """Checkpoints moved aside after failing verification, oldest first."""
         found = []

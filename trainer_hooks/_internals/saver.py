@@ -77,6 +77,8 @@ class Saver:
         self._stager = ShardedStager(available)
         #: The background sharded saves' own process group (:meth:`use_sharded`).
         self._save_group: Any = None
+        #: How long :meth:`wait` waits without a timeout of its own (:meth:`use_sharded`).
+        self.wait_limit: float | None = None
         self._worker: threading.Thread | None = None
         #: Guards taking ``pending``: the upload thread and the main thread never both commit
         #: it. Never held across I/O (the emergency path must not wait behind a slow store).
@@ -102,8 +104,11 @@ class Saver:
         self.resumed_from: int | None = None
 
     def use_sharded(self) -> None:
-        """Make the background sharded saves' process group (a collective: every rank)."""
-        self._save_group = self.ranks.new_save_group()
+        """Make the background sharded saves' process group (a collective: every rank). Its
+        timeout bounds how long a save waits for a peer; :meth:`wait` waits a minute more at
+        most (by then a save still running is stuck in the store, not waiting for a rank)."""
+        self._save_group, timeout = self.ranks.new_save_group()
+        self.wait_limit = timeout.total_seconds() + 60.0
 
     @property
     def my_file(self) -> str:
@@ -229,12 +234,17 @@ class Saver:
         boundary, not raised: ``True`` when committed. A ``periodic`` save that the emergency
         path abandoned meanwhile is not committed (its coordinator asks before committing)."""
         started = time.monotonic()
+        # The first periodic save of the process reads back every file of every rank before
+        # the commit, as the whole-state path does (a store that keeps other bytes).
+        read_back = periodic and not self._read_back_once
         try:
             manifest = save_sharded(
                 self.store, step, job.state_dict, process_group=group, epoch=epoch, kind=kind,
                 resumed_from=self.resumed_from, own_file=job.own_file(),
                 may_commit=(lambda: not self._abandoned) if periodic else None,
+                failure=job.failure, buffers=job.buffers, read_back=read_back,
             )  # fmt: skip
+            self._read_back_once = self._read_back_once or read_back
         except BaseException as exc:  # the upload thread keeps even an interruption
             if not periodic and not isinstance(exc, Exception):
                 raise
@@ -303,9 +313,19 @@ class Saver:
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the upload in flight; ``True`` when none is left running."""
+        """Wait for the upload in flight; ``True`` when none is left running. Without a
+        ``timeout``, sharded saves are waited for :attr:`wait_limit` at most (``finish`` and
+        ``close`` never wait forever behind a stuck save): one still running then is abandoned
+        (it can no longer commit) and kept as a failure."""
+        limit = timeout if timeout is not None else self.wait_limit
         if self._worker is not None:
-            self._worker.join(timeout)
+            self._worker.join(limit)
+        if timeout is None and self.saving:
+            self._abandoned = True
+            self._fail(self._last_save_step, "background save", UploadFailed(
+                f"still running after {limit:.0f} s (the save group's timeout has passed): "
+                "abandoned, not committed"
+            ))  # fmt: skip
         return not self.saving
 
     def abandon(self) -> int | None:
