@@ -10,7 +10,11 @@
 4. a run interrupted by a real SIGUSR1 (exit 75) and resumed in a new process ends with weights
    bit-identical to an uninterrupted run: one process, and 2 ranks on NCCL when 2 GPUs exist
    (the signal goes to the last rank only);
-5. the per-step cost of the guard's step-boundary call (the stop agreement) as a ratio of a
+5. Lightning's ``FSDPStrategy(state_dict_type="sharded")`` under SpotCheckpoint (format
+   ``dcp``): a fit interrupted by a real SIGUSR1 (exit 75, an emergency checkpoint with every
+   rank's files) and resumed in new processes ends with the weights and Adam's state of an
+   uninterrupted fit, bit for bit: one process, and 2 ranks when 2 GPUs exist;
+6. the per-step cost of the guard's step-boundary call (the stop agreement) as a ratio of a
    bare step, medians of alternating blocks, with every rank the machine has (up to 2).
 
 Without CUDA it prints "skipped: no CUDA" and exits 0 (CPU CI runs it that way). Exit 1 when
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import statistics
@@ -207,6 +212,128 @@ def train(phase: str, rank: int, world: int, folder: Path, device: torch.device)
     return 0
 
 
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole model and optimizer state, gathered to the CPU (a collective: every rank)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
+
+
+def same(want: object, got: object) -> bool:
+    if isinstance(want, torch.Tensor):
+        return isinstance(got, torch.Tensor) and torch.equal(want.cpu(), got.cpu())
+    if isinstance(want, dict):
+        return (
+            isinstance(got, dict)
+            and want.keys() == got.keys()
+            and all(same(want[k], got[k]) for k in want)
+        )
+    if isinstance(want, (list, tuple)):
+        return (
+            isinstance(got, (list, tuple)) and len(want) == len(got) and all(map(same, want, got))
+        )
+    return want == got
+
+
+def lightning_fsdp(phase: str, rank: int, world: int, folder: Path) -> int:
+    """One rank of a Lightning fit under FSDPStrategy with SpotCheckpoint; the processes are
+    launched here (``LOCAL_RANK`` set: Lightning takes them as launched for it)."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
+    import lightning.pytorch as pl
+
+    from spotguard.trainer_hooks import ResumableDataLoader
+    from spotguard.trainer_hooks.lightning import SpotCheckpoint
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build(1024, 2, torch.device("cpu"))
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            (features,) = batch
+            return nn.functional.mse_loss(self.net(features), features.sum(1, keepdim=True).sin())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        def train_dataloader(self) -> ResumableDataLoader:
+            features = torch.randn(512, 64, generator=torch.Generator().manual_seed(SEED))
+            dataset = torch.utils.data.TensorDataset(features)
+            return ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=SEED)
+
+    class Notice(pl.Callback):
+        """The node's notice, on the last rank, before SpotCheckpoint's hook sees the step."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            stopping = phase == "fsdp-interrupted" and trainer.global_step == STOP_AT
+            if stopping and rank == world - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    store = folder / ("fsdp-reference-store" if phase == "fsdp-reference" else "fsdp-store")
+    spot = SpotCheckpoint(str(store), every_n_train_steps=EVERY, state_dir=folder / f"run-{rank}")
+    strategy = pl.strategies.FSDPStrategy(state_dict_type="sharded", timeout=timedelta(seconds=120))
+    trainer = pl.Trainer(
+        max_steps=TOTAL, accelerator="cuda", devices=world, strategy=strategy, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, deterministic=True, callbacks=[Notice(), spot],
+    )  # fmt: skip
+    pl.seed_everything(SEED + (1000 if phase == "fsdp-resumed" else 0))  # restore must fix it
+    trainer.fit(Model())
+    if phase == "fsdp-interrupted":
+        print(f"rank {rank}: the interrupted fit was never stopped", flush=True)
+        return 1
+    full = full_state(trainer.strategy.model, trainer.optimizers[0])
+    if rank == 0:
+        torch.save(full, folder / f"{phase}.pt")
+    return 0
+
+
+def fsdp_interrupted_run(world: int) -> None:
+    from spotguard.trainer_hooks import CheckpointStore
+
+    what = f"Lightning FSDPStrategy, {world} rank(s)"
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        folder = Path(scratch)
+        reference = launch("fsdp-reference", world, folder)
+        interrupted = launch("fsdp-interrupted", world, folder)
+        saved = CheckpointStore(str(folder / "fsdp-store")).latest()
+        resumed = launch("fsdp-resumed", world, folder)
+        check(
+            reference == [0] * world and resumed == [0] * world,
+            f"{what}: reference and resumed fits exit 0 ({reference}, {resumed})",
+        )
+        check(interrupted == [75] * world, f"{what}: SIGUSR1 -> exit 75 ({interrupted})")
+        # Each rank's own file: rank-<k>-<save id>.pt
+        own = {
+            int(found[1])
+            for name in (saved.files if saved is not None else ())
+            if (found := re.fullmatch(r"rank-(\d+)-[0-9a-f]+\.pt", name))
+        }
+        check(
+            saved is not None
+            and (saved.kind, saved.format, saved.world_size) == ("emergency", "dcp", world)
+            and own == set(range(world))
+            and sum(name.endswith(".distcp") for name in saved.files) == world,
+            f"{what}: emergency checkpoint in format dcp with every rank's files "
+            f"({saved and (saved.step, saved.kind, saved.format, sorted(saved.files))})",
+        )
+        if (folder / "fsdp-reference.pt").exists() and (folder / "fsdp-resumed.pt").exists():
+            want = torch.load(folder / "fsdp-reference.pt", weights_only=True)
+            got = torch.load(folder / "fsdp-resumed.pt", weights_only=True)
+            equal = same(want, got)
+        else:
+            equal = False
+        check(equal, f"{what}: interrupted + resumed weights and Adam state bit-identical")
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work: a step's time is when it is done, not queued."""
     if device.type == "cuda":
@@ -257,6 +384,11 @@ def worker(phase: str, rank: int, world: int, port: int, folder: Path, kind: str
     device = torch.device(kind, rank) if kind == "cuda" else torch.device(kind)
     if kind == "cuda":
         torch.cuda.set_device(device)
+    if phase.startswith("fsdp-"):  # Lightning sets up its process group itself
+        try:
+            return lightning_fsdp(phase, rank, world, folder)
+        except Preempted:
+            return 75
     if world > 1:
         backend = "nccl" if kind == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=120))
@@ -286,6 +418,8 @@ def main() -> int:
     rng_round_trip()
     for world in sorted({1, min(count, 2)}):
         interrupted_run(world)
+    for world in sorted({1, min(count, 2)}):
+        fsdp_interrupted_run(world)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         codes = launch("cost", min(count, 2), Path(scratch))
         check(codes == [0] * min(count, 2), f"agreement cost measured ({codes})")

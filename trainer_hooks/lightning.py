@@ -29,9 +29,14 @@ How it fits Lightning 2.x (checked against 2.6.6):
   callback a new store prefix. A path newer than the store wins (its spotguard entry holds
   rank 0's random streams only: the log says the other ranks start theirs afresh).
   (:mod:`spotguard.trainer_hooks._internals.lightning_resume`.)
-* **Strategies.** Only strategies that hold one whole, replicated state (single device, DDP)
-  are accepted; FSDP, DeepSpeed, ModelParallel and the like are refused at ``setup`` with a
-  :class:`~spotguard.errors.ConfigError` (their state is not what one whole-state file holds).
+* **Strategies.** Those that hold one whole, replicated state (single device, DDP) save in
+  format ``torch``. The sharded ones, ``ModelParallelStrategy`` (FSDP2, tensor parallelism;
+  ``save_distributed_checkpoint=True``, its default) and ``FSDPStrategy`` (with
+  ``state_dict_type="sharded"``), save in format ``dcp``: every rank its own shards, at every
+  save, and a resume loads weights and optimizer states into the live model itself, at any
+  world size (:mod:`spotguard.trainer_hooks._internals.lightning_sharded`). DeepSpeed, XLA and
+  any strategy not known to be handled are refused at ``setup`` with a
+  :class:`~spotguard.errors.ConfigError` naming the supported ones.
 * **Samplers under DDP.** Lightning replaces the train sampler by a distributed one that no
   loader state captures; spotguard saves its epoch and generator state with each rank's
   entry (:mod:`spotguard.trainer_hooks._internals.lightning_samplers`).
@@ -45,12 +50,14 @@ How it fits Lightning 2.x (checked against 2.6.6):
   checkpoint), after every validation batch, and before training starts: if any rank was
   notified, every rank stops at the same place and exits 75, with an emergency save when
   something was trained (:mod:`spotguard.trainer_hooks._internals.lightning_loop`).
-* Checkpoints are Lightning's own checkpoint dict (``dump_checkpoint``), with spotguard's
-  ``__spotguard__`` entry (step, epoch, RNG states) added in ``on_save_checkpoint``, copied
-  into CPU buffers at the step boundary and uploaded in the background; they load with
-  ``torch.load(weights_only=True)``, so hyperparameters must be plain data (or registered
-  with ``torch.serialization.add_safe_globals``). Other ranks save their own RNG states only
-  (the file format is shared with ``SpotGuard``: :mod:`spotguard.trainer_hooks._internals.files`).
+* Checkpoints in format ``torch`` are Lightning's own checkpoint dict (``dump_checkpoint``),
+  with spotguard's ``__spotguard__`` entry (step, epoch, RNG states) added in
+  ``on_save_checkpoint``, copied into CPU buffers at the step boundary and uploaded in the
+  background; they load with ``torch.load(weights_only=True)``, so hyperparameters must be
+  plain data (or registered with ``torch.serialization.add_safe_globals``). Other ranks save
+  their own RNG states only (the file format is shared with ``SpotGuard``:
+  :mod:`spotguard.trainer_hooks._internals.files`). In format ``dcp`` every rank saves its
+  shards of the same dict, and its own entry in a file of its own.
 """
 
 from __future__ import annotations
@@ -72,11 +79,17 @@ from spotguard.trainer_hooks._internals.lightning_loop import (
     take_signals_back,
 )
 from spotguard.trainer_hooks._internals.lightning_resume import (
+    StoreSide,
     after_resume_start,
-    check_replicated,
     choose_source,
+    whole_state_side,
 )
 from spotguard.trainer_hooks._internals.lightning_samplers import TrainSamplers
+from spotguard.trainer_hooks._internals.lightning_sharded import (
+    checkpoint_format,
+    sharded_save,
+    sharded_store_side,
+)
 from spotguard.trainer_hooks.settings import GuardSettings
 
 if TYPE_CHECKING:
@@ -135,6 +148,8 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
         self._samplers = TrainSamplers()
         #: Undo the resume seams (:mod:`~spotguard.trainer_hooks._internals.lightning_resume`).
         self._undo_seams: list[Callable[[], None]] = []
+        #: ``torch`` or ``dcp``: decided at ``setup`` from the strategy.
+        self._format: str | None = None
         #: The step the run resumed from (None on a fresh start).
         self.resumed_from: int | None = None
         #: Wall-clock times of the preemption path (``stop_requested``, ``save_started``,
@@ -163,7 +178,8 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        check_replicated(trainer.strategy)  # before anything is installed or held
+        # before anything is installed or held
+        self._format = checkpoint_format(trainer.strategy, self.settings.checkpoint_format)
         core = GuardCore(self.settings)
         self._core = core
         self.events = core.events
@@ -173,14 +189,21 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
             core.request_stop(early_stop)
         self._loop = LoopStops(core)
         self._give_back_signal_registration = take_signals_back(trainer, core)
-        restored = load_newest(
-            core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start
-        )
+        whole: StoreSide | None = None
+        if self._format == "dcp":
+            core.saver.use_sharded()  # loaded in resume_start: the strategy is set up by then
+        else:
+            whole = whole_state_side(
+                load_newest(
+                    core.store, core.ranks, allow_fresh_start=core.settings.allow_fresh_start
+                )
+            )
         connector = trainer._checkpoint_connector
 
         def resume_from(path: Any) -> None:
             """Right after Lightning loaded ``ckpt_path`` (if any): one source for all ranks."""
-            source = choose_source(connector, path, restored, core.ranks, core.store.uri)
+            store = whole if whole is not None else sharded_store_side(trainer, core)
+            source = choose_source(connector, path, store, core.ranks, core.store.uri)
             own = source.own or {}
             self._pending_rng, self.resumed_from = own.get("rng"), source.step
             self._samplers.restore_later(own.get("samplers"))
@@ -234,8 +257,11 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
             self._loop.validation_ended(trainer, self._tree_fn(trainer))
 
     def _tree_fn(self, trainer: Any) -> Any:
-        """What this rank saves: Lightning's whole checkpoint on rank 0 (our entry added by
+        """What this rank saves: in format ``dcp`` its shards of Lightning's checkpoint (every
+        rank); in format ``torch`` Lightning's whole checkpoint on rank 0 (our entry added by
         :meth:`on_save_checkpoint`), its own step and RNG states elsewhere."""
+        if self._format == "dcp":
+            return functools.partial(sharded_save, trainer)
         if trainer.global_rank == 0:
             # weights_only=False said, not defaulted: Lightning logs every defaulted call
             dump = trainer._checkpoint_connector.dump_checkpoint

@@ -66,14 +66,15 @@ class Steps(pl.Callback):
 # -- strategies --------------------------------------------------------------------------
 
 
-def test_a_sharding_strategy_is_refused_at_setup_before_anything_is_held(
+def test_a_sharding_strategy_that_gathers_on_rank_0_is_refused_before_anything_is_held(
     tmp_path, no_process_group
 ):
-    """ModelParallelStrategy (FSDP2/TP) is the sharding strategy Lightning runs on CPU; its
-    state is resumed by its own load_checkpoint, which the automatic resume never calls."""
+    """ModelParallelStrategy (FSDP2/TP) saves in format dcp (test_lightning_sharded), but not
+    with save_distributed_checkpoint=False: its dump gathers the whole state on rank 0."""
     spot = SpotCheckpoint(str(tmp_path / "store"), every_n_train_steps=2, state_dir="/none")
-    run = trainer(spot, strategy=pl.strategies.ModelParallelStrategy(), max_steps=2)
-    with pytest.raises(ConfigError, match=r"ModelParallelStrategy.*strategy='ddp'"):
+    strategy = pl.strategies.ModelParallelStrategy(save_distributed_checkpoint=False)
+    run = trainer(spot, strategy=strategy, max_steps=2)
+    with pytest.raises(ConfigError, match=r"use save_distributed_checkpoint=True"):
         run.fit(Model("stateful", 8))
     assert not (tmp_path / "store").exists(), "the writer lease was taken before the refusal"
 

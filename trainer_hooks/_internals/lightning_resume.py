@@ -2,15 +2,16 @@
 needs in Lightning's restore path (checked against 2.6.6; no Lightning import, either package
 drives it).
 
-* **Replicated strategies only.** A checkpoint holds one whole state, written by rank 0, and
-  each rank's random streams. Strategies that shard the model or optimizer (FSDP,
-  ModelParallel) or keep them in their own format (DeepSpeed) save and load through their own
-  ``save_checkpoint`` / ``load_checkpoint``, which the automatic resume bypasses: step
-  counters would come back with fresh weights. :func:`check_replicated` allows Lightning's
+* **Replicated strategies in format torch.** Such a checkpoint holds one whole state, written
+  by rank 0, and each rank's random streams. :func:`check_replicated` allows Lightning's
   ``SingleDeviceStrategy`` and ``DDPStrategy`` (``ddp``, ``ddp_spawn``, ``ddp_fork``,
-  ``ddp_notebook``) and subclasses of them that keep state their way; everything else is
-  refused before anything is installed. An allow-list, not a deny-list: a strategy nobody
-  checked is refused, not trusted (DeepSpeed derives from ``DDPStrategy``).
+  ``ddp_notebook``) and subclasses of them that do not keep state their own way. Strategies
+  that shard the model or optimizer save and load through their own ``save_checkpoint`` /
+  ``load_checkpoint``, which the automatic resume bypasses: step counters would come back
+  with fresh weights. Lightning's ``ModelParallelStrategy`` and ``FSDPStrategy`` go through
+  format ``dcp`` instead (:mod:`.lightning_sharded`); everything else (DeepSpeed keeps its
+  own format) is refused before anything is installed. An allow-list, not a deny-list: a
+  strategy nobody checked is refused, not trusted (DeepSpeed derives from ``DDPStrategy``).
 * **One source for every rank.** ``fit(ckpt_path=...)`` loads the path in the checkpoint
   connector's ``resume_start``, after every callback's ``setup``; :func:`after_resume_start`
   lets :func:`choose_source` decide right after it, on every rank, before anything is
@@ -20,6 +21,8 @@ drives it).
   behind an emergency save), and restoring the older path would redo work and then write
   steps below the store's newest. A path newer than the store wins; its spotguard entry holds
   rank 0's random streams only, so the other ranks' are not restored (the log says so).
+  Under a sharded strategy Lightning has loaded the path's weights into the live model
+  already; the store's checkpoint is loaded over them only when it wins (:class:`StoreSide`).
 
 The train samplers' part of a resume is :mod:`.lightning_samplers`'.
 """
@@ -37,10 +40,15 @@ from spotguard.trainer_hooks._internals.ranks import Ranks
 from spotguard.trainer_hooks.manifest import step_dir
 
 __all__ = [
+    "STATE_METHODS",
+    "WHOLE_STATE",
     "Source",
+    "StoreSide",
     "after_resume_start",
     "check_replicated",
     "choose_source",
+    "lightning_class",
+    "whole_state_side",
 ]
 
 log = logging.getLogger("spotguard.trainer_hooks")
@@ -48,10 +56,10 @@ log = logging.getLogger("spotguard.trainer_hooks")
 _LIGHTNING = ("lightning", "pytorch_lightning")
 #: Lightning strategies that hold the whole state, replicated on every rank.
 _REPLICATED = frozenset({"SingleDeviceStrategy", "DDPStrategy"})
-#: Their bases, where the whole-state implementations of :data:`_STATE_METHODS` live.
-_WHOLE_STATE = _REPLICATED | {"Strategy", "ParallelStrategy"}
+#: Their bases, where the whole-state implementations of :data:`STATE_METHODS` live.
+WHOLE_STATE = _REPLICATED | {"Strategy", "ParallelStrategy"}
 #: How a strategy gets and sets state: a subclass overriding any of them keeps its own.
-_STATE_METHODS = (
+STATE_METHODS = (
     "lightning_module_state_dict",
     "load_model_state_dict",
     "optimizer_state",
@@ -62,7 +70,8 @@ _STATE_METHODS = (
 )
 
 
-def _lightning_class(cls: type, names: frozenset[str]) -> bool:
+def lightning_class(cls: type, names: frozenset[str]) -> bool:
+    """Whether ``cls`` is the Lightning class of one of ``names`` (either package)."""
     return cls.__name__ in names and cls.__module__.split(".")[0] in _LIGHTNING
 
 
@@ -70,20 +79,23 @@ def check_replicated(strategy: Any) -> None:
     """Raise :class:`ConfigError` unless ``strategy`` keeps one whole, replicated state."""
     cls = type(strategy)
     name = cls.__name__
-    use = "use strategy='ddp' (DDPStrategy) or a single device until spotguard supports it"
-    if cls.__module__.split(".")[0] in _LIGHTNING and not _lightning_class(cls, _REPLICATED):
+    use = (
+        "use strategy='ddp' (DDPStrategy), a single device, ModelParallelStrategy or "
+        "FSDPStrategy(state_dict_type='sharded')"
+    )
+    if cls.__module__.split(".")[0] in _LIGHTNING and not lightning_class(cls, _REPLICATED):
         raise ConfigError(
             f"SpotCheckpoint cannot checkpoint {name}: it shards the model or optimizer or "
             f"keeps them in its own format, and spotguard saves one whole state; {use}"
         )
-    if not any(_lightning_class(base, _REPLICATED) for base in cls.__mro__):
+    if not any(lightning_class(base, _REPLICATED) for base in cls.__mro__):
         raise ConfigError(
             f"SpotCheckpoint cannot checkpoint {name}: only Lightning's SingleDeviceStrategy "
             f"and DDPStrategy (and their subclasses) are known to hold one whole state; {use}"
         )
-    for method in _STATE_METHODS:
+    for method in STATE_METHODS:
         owner = next(base for base in cls.__mro__ if method in vars(base))
-        if not _lightning_class(owner, _WHOLE_STATE):
+        if not lightning_class(owner, WHOLE_STATE):
             raise ConfigError(
                 f"SpotCheckpoint cannot checkpoint {name}: {owner.__name__}.{method} keeps "
                 f"state its own way, and spotguard saves one whole state; {use}"
@@ -103,30 +115,56 @@ class Source:
     newest_in_store: int | None
 
 
-def choose_source(
-    connector: Any, path: Any, restored: Restored | None, ranks: Ranks, uri: str
-) -> Source:
-    """Decide, on every rank alike (one collective), between the ``ckpt_path`` Lightning has
-    just loaded into ``connector`` (if any) and the store's newest verified checkpoint
-    (``restored``); leave the winner in ``connector._loaded_checkpoint``."""
+@dataclass(frozen=True)
+class StoreSide:
+    """The store's side of :func:`choose_source`, the same on every rank."""
+
+    #: The newest committed step: what the store would resume from (``None``: nothing).
+    step: int | None
+    #: Load the newest verified checkpoint (on every rank alike): its :class:`Restored` and
+    #: the checkpoint dict Lightning restores the rest from; ``None`` when there is none.
+    load: Callable[[], tuple[Restored, dict[str, Any]] | None]
+
+
+def whole_state_side(restored: Restored | None) -> StoreSide:
+    """The store's side when its checkpoint is loaded already: a whole-state one, which is
+    Lightning's own checkpoint dict."""
+    if restored is None:
+        return StoreSide(None, lambda: None)
+    return StoreSide(restored.manifest.step, lambda: (restored, restored.whole))
+
+
+def choose_source(connector: Any, path: Any, store: StoreSide, ranks: Ranks, uri: str) -> Source:
+    """Decide, on every rank alike (collectives), between the ``ckpt_path`` Lightning has just
+    loaded into ``connector`` (if any) and the store's newest verified checkpoint; leave the
+    winner in ``connector._loaded_checkpoint``."""
     given = connector._loaded_checkpoint if path else None
     steps = ranks.gather(None if given is None else int(given.get("global_step", 0)))
-    stored = restored.manifest.step if restored is not None else None
     newest_given = max((s for s in steps if s is not None), default=None)
-    if newest_given is None or (stored is not None and stored >= newest_given):
-        if restored is None:
+    if newest_given is None or (store.step is not None and store.step >= newest_given):
+        loaded = store.load()
+        if loaded is None:
             return Source(None, None, None)
-        connector._loaded_checkpoint = restored.whole
+        restored, checkpoint = loaded
+        step = restored.manifest.step
+        connector._loaded_checkpoint = checkpoint
         if path:
-            connector._ckpt_path = f"{uri}/{step_dir(restored.manifest.step)}"  # Lightning logs it
-            if stored != newest_given and ranks.rank == 0:
-                log.warning(
-                    "ckpt_path=%r holds step %s, but %s holds a newer verified checkpoint: "
-                    "resuming from step %s instead (a relaunch runs the same command; to "
-                    "restart from the older checkpoint on purpose, give SpotCheckpoint a new "
-                    "store prefix)", str(path), newest_given, uri, stored,
-                )  # fmt: skip
-        return Source(stored, restored.meta, stored)
+            connector._ckpt_path = f"{uri}/{step_dir(step)}"  # Lightning logs it
+        if newest_given is not None and step > newest_given and ranks.rank == 0:
+            log.warning(
+                "ckpt_path=%r holds step %s, but %s holds a newer verified checkpoint: "
+                "resuming from step %s instead (a relaunch runs the same command; to "
+                "restart from the older checkpoint on purpose, give SpotCheckpoint a new "
+                "store prefix)", str(path), newest_given, uri, step,
+            )  # fmt: skip
+        elif newest_given is not None and step < newest_given and ranks.rank == 0:
+            log.warning(
+                "ckpt_path=%r holds step %s; %s's newer checkpoints did not verify and its "
+                "step %s was loaded over the path's weights already: resuming from step %s",
+                str(path), newest_given, uri, step, step,
+            )  # fmt: skip
+        return Source(step, restored.meta, step)
+    stored = store.step
     if steps.count(newest_given) != len(steps):
         raise ConfigError(
             f"ckpt_path={path!r} names different checkpoints on different ranks (global_step "
