@@ -246,7 +246,7 @@ def _trials(
     ``breakdown``: the parts of each stall, and the reference staging after the save."""
     import torch.distributed as dist
 
-    from spotguard.trainer_hooks._internals.sharded import sharded_state_dict
+    from spotguard.trainer_hooks._internals.sharded_state import sharded_state_dict
 
     saver = guard._core.saver
     runs: list[dict[str, float]] = []

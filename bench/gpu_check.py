@@ -13,7 +13,11 @@
 5. Lightning's ``FSDPStrategy(state_dict_type="sharded")`` under SpotCheckpoint (format
    ``dcp``): a fit interrupted by a real SIGUSR1 (exit 75, an emergency checkpoint with every
    rank's files) and resumed in new processes ends with the weights and Adam's state of an
-   uninterrupted fit, bit for bit: one process, and 2 ranks when 2 GPUs exist;
+   uninterrupted fit, bit for bit, and the resumed fit started at the emergency checkpoint's
+   step (not an earlier periodic one): one process, and 2 ranks when 2 GPUs exist. At one
+   process FSDP runs ``NO_SHARD`` (torch's FSDP at world size 1): nothing is sharded, the
+   check covers the save/resume path only; the sharded case is the 2-rank one (the model's
+   ``Linear(width, 1)`` head then gives one rank an empty shard);
 6. the per-step cost of the guard's step-boundary call (the stop agreement) as a ratio of a
    bare step, medians of alternating blocks, with every rank the machine has (up to 2).
 
@@ -23,6 +27,7 @@ any check fails. Uses a local store in a temporary folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -270,13 +275,18 @@ def lightning_fsdp(phase: str, rank: int, world: int, folder: Path) -> int:
             return ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=SEED)
 
     class Notice(pl.Callback):
-        """The node's notice, on the last rank, before SpotCheckpoint's hook sees the step."""
+        """The node's notice, on the last rank, before SpotCheckpoint's hook sees the step;
+        the step the fit starts at."""
+
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            started.append(trainer.global_step)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
             stopping = phase == "fsdp-interrupted" and trainer.global_step == STOP_AT
             if stopping and rank == world - 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
+    started: list[int] = []
     store = folder / ("fsdp-reference-store" if phase == "fsdp-reference" else "fsdp-store")
     spot = SpotCheckpoint(str(store), every_n_train_steps=EVERY, state_dir=folder / f"run-{rank}")
     strategy = pl.strategies.FSDPStrategy(state_dict_type="sharded", timeout=timedelta(seconds=120))
@@ -293,13 +303,16 @@ def lightning_fsdp(phase: str, rank: int, world: int, folder: Path) -> int:
     full = full_state(trainer.strategy.model, trainer.optimizers[0])
     if rank == 0:
         torch.save(full, folder / f"{phase}.pt")
+    resumed = {"resumed_from": spot.resumed_from, "started_at": started[0] if started else None}
+    (folder / f"{phase}-rank{rank}.json").write_text(json.dumps(resumed))
     return 0
 
 
 def fsdp_interrupted_run(world: int) -> None:
     from spotguard.trainer_hooks import CheckpointStore
 
-    what = f"Lightning FSDPStrategy, {world} rank(s)"
+    sharding = "FULL_SHARD" if world > 1 else "NO_SHARD: nothing sharded at 1 rank"
+    what = f"Lightning FSDPStrategy, {world} rank(s) ({sharding})"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         folder = Path(scratch)
         reference = launch("fsdp-reference", world, folder)
@@ -324,6 +337,17 @@ def fsdp_interrupted_run(world: int) -> None:
             and sum(name.endswith(".distcp") for name in saved.files) == world,
             f"{what}: emergency checkpoint in format dcp with every rank's files "
             f"({saved and (saved.step, saved.kind, saved.format, sorted(saved.files))})",
+        )
+        starts = [
+            json.loads(path.read_text()) if path.exists() else None
+            for path in (folder / f"fsdp-resumed-rank{rank}.json" for rank in range(world))
+        ]
+        emergency = None if saved is None else saved.step
+        check(
+            emergency is not None
+            and starts == [{"resumed_from": emergency, "started_at": emergency}] * world,
+            f"{what}: the resumed fit started from the emergency checkpoint's step "
+            f"({emergency}; by rank: {starts})",
         )
         if (folder / "fsdp-reference.pt").exists() and (folder / "fsdp-resumed.pt").exists():
             want = torch.load(folder / "fsdp-reference.pt", weights_only=True)

@@ -44,11 +44,8 @@ from typing import TYPE_CHECKING, Any
 from spotguard.trainer_hooks._internals import rng
 from spotguard.trainer_hooks._internals.core import GuardCore
 from spotguard.trainer_hooks._internals.files import META_KEY, load_newest, meta
-from spotguard.trainer_hooks._internals.sharded import (
-    ShardedSave,
-    choose_format,
-    load_sharded_step,
-)
+from spotguard.trainer_hooks._internals.sharded import ShardedSave, load_sharded_step
+from spotguard.trainer_hooks._internals.sharded_state import choose_format
 from spotguard.trainer_hooks.settings import GuardSettings
 
 if TYPE_CHECKING:

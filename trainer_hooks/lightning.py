@@ -27,7 +27,9 @@ How it fits Lightning 2.x (checked against 2.6.6):
   be steps behind the emergency save; restoring it would redo those steps and then write
   steps below the store's newest. To restart from an older checkpoint on purpose, give the
   callback a new store prefix. A path newer than the store wins (its spotguard entry holds
-  rank 0's random streams only: the log says the other ranks start theirs afresh).
+  rank 0's random streams only: the log says the other ranks start theirs afresh), and so
+  does a path when none of the store's checkpoints as new as it loads (loaded again under a
+  sharded strategy: the store's failed load wrote into the model).
   (:mod:`spotguard.trainer_hooks._internals.lightning_resume`.)
 * **Strategies.** Those that hold one whole, replicated state (single device, DDP) save in
   format ``torch``. The sharded ones, ``ModelParallelStrategy`` (FSDP2, tensor parallelism;
@@ -200,10 +202,10 @@ class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
             )
         connector = trainer._checkpoint_connector
 
-        def resume_from(path: Any) -> None:
+        def resume_from(path: Any, reload: Callable[[], None]) -> None:
             """Right after Lightning loaded ``ckpt_path`` (if any): one source for all ranks."""
             store = whole if whole is not None else sharded_store_side(trainer, core)
-            source = choose_source(connector, path, store, core.ranks, core.store.uri)
+            source = choose_source(connector, path, store, core.ranks, core.store.uri, reload)
             own = source.own or {}
             self._pending_rng, self.resumed_from = own.get("rng"), source.step
             self._samplers.restore_later(own.get("samplers"))

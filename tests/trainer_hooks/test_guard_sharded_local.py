@@ -220,7 +220,7 @@ def test_a_save_that_may_not_commit_fails_with_nothing_committed():
 
 
 def test_an_optimizer_is_keyed_by_a_module_holding_all_its_parameters():
-    from spotguard.trainer_hooks._internals.sharded import sharded_state_dict
+    from spotguard.trainer_hooks._internals.sharded_state import sharded_state_dict
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     optim = torch.optim.Adam(model.parameters(), lr=0.1)

@@ -152,40 +152,68 @@ def _fit(op: dict[str, Any], rank: int, world: int, out: Path, record: dict[str,
 
 def _fsdp1(op: dict[str, Any], rank: int, world: int, out: Path, record: dict[str, Any]) -> None:
     """FSDPStrategy's state (FSDP1 with Lightning's sharded state-dict settings: ShardedTensors,
-    offloaded to the CPU) through what SpotCheckpoint does with it, FSDPStrategy needing a GPU:
-    made DTensors, staged for a periodic save, saved at 2 ranks, loaded into a model and an
-    optimizer that were zeroed meanwhile. Run where Lightning's fit left the process group."""
-    from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
+    offloaded to the CPU), FSDPStrategy needing a GPU: its real ``lightning_module_state_dict``
+    and ``optimizer_state`` in a stand-in for Lightning's dump (a trainer needs the GPU), saved
+    by :func:`sharded_save`'s job at 2 ranks, loaded into a model and an optimizer that were
+    zeroed meanwhile, and a second optimizer never stepped. Run where Lightning's fit left the
+    process group (or in its own)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
     from torch import nn
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    from spotguard.trainer_hooks._internals.dcp_reader import StoreReader
     from spotguard.trainer_hooks._internals.dcp_store import save_sharded
-    from spotguard.trainer_hooks._internals.lightning_sharded import REST_KEY, _as_dtensors
-    from spotguard.trainer_hooks._internals.ranks import Ranks
-    from spotguard.trainer_hooks._internals.sharded import (
-        ShardedSave,
-        ShardedStager,
-        load_sharded_step,
+    from spotguard.trainer_hooks._internals.files import META_KEY
+    from spotguard.trainer_hooks._internals.lightning_sharded import (
+        REST_KEY,
+        _rest,
+        load_step,
+        sharded_save,
     )
+    from spotguard.trainer_hooks._internals.ranks import Ranks
+    from spotguard.trainer_hooks._internals.sharded import ShardedStager
     from spotguard.trainer_hooks.store import CheckpointStore as Store
 
+    if not torch.distributed.is_initialized():  # run alone (no fit before it)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    layers = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
-    model = FullyShardedDataParallel(layers, device_id=torch.device("cpu"))
+    # A 1-row head: at 2 ranks one rank's shard of its weight is empty. Wrapped per layer,
+    # with the original parameters, as FSDPStrategy does.
+    layers = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5), nn.Linear(5, 1))
+    model = FullyShardedDataParallel(
+        layers, device_id=torch.device("cpu"), use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    # never stepped: torch's state-dict API would step it with lr=0 (weight decay moves it)
+    fresh = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=0.1)
     for _ in range(3):
         model(torch.randn(4, 8)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    with _get_sharded_state_dict_context(model):  # FSDPStrategy's dump
-        optimizer_state = FullyShardedDataParallel.optim_state_dict(model, optimizer)
-        dumped = {"state_dict": model.state_dict(), "optimizer_0": optimizer_state}
-    job = ShardedSave.of_state_dict(_as_dtensors(dumped, {}), {"own": rank}, rank)
-    staged = ShardedStager(lambda: 2**40).stage(job).state_dict
-    if rank == 0:
-        staged[REST_KEY] = b"rest"
+    strategy = FSDPStrategy(state_dict_type="sharded")
+    strategy.model, strategy.optimizers = model, [optimizer, fresh]
+
+    def dump_checkpoint(weights_only: bool) -> dict[str, Any]:  # Lightning's, for these keys
+        optimizer_states = [strategy.optimizer_state(o) for o in strategy.optimizers]
+        return {"state_dict": strategy.lightning_module_state_dict(), "loops": {"at": 3},
+                "optimizer_states": optimizer_states, META_KEY: {"own": rank}}  # fmt: skip
+
+    trainer = SimpleNamespace(
+        global_rank=rank, strategy=strategy, lightning_module=model,
+        _checkpoint_connector=SimpleNamespace(dump_checkpoint=dump_checkpoint),
+    )  # fmt: skip
+    job = sharded_save(trainer)
+    staged = ShardedStager(lambda: 2**40).stage(job)
+    record["saved"] = [repr(job.failure), job.private, staged.state_dict is job.state_dict,
+                       len(fresh.state)]  # fmt: skip
     store = Store(op["uri"])
-    save_sharded(store, 3, staged, own_file=job.own_file())
+    save_sharded(store, 3, staged.state_dict, own_file=job.own_file())
+    in_dcp = StoreReader(store, 3).checked_metadata().state_dict_metadata
+    record["rest_in_dcp"] = sorted(key for key in in_dcp if key.startswith(REST_KEY))
     saved = _full_fsdp1(model, optimizer)
     with torch.no_grad():
         for param in model.parameters():
@@ -193,9 +221,12 @@ def _fsdp1(op: dict[str, Any], rank: int, world: int, out: Path, record: dict[st
     for moments in optimizer.state.values():
         for value in moments.values():
             value.zero_()
-    state = {"state_dict": model, "optimizer_0": optimizer, REST_KEY: b""}
-    restored, corrupt, other = load_sharded_step(store, Ranks(), 3, state)
-    record["loaded"] = [restored is not None, corrupt, other, state[REST_KEY].decode()]
+    optimizer.param_groups[0]["lr"] = fresh.param_groups[0]["lr"] = 0.5  # loaded back too
+    state = {"state_dict": model, "optimizer_0": optimizer, "optimizer_1": fresh, REST_KEY: None}
+    restored, corrupt, other = load_step(store, Ranks(), 3, state)
+    rest = _rest(state[REST_KEY], 3) if restored is not None else None
+    record["loaded"] = [restored is not None, corrupt, other, rest]
+    record["fresh"] = [len(fresh.state), fresh.param_groups[0]["lr"]]
     both = {"saved": saved, "loaded": _full_fsdp1(model, optimizer)}  # collectives: all ranks
     if rank == 0:
         torch.save(both, out / "fsdp1.pt")
@@ -354,13 +385,84 @@ def test_one_rank_loads_what_two_saved_and_ckpt_path_loses_to_a_newer_store(runs
 
 def test_fsdp_strategys_sharded_state_saves_staged_and_loads_back(runs):
     """FSDPStrategy needs a GPU (bench/gpu_check.py runs it there): its ShardedTensors, which
-    torch's stager refuses, go through SpotCheckpoint's path here, on FSDP1 on gloo."""
+    torch's stager refuses, go through SpotCheckpoint's path here, on FSDP1 on gloo, with a
+    weight of fewer rows than ranks (an empty shard: torch's loader misread the checkpoint)."""
     records = outcome(runs["out"], "fsdp1", 2)
-    assert [(r.get("error"), r.get("loaded")) for r in records] == [
-        (None, [True, None, None, "rest"])
+    # Lightning's CPU copies go to the save as they are (no second copy); the optimizer never
+    # stepped is not stepped by the save and stays fresh at the load; the rest of Lightning's
+    # checkpoint is in rank 0's own file, not in DCP, and loaded on every rank.
+    assert [
+        (r.get("error"), r.get("saved"), r.get("rest_in_dcp"), r.get("loaded"), r.get("fresh"))
+        for r in records
+    ] == [
+        (None, ["None", True, True, 0], [], [True, None, None, {"loops": {"at": 3}}], [0, 0.02])
     ] * 2
     both = loaded(runs["out"] / "fsdp1.pt")
     assert_same(both["saved"], both["loaded"])
+
+
+# -- ckpt_path against a store whose load gives nothing as new (one process, no group) -------
+
+
+def _choose(loads: int | None) -> tuple[Any, Any, list[int]]:
+    """``ckpt_path`` of step 100 against a store listing step 120 whose verified load gives
+    step ``loads`` (``None``: every checkpoint failed, a fresh start allowed): the source, the
+    connector after it, and how often the path was loaded again."""
+    from types import SimpleNamespace
+
+    from spotguard.trainer_hooks._internals.files import Restored
+    from spotguard.trainer_hooks._internals.lightning_resume import StoreSide, choose_source
+    from spotguard.trainer_hooks._internals.ranks import Ranks
+
+    path_checkpoint = {"global_step": 100, "loops": "path's"}
+    connector = SimpleNamespace(_loaded_checkpoint=dict(path_checkpoint), _ckpt_path="p.ckpt")
+    reloads: list[int] = []
+
+    def reload() -> None:  # Lightning's resume_start: the path's weights back in the model
+        reloads.append(1)
+        connector._loaded_checkpoint = {**path_checkpoint, "reloaded": True}
+
+    def load() -> Any:
+        if loads is None:
+            return None
+        return Restored(SimpleNamespace(step=loads), None, {}), {"global_step": loads}
+
+    source = choose_source(connector, "p.ckpt", StoreSide(120, load), Ranks(), "s3://b/r", reload)
+    return source, connector, reloads
+
+
+@pytest.mark.parametrize("loads", [None, 80])
+def test_a_store_that_loads_nothing_as_new_as_ckpt_path_gives_way_to_the_path_loaded_again(
+    loads: int | None,
+) -> None:
+    """Every newer checkpoint failed (a fresh start allowed), or the fallback is older than
+    the path: the store's load wrote into the live model, so the path is loaded again and
+    resumed, never its counters over other weights nor an older store checkpoint."""
+    source, connector, reloads = _choose(loads)
+    assert (source.step, source.newest_in_store, reloads) == (100, loads, [1])
+    assert connector._loaded_checkpoint == {"global_step": 100, "loops": "path's",
+                                            "reloaded": True}  # fmt: skip
+
+
+def test_a_store_checkpoint_as_new_as_ckpt_path_wins_without_loading_the_path_again() -> None:
+    source, connector, reloads = _choose(120)
+    assert (source.step, reloads, connector._loaded_checkpoint) == (120, [], {"global_step": 120})
+
+
+def test_a_dump_is_private_unless_it_holds_a_live_tensor_and_live_scalars_are_copied() -> None:
+    """Lightning's dump offloads to the CPU: a copy of a GPU tensor, the live tensor itself
+    when training runs on the CPU (then staged), and Adam's step count, a live CPU scalar."""
+    from spotguard.trainer_hooks._internals.lightning_sharded import _storage, _unshared
+
+    weight, step = torch.ones(3), torch.tensor(5.0)
+    live = {_storage(weight), _storage(step)}
+    dump = {"state_dict": {"w": weight.clone()}, "optimizer_0": {"state": {"w": {"step": step}}}}
+    assert _unshared(dump, live)
+    copied = dump["optimizer_0"]["state"]["w"]["step"]
+    assert _storage(copied) not in live
+    assert torch.equal(copied, step)
+    assert not _unshared({"state_dict": {"w": weight}}, live)
+    assert not _unshared({"state_dict": [{"w": weight}]}, live)
 
 
 # -- which configurations are saved, and how (no process group needed) ---------------------
@@ -393,6 +495,22 @@ def test_sharded_settings_that_gather_on_rank_0_are_refused_naming_the_fix(packa
     gathering = strategies.ModelParallelStrategy(save_distributed_checkpoint=False)
     with pytest.raises(ConfigError, match=r"use save_distributed_checkpoint=True"):
         checkpoint_format(gathering, "auto")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("hybrid", ["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"])
+def test_fsdp_hybrid_sharding_without_a_device_mesh_is_refused_naming_the_fix(package, hybrid):
+    """Its shards are ShardedTensors over a process group pair: every first save failed."""
+    strategies = pytest.importorskip(f"{package}.strategies")
+    groups = strategies.FSDPStrategy(
+        state_dict_type="sharded", sharding_strategy=hybrid, process_group=(None, None)
+    )
+    with pytest.raises(ConfigError, match=rf"{hybrid}'\) without a device_mesh.*device_mesh="):
+        checkpoint_format(groups, "auto")
+    meshed = strategies.FSDPStrategy(
+        state_dict_type="sharded", sharding_strategy=hybrid, device_mesh=(1, 2)
+    )
+    assert checkpoint_format(meshed, "auto") == "dcp"
 
 
 @pytest.mark.parametrize("package", PACKAGES)

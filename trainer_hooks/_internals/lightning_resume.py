@@ -22,7 +22,11 @@ drives it).
   steps below the store's newest. A path newer than the store wins; its spotguard entry holds
   rank 0's random streams only, so the other ranks' are not restored (the log says so).
   Under a sharded strategy Lightning has loaded the path's weights into the live model
-  already; the store's checkpoint is loaded over them only when it wins (:class:`StoreSide`).
+  already; the store's checkpoint is loaded over them when its listed newest is at least as
+  new (:class:`StoreSide`). When that load gives nothing as new as the path (every newer
+  checkpoint failed, or the fallback is older), the path wins after all and Lightning loads
+  it again: never the path's counters over the store's (or half-loaded) weights, never an
+  older store checkpoint over a newer path.
 
 The train samplers' part of a resume is :mod:`.lightning_samplers`'.
 """
@@ -134,37 +138,50 @@ def whole_state_side(restored: Restored | None) -> StoreSide:
     return StoreSide(restored.manifest.step, lambda: (restored, restored.whole))
 
 
-def choose_source(connector: Any, path: Any, store: StoreSide, ranks: Ranks, uri: str) -> Source:
+def choose_source(
+    connector: Any,
+    path: Any,
+    store: StoreSide,
+    ranks: Ranks,
+    uri: str,
+    reload: Callable[[], None],
+) -> Source:
     """Decide, on every rank alike (collectives), between the ``ckpt_path`` Lightning has just
     loaded into ``connector`` (if any) and the store's newest verified checkpoint; leave the
-    winner in ``connector._loaded_checkpoint``."""
+    winner in ``connector._loaded_checkpoint``. ``reload``: Lightning's load of the path again
+    (its ``resume_start``), for when the store's load, which writes into the live model under
+    a sharded strategy, gave no checkpoint at least as new as the path: the path then wins,
+    and its weights must be back in the model (a failed load may have half-written them)."""
     given = connector._loaded_checkpoint if path else None
     steps = ranks.gather(None if given is None else int(given.get("global_step", 0)))
     newest_given = max((s for s in steps if s is not None), default=None)
+    stored = store.step
     if newest_given is None or (store.step is not None and store.step >= newest_given):
         loaded = store.load()
-        if loaded is None:
-            return Source(None, None, None)
-        restored, checkpoint = loaded
-        step = restored.manifest.step
-        connector._loaded_checkpoint = checkpoint
-        if path:
-            connector._ckpt_path = f"{uri}/{step_dir(step)}"  # Lightning logs it
-        if newest_given is not None and step > newest_given and ranks.rank == 0:
-            log.warning(
-                "ckpt_path=%r holds step %s, but %s holds a newer verified checkpoint: "
-                "resuming from step %s instead (a relaunch runs the same command; to "
-                "restart from the older checkpoint on purpose, give SpotCheckpoint a new "
-                "store prefix)", str(path), newest_given, uri, step,
-            )  # fmt: skip
-        elif newest_given is not None and step < newest_given and ranks.rank == 0:
-            log.warning(
-                "ckpt_path=%r holds step %s; %s's newer checkpoints did not verify and its "
-                "step %s was loaded over the path's weights already: resuming from step %s",
-                str(path), newest_given, uri, step, step,
-            )  # fmt: skip
-        return Source(step, restored.meta, step)
-    stored = store.step
+        step = None if loaded is None else loaded[0].manifest.step
+        if newest_given is None or (step is not None and step >= newest_given):
+            if loaded is None:
+                return Source(None, None, None)
+            restored, checkpoint = loaded
+            connector._loaded_checkpoint = checkpoint
+            if path:
+                connector._ckpt_path = f"{uri}/{step_dir(restored.manifest.step)}"  # logged
+            newer = newest_given is not None and restored.manifest.step > newest_given
+            if newer and ranks.rank == 0:
+                log.warning(
+                    "ckpt_path=%r holds step %s, but %s holds a newer verified checkpoint: "
+                    "resuming from step %s instead (a relaunch runs the same command; to "
+                    "restart from the older checkpoint on purpose, give SpotCheckpoint a new "
+                    "store prefix)", str(path), newest_given, uri, restored.manifest.step,
+                )  # fmt: skip
+            return Source(restored.manifest.step, restored.meta, restored.manifest.step)
+        # The store has nothing verified as new as the path: the path wins, loaded again.
+        if ranks.rank == 0:
+            log.warning("%s's newest checkpoints did not load (newest verified: %s): "
+                        "ckpt_path=%r (step %s) is loaded again and resumed", uri, step,
+                        str(path), newest_given)  # fmt: skip
+        reload()
+        given, stored = connector._loaded_checkpoint, step
     if steps.count(newest_given) != len(steps):
         raise ConfigError(
             f"ckpt_path={path!r} names different checkpoints on different ranks (global_step "
@@ -185,14 +202,17 @@ def choose_source(connector: Any, path: Any, store: StoreSide, ranks: Ranks, uri
     return Source(newest_given, own, stored)
 
 
-def after_resume_start(connector: Any, then: Callable[[Any], None]) -> Callable[[], None]:
-    """Call ``then(ckpt_path)`` right after Lightning's ``resume_start`` loaded the path (or
-    found none), before anything is restored from it. Returns the undo."""
+def after_resume_start(
+    connector: Any, then: Callable[[Any, Callable[[], None]], None]
+) -> Callable[[], None]:
+    """Call ``then(ckpt_path, reload)`` right after Lightning's ``resume_start`` loaded the
+    path (or found none), before anything is restored from it; ``reload`` runs Lightning's
+    ``resume_start`` on the path again. Returns the undo."""
     resume_start = connector.resume_start
 
     def resume_start_then(checkpoint_path: Any = None, **kwargs: Any) -> None:
         resume_start(checkpoint_path, **kwargs)
-        then(checkpoint_path)
+        then(checkpoint_path, lambda: resume_start(checkpoint_path, **kwargs))
 
     connector.resume_start = resume_start_then
     return lambda: vars(connector).pop("resume_start", None)

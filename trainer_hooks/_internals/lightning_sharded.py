@@ -14,12 +14,18 @@ Checked against Lightning 2.6.6 (no Lightning import: either package drives it):
   the names Lightning's own distributed checkpoints use (``state_dict``, ``optimizer_<i>``).
   Spotguard's ``__spotguard__`` entry (random streams, samplers) differs per rank: it goes into
   the rank's own file. The rest (loops, callbacks, schedulers, hyperparameters, precision)
-  is what a ``torch`` checkpoint restores from rank 0's file on every rank; it goes into DCP
-  as one ``torch.save`` blob from rank 0 alone, so every rank loads rank 0's copy as before,
-  its structure needs no template on load, and it loads weights-only. ``FSDPStrategy``'s
-  shards are ShardedTensors, which torch's stager (the copy of a periodic save) does not
-  take: they are saved as the DTensors of the same shards (:func:`_as_dtensors`); DCP loads
-  them back into FSDP's own layout.
+  is what a ``torch`` checkpoint restores from rank 0's file on every rank; it goes whole into
+  rank 0's own file (as the plain loop's plain values, :data:`~.sharded_state.PLAIN_KEY`), so every
+  rank loads rank 0's copy, and that small file only (not rank 0's shard), its structure
+  needs no template on load, and it loads weights-only. An optimizer without state yet is
+  dumped as the plain loop's marker (:func:`~.sharded_state.fresh_optimizer`): torch's state-dict
+  APIs would step it with ``lr=0`` (FSDP2), or save it empty and unloadable (FSDP1).
+  ``FSDPStrategy``'s shards are ShardedTensors, which torch's stager (the copy of a periodic
+  save) does not take: they are saved as the DTensors of the same shards
+  (:func:`_as_dtensors`), and loaded through the DTensors of the live shards
+  (:func:`load_step`). Lightning's dump is a CPU copy already (its strategies offload):
+  such a job goes to the background thread without a second copy
+  (:attr:`~.sharded.ShardedSave.private`).
 * **Resume** (:func:`sharded_store_side`): these strategies restore after their ``setup``
   (``restore_checkpoint_after_setup``), so the checkpoint connector's ``resume_start`` runs
   with the model sharded and the optimizers built: there the shards are loaded into the live
@@ -33,10 +39,11 @@ Checked against Lightning 2.6.6 (no Lightning import: either package drives it):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import io
 import logging
-from typing import Any, cast
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -51,8 +58,13 @@ from spotguard.trainer_hooks._internals.lightning_resume import (
     lightning_class,
 )
 from spotguard.trainer_hooks._internals.sharded import ShardedSave, load_sharded_step
+from spotguard.trainer_hooks._internals.sharded_state import PLAIN_KEY, fresh_optimizer
 
-__all__ = ["REST_KEY", "checkpoint_format", "sharded_save", "sharded_store_side"]
+if TYPE_CHECKING:
+    from spotguard.trainer_hooks._internals.ranks import Ranks
+    from spotguard.trainer_hooks.store import CheckpointStore
+
+__all__ = ["REST_KEY", "checkpoint_format", "load_step", "sharded_save", "sharded_store_side"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
@@ -105,6 +117,13 @@ def checkpoint_format(strategy: Any, setting: str) -> str:
             f"SpotCheckpoint cannot checkpoint {name}(state_dict_type='full'): it gathers the "
             f"whole state on rank 0; use {name}(state_dict_type='sharded')"
         )
+    hybrid = getattr(getattr(strategy, "sharding_strategy", None), "name", "")
+    if base == "FSDPStrategy" and "HYBRID" in hybrid and "device_mesh" not in strategy.kwargs:
+        raise ConfigError(
+            f"SpotCheckpoint cannot checkpoint {name}(sharding_strategy='{hybrid}') without a "
+            "device_mesh: its shards (ShardedTensors of process groups) are not saved; give "
+            f"{name}(device_mesh=(replicas, ranks per replica)) or use 'FULL_SHARD'"
+        )
     if setting == "torch":
         raise ConfigError(
             f"checkpoint_format='torch' cannot save {name}'s sharded state: no rank holds all "
@@ -118,24 +137,80 @@ def sharded_save(trainer: Any) -> ShardedSave:
     run collectives). Never raises: a failure to build it is kept in the job, and the save
     fails on every rank before DCP's first collective instead of leaving the others in it."""
     rank: int = trainer.global_rank
+    strategy = trainer.strategy
+    optimizer_state = strategy.optimizer_state
+
+    def state_or_marker(optimizer: Any) -> Any:
+        """An optimizer's sharded state, or the marker of one without state yet (torch's
+        state-dict APIs would make its state by a step with ``lr=0`` on the live optimizer)."""
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
+        return optimizer_state(optimizer) if inner.state else fresh_optimizer(inner)
+
+    strategy.optimizer_state = state_or_marker  # for this dump only
     try:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         own = {META_KEY: checkpoint.pop(META_KEY)}
         state_dict: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
-        for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
-            state_dict[f"optimizer_{index}"] = optimizer_state
+        for index, optimizer_state_dict in enumerate(checkpoint.pop("optimizer_states", [])):
+            state_dict[f"optimizer_{index}"] = optimizer_state_dict
         state_dict = _as_dtensors(state_dict, {})
+        private = _unshared(state_dict, _live_storages(strategy))
         if rank == 0:  # the others' copies are not saved: rank 0's is restored on every rank
-            blob = io.BytesIO()
-            torch.save(checkpoint, blob)
-            state_dict[REST_KEY] = blob.getvalue()
+            # copied now: a periodic save writes its own file in the background
+            own[PLAIN_KEY] = {REST_KEY: copy.deepcopy(checkpoint)}
         # named when they differ across ranks (DCP would keep one rank's copy)
         buffers = frozenset(
             f"state_dict.{name}" for name, _ in trainer.lightning_module.named_buffers()
         )
     except Exception as exc:
         return ShardedSave({}, {}, rank, 0, failure=exc)
-    return dataclasses.replace(ShardedSave.of_state_dict(state_dict, own, rank), buffers=buffers)
+    finally:
+        vars(strategy).pop("optimizer_state", None)
+    job = ShardedSave.of_state_dict(state_dict, own, rank)
+    return dataclasses.replace(job, buffers=buffers, private=private)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s (a DTensor's local) data lives."""
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return int(local.untyped_storage().data_ptr())
+
+
+def _live_storages(strategy: Any) -> set[int]:
+    """The storages of the live model's parameters and buffers and of the optimizers' state:
+    what training writes into after the boundary."""
+    model = strategy.model
+    tensors = [*model.parameters(), *model.buffers()]
+    for optimizer in strategy.optimizers:
+        for moments in optimizer.state.values():
+            tensors += [value for value in moments.values() if isinstance(value, torch.Tensor)]
+    return {_storage(tensor) for tensor in tensors} - {0}
+
+
+def _unshared(value: Any, live: set[int]) -> bool:
+    """Whether Lightning's dump in ``value`` is a private copy (its strategies offload to the
+    CPU: a copy of a GPU tensor), once its scalars that are the live ones (Adam's step count
+    stays on the CPU) are copied here, in place. ``False`` when a larger tensor is live (the
+    model trains on the CPU): the save is staged then, into buffers reused from save to save."""
+    if isinstance(value, dict):
+        keys: Any = list(value)
+    elif isinstance(value, list):
+        keys = range(len(value))
+    else:
+        return True
+    private = True
+    for key in keys:
+        item = value[key]
+        if isinstance(item, torch.Tensor) and _storage(item) in live:
+            if item.dim() == 0 and type(item) is torch.Tensor:
+                value[key] = item.clone()
+            else:
+                private = False
+        elif not _unshared(item, live):
+            private = False
+    return private
 
 
 def _as_dtensors(value: Any, meshes: dict[str, Any]) -> Any:
@@ -193,22 +268,29 @@ def _dtensor_of(value: Any, meshes: dict[str, Any]) -> Any:
                               stride=torch.empty(size, device="meta").stride())  # fmt: skip
 
 
-def _rest(blob: Any, step: int) -> dict[str, Any]:
-    """The rest of Lightning's checkpoint dict, loaded weights-only (as a ``torch`` checkpoint
-    is): the same bytes on every rank, so the same outcome."""
-    if not blob:
+def load_step(
+    store: CheckpointStore, ranks: Ranks, step: int, state: MutableMapping[str, Any]
+) -> tuple[Restored | None, tuple[str, str] | None, str | None]:
+    """:func:`load_sharded_step` for Lightning's state: FSDP1's ShardedTensors in the target
+    are loaded as the DTensors of the same shards (they share storage, so the shards are
+    filled). Torch's loader drops a ShardedTensor's empty shard (a weight with fewer rows
+    than ranks, such as a ``Linear(d, 1)`` head), then takes the checkpoint for the pre-2.4
+    optimizer layout and fails on every rank at every relaunch."""
+    return load_sharded_step(
+        store, ranks, step, state, loaded_as=lambda target: _as_dtensors(target, {})
+    )
+
+
+def _rest(value: Any, step: int) -> dict[str, Any]:
+    """The rest of Lightning's checkpoint dict, from rank 0's own file (loaded weights-only,
+    as a ``torch`` checkpoint is)."""
+    if not isinstance(value, dict):
         raise UnloadableCheckpoint(
             f"checkpoint {step} holds no Lightning checkpoint entries (loops, callbacks, "
-            "schedulers): it was not written by SpotCheckpoint; give it a new store prefix"
+            "schedulers) in rank 0's own file: it was not written by this version of "
+            "SpotCheckpoint; give it a new store prefix"
         )
-    try:
-        return cast(dict[str, Any], torch.load(io.BytesIO(blob), weights_only=True))
-    except Exception as exc:
-        raise UnloadableCheckpoint(
-            f"checkpoint {step}: Lightning's checkpoint entries do not load weights-only "
-            f"({str(exc).strip()[:200]}); register their classes with "
-            "torch.serialization.add_safe_globals"
-        ) from None
+    return cast(dict[str, Any], value)
 
 
 def sharded_store_side(trainer: Any, core: GuardCore) -> StoreSide:
@@ -230,12 +312,12 @@ def sharded_store_side(trainer: Any, core: GuardCore) -> StoreSide:
 
     def load() -> tuple[Restored, dict[str, Any]] | None:
         strategy = trainer.strategy
-        state: dict[str, Any] = {"state_dict": strategy.model, REST_KEY: b""}
+        state: dict[str, Any] = {"state_dict": strategy.model, REST_KEY: None}
         for index, optimizer in enumerate(strategy.optimizers):
             state[f"optimizer_{index}"] = optimizer
         restored = load_newest(
             core.store, ranks, allow_fresh_start=core.settings.allow_fresh_start,
-            sharded=lambda at: load_sharded_step(core.store, ranks, at, state),
+            sharded=lambda at: load_step(core.store, ranks, at, state),
         )  # fmt: skip
         if restored is None:
             return None

@@ -1,22 +1,13 @@
-"""SpotGuard's sharded (``dcp``) checkpoints: the format decision, the state dict every rank
-builds, the save job the saver runs, and the load of one sharded checkpoint.
+"""SpotGuard's sharded (``dcp``) checkpoints: the save job the saver runs, its staging, each
+rank's own file, and the load of one sharded checkpoint (what each rank's state dict holds,
+and how a loaded one is put back: :mod:`.sharded_state`).
 
 With FSDP2 or tensor parallelism the state is made of DTensors: no rank holds it all, so rank 0
 cannot save it alone (format ``torch``). In format ``dcp`` every rank saves its own shards
 through :func:`~spotguard.trainer_hooks._internals.dcp_store.save_sharded`:
 
-* modules as ``get_model_state_dict`` gives them, optimizers as ``get_optimizer_state_dict``
-  with the module of the state that holds all their parameters: keyed by parameter names
-  (FQNs), which is what lets DCP reshard them to another world size. An optimizer without
-  state yet (a save before its first step) is saved as a marker with its hyperparameters:
-  torch's state-dict API would make its state by a step with ``lr=0``, changing the live
-  optimizer (Adam's step count, and its moments with weight decay); on load the marker leaves
-  the live optimizer fresh;
-* everything else (other objects' ``state_dict()``, plain values) is not DCP's to save: DCP
-  would load it into a template built from the live state, so a dict that gained keys would
-  come back empty and a value that changed type or size would never load again. It is saved
-  whole in rank 0's own file, as the ``torch`` format does (rank 0's copy is the replicated
-  state), and loaded whole from there on every rank, at any world size;
+* modules and optimizers through DCP, everything else whole in rank 0's own file
+  (:mod:`.sharded_state`);
 * what differs per rank and must not be resharded, its random streams, in a small file of its
   own (``rank-<k>-<save id>.pt``, :func:`~spotguard.trainer_hooks._internals.files.meta`),
   committed in the same manifest.
@@ -27,7 +18,8 @@ all-reduce): a rank that failed to build never leaves the others in DCP's collec
 
 A periodic save copies this rank's shards into reused CPU buffers (torch's ``DefaultStager``:
 it keeps one CPU storage per source storage, DTensors included) at the step boundary: the only
-stall training sees; the background thread then saves the copy.
+stall training sees; the background thread then saves the copy. A job whose tensors are a
+private copy already (Lightning's dump to the CPU) is handed to that thread as it is.
 """
 
 from __future__ import annotations
@@ -41,42 +33,34 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from spotguard.errors import ConfigError, CorruptCheckpoint, UnloadableCheckpoint
 from spotguard.trainer_hooks._internals.files import META_KEY, Restored
+from spotguard.trainer_hooks._internals.sharded_state import (
+    PLAIN_KEY,
+    apply_loaded,
+    buffer_names,
+    has_dtensor,
+    load_target,
+    plain_state,
+    refill,
+    sharded_state_dict,
+)
 from spotguard.trainer_hooks._internals.snapshot import USABLE_SHARE, NoRoomForCopy
 
 if TYPE_CHECKING:
-    from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.checkpoint.staging import DefaultStager
 
     from spotguard.trainer_hooks._internals.ranks import Ranks
     from spotguard.trainer_hooks.manifest import Manifest
     from spotguard.trainer_hooks.store import CheckpointStore, Payload
 
-__all__ = [
-    "FRESH_OPTIMIZER",
-    "PLAIN_KEY",
-    "ShardedSave",
-    "ShardedStager",
-    "choose_format",
-    "holds_dtensors",
-    "load_sharded_step",
-    "own_file_of",
-    "own_file_stem",
-    "plain_state",
-    "sharded_state_dict",
-]
+__all__ = ["ShardedSave", "ShardedStager", "load_sharded_step", "own_file_of", "own_file_stem"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
 
-#: The entry of rank 0's own file that holds the state's plain values (``{name: value}``).
-PLAIN_KEY = "state"
-#: DCP's entry for an optimizer saved without state (see the module's docstring).
-FRESH_OPTIMIZER = "__spotguard_fresh_optimizer__"
 #: A rank's own file: ``rank-<k>-<save id>.pt`` (``rank-<k>.pt`` from earlier versions).
 _OWN_FILE = re.compile(r"rank-(\d+)(?:-[0-9a-f]+)?\.pt")
 
@@ -94,187 +78,6 @@ def own_file_of(manifest: Manifest, rank: int) -> str | None:
         if found is not None and int(found[1]) == rank:
             return name
     return None
-
-
-def _has_dtensor(value: Any) -> bool:
-    if isinstance(value, DTensor):
-        return True
-    if isinstance(value, Mapping):
-        return any(_has_dtensor(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_dtensor(item) for item in value)
-    return False
-
-
-def holds_dtensors(state: Mapping[str, Any]) -> bool:
-    """Whether ``state`` holds a DTensor: a module's parameters, an optimizer's, or a value
-    (other objects' ``state_dict()`` is not built for this: it may be costly)."""
-    for value in state.values():
-        if isinstance(value, nn.Module):
-            params: Any = value.parameters()
-        elif isinstance(value, torch.optim.Optimizer):
-            params = (p for group in value.param_groups for p in group["params"])
-        else:
-            if _has_dtensor(value):
-                return True
-            continue
-        if any(isinstance(param, DTensor) for param in params):
-            return True
-    return False
-
-
-def choose_format(setting: str, state: Mapping[str, Any], ranks: Ranks) -> str:
-    """The format of every checkpoint this run writes, the same on every rank (a collective
-    with several ranks): ``setting`` resolved (``auto``: ``dcp`` when any rank's state holds a
-    DTensor); ``torch`` for DTensor state is refused on every rank."""
-    (sharded,) = ranks.any(holds_dtensors(state))
-    if setting == "torch" and sharded:
-        raise ConfigError(
-            "checkpoint_format='torch' cannot save DTensor state (FSDP2, tensor parallelism): "
-            "no rank holds all of it; use checkpoint_format='dcp' (or 'auto')"
-        )
-    chosen = ("dcp" if sharded else "torch") if setting == "auto" else setting
-    if chosen == "dcp":  # at the start, not at the first save (the same state on every rank)
-        for name, value in state.items():
-            if isinstance(value, torch.optim.Optimizer):
-                _owner(name, value, state)
-    return chosen
-
-
-def _owner(name: str, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> nn.Module:
-    """The module of ``state`` that holds every parameter ``optimizer`` updates (the first in
-    the state's order: the same at save and load). Not merely one that shares a parameter:
-    the optimizer's state is keyed by that module's parameter names, and a submodule or one of
-    two modules would leave the other parameters without a name."""
-    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for value in state.values():
-        if isinstance(value, nn.Module) and params <= {id(p) for p in value.parameters()}:
-            return value
-    raise ConfigError(
-        f"state[{name!r}] optimizes parameters that no single module of the state holds: a "
-        "sharded checkpoint keys optimizer state by the parameter names of one module; put "
-        "the module holding all of them in the state (the whole model, or the modules it "
-        "optimizes together in one nn.ModuleDict)"
-    )
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def _fresh(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What an optimizer without state is saved as: the marker and its hyperparameters (a
-    scheduler may have set its learning rate already)."""
-    return {FRESH_OPTIMIZER: True, "param_groups": _hyperparameters(optimizer)}
-
-
-def sharded_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
-    """DCP's state dict of ``state``: its modules and optimizers through torch's state-dict
-    API (sharded, FQN keys; an optimizer without state as a marker, never stepped to make
-    some). Nothing else: see :func:`plain_state`."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    built: dict[str, Any] = {}
-    for name, value in state.items():
-        if isinstance(value, nn.Module):
-            built[name] = get_model_state_dict(value)
-        elif isinstance(value, torch.optim.Optimizer):
-            if value.state:
-                built[name] = get_optimizer_state_dict(_owner(name, value, state), value)
-            else:
-                built[name] = _fresh(value)
-    return built
-
-
-def plain_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``state`` that are neither modules nor optimizers, as saved in rank 0's
-    own file: objects' ``state_dict()``, plain values as they are."""
-    return {
-        name: value.state_dict() if hasattr(value, "state_dict") else value
-        for name, value in state.items()
-        if not isinstance(value, (nn.Module, torch.optim.Optimizer))
-    }
-
-
-def _buffers(state: Mapping[str, Any]) -> frozenset[str]:
-    """The paths of the modules' buffers in DCP's state dict."""
-    return frozenset(
-        f"{name}.{path}"
-        for name, value in state.items()
-        if isinstance(value, nn.Module)
-        for path, _ in value.named_buffers()
-    )
-
-
-def _target(state: Mapping[str, Any], metadata: Metadata) -> dict[str, Any]:
-    """The state dict DCP loads the checkpoint into: modules and optimizers as
-    :func:`sharded_state_dict` builds them (an optimizer the checkpoint holds as a marker: its
-    hyperparameters only, the live one stays fresh), and any other entry only where DCP holds
-    it (Lightning's entries, or plain values of an earlier spotguard's checkpoint)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    saved = metadata.state_dict_metadata
-
-    def in_dcp(name: str) -> bool:
-        return any(key == name or key.startswith(f"{name}.") for key in saved)
-
-    target: dict[str, Any] = {}
-    for name, value in state.items():
-        if isinstance(value, nn.Module):
-            target[name] = get_model_state_dict(value)
-        elif isinstance(value, torch.optim.Optimizer):
-            if f"{name}.{FRESH_OPTIMIZER}" in saved:
-                target[name] = _fresh(value)
-            else:
-                target[name] = get_optimizer_state_dict(_owner(name, value, state), value)
-        elif in_dcp(name):
-            target[name] = value.state_dict() if hasattr(value, "state_dict") else value
-    return target
-
-
-def _apply(
-    state: MutableMapping[str, Any], loaded: Mapping[str, Any], plain: Mapping[str, Any]
-) -> None:
-    """Put ``loaded`` (built by :func:`_target`, filled by DCP) and ``plain`` (rank 0's plain
-    values) back into the objects of ``state``; plain values are replaced in the dict."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    for name, value in list(state.items()):
-        if name not in loaded:
-            continue
-        if isinstance(value, nn.Module):
-            set_model_state_dict(value, loaded[name])
-        elif isinstance(value, torch.optim.Optimizer):
-            if FRESH_OPTIMIZER in loaded[name]:  # saved before its first step: stays fresh
-                saved = loaded[name]["param_groups"]
-                if len(saved) != len(value.param_groups):
-                    raise UnloadableCheckpoint(
-                        f"state[{name!r}] has {len(value.param_groups)} parameter groups, the "
-                        f"checkpoint {len(saved)}"
-                    )
-                for group, hyperparameters in zip(value.param_groups, saved, strict=True):
-                    group.update(hyperparameters)
-            else:
-                set_optimizer_state_dict(_owner(name, value, state), value, loaded[name])
-        elif hasattr(value, "load_state_dict"):
-            value.load_state_dict(loaded[name])
-        else:
-            state[name] = loaded[name]
-    for name, saved in plain.items():  # as the torch format restores rank 0's state
-        value = state.get(name)
-        if value is not None and hasattr(value, "load_state_dict"):
-            value.load_state_dict(saved)
-        else:
-            state[name] = saved
 
 
 def _local_nbytes(value: Any) -> int:
@@ -312,6 +115,9 @@ class ShardedSave:
     failure: Exception | None = None
     #: The paths of module buffers in :attr:`state_dict` (named as such when they differ).
     buffers: frozenset[str] = frozenset()
+    #: Its tensors are copies nothing else writes (Lightning's dump to the CPU): a periodic
+    #: save hands them to the background thread as they are, without staging a second copy.
+    private: bool = False
 
     @classmethod
     def of(cls, state: Mapping[str, Any], own: dict[str, Any], rank: int) -> ShardedSave:
@@ -322,7 +128,7 @@ class ShardedSave:
             state_dict = sharded_state_dict(state)
             plain = plain_state(state)
             for name, value in plain.items():  # rank 0's copy alone would be saved
-                if _has_dtensor(value):
+                if has_dtensor(value):
                     raise ConfigError(
                         f"state[{name!r}] holds a DTensor outside a module or optimizer: only "
                         "those are saved sharded (other entries are rank 0's, saved whole); "
@@ -330,7 +136,7 @@ class ShardedSave:
                     )
             if rank == 0:
                 own = {**own, PLAIN_KEY: copy.deepcopy(plain)}
-            buffers = _buffers(state)
+            buffers = buffer_names(state)
         except Exception as exc:
             return cls({}, own, rank, 0, failure=exc)
         return dataclasses.replace(cls.of_state_dict(state_dict, own, rank), buffers=buffers)
@@ -351,9 +157,10 @@ class ShardedSave:
 class ShardedStager:
     """Copies a :class:`ShardedSave`'s shards into CPU buffers reused from one save to the
     next (torch's ``DefaultStager``, synchronous: complete when :meth:`stage` returns; buffers
-    page-locked where CUDA is); :class:`NoRoomForCopy` when new buffers would not fit in the
-    memory ``available`` says is left (the saver then saves without a copy); any other failure
-    to copy becomes the job's :attr:`~ShardedSave.failure` (the save fails on every rank)."""
+    page-locked where CUDA is; a :attr:`~ShardedSave.private` job is left as it is);
+    :class:`NoRoomForCopy` when new buffers would not fit in the memory ``available`` says is
+    left (the saver then saves without a copy); any other failure to copy becomes the job's
+    :attr:`~ShardedSave.failure` (the save fails on every rank)."""
 
     def __init__(self, available: Callable[[], int]) -> None:
         self._available = available
@@ -363,8 +170,8 @@ class ShardedStager:
     def stage(self, job: ShardedSave) -> ShardedSave:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        if job.failure is not None:  # nothing to copy: the save fails on every rank
-            return job
+        if job.failure is not None or job.private:  # nothing to copy (the save fails on
+            return job  # every rank), or it is a private copy already
         need = job.nbytes - self._held
         if need > 0:
             usable = int(self._available() * USABLE_SHARE)
@@ -406,13 +213,19 @@ def _own_content(store: CheckpointStore, manifest: Manifest, name: str) -> dict[
     except Exception as exc:
         raise UnloadableCheckpoint(
             f"{store.uri}: {name} of step {manifest.step} verifies but does not load "
-            f"weights-only ({str(exc).strip()[:200]})"
+            f"weights-only ({str(exc).strip()[:200]}); register the classes it holds with "
+            "torch.serialization.add_safe_globals"
         ) from None
     return cast(dict[str, Any], loaded)
 
 
 def load_sharded_step(
-    store: CheckpointStore, ranks: Ranks, step: int, state: MutableMapping[str, Any]
+    store: CheckpointStore,
+    ranks: Ranks,
+    step: int,
+    state: MutableMapping[str, Any],
+    *,
+    loaded_as: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[Restored | None, tuple[str, str] | None, str | None]:
     """Load the sharded checkpoint of ``step`` into ``state`` (a collective: every rank),
     then the plain values from rank 0's own file and this rank's random streams from its own.
@@ -422,7 +235,9 @@ def load_sharded_step(
     rank returns neither (that rank reports it).
 
     A rank without a file of its own (the checkpoint was written by fewer ranks) keeps its
-    random streams: :class:`Restored`'s meta is empty then.
+    random streams: :class:`Restored`'s meta is empty then. ``loaded_as``: the form DCP loads
+    the target in, sharing its storage (FSDP1's ShardedTensors as DTensors: torch's loader
+    drops a ShardedTensor's empty shard and then misreads the checkpoint's layout).
     """
     from spotguard.trainer_hooks._internals.dcp_reader import StoreReader
     from spotguard.trainer_hooks._internals.dcp_store import load_sharded
@@ -431,7 +246,7 @@ def load_sharded_step(
     problem: Exception | None = None
     target: dict[str, Any] = {}
     try:  # DCP's metadata first: it says what the checkpoint holds (optimizer markers)
-        target = _target(state, reader.checked_metadata())
+        target = load_target(state, reader.checked_metadata())
     except Exception as exc:
         problem = exc
     (failed,) = ranks.any(problem is not None)  # before DCP's first collective
@@ -442,8 +257,10 @@ def load_sharded_step(
     if failed:
         return None, None, None
     try:
-        manifest = load_sharded(store, step, target, process_group=ranks.cpu_group(),
+        into = target if loaded_as is None else loaded_as(target)
+        manifest = load_sharded(store, step, into, process_group=ranks.cpu_group(),
                                 reader=reader)  # fmt: skip
+        refill(target, into)
     except CorruptCheckpoint as exc:
         return None, ("", str(exc)), None
     except Exception as exc:
@@ -455,7 +272,7 @@ def load_sharded_step(
         name = first or ""
         same = first is None or first == mine
         replicated = own if same else _own_content(store, manifest, first or "")
-        _apply(state, target, replicated.get(PLAIN_KEY, {}))
+        apply_loaded(state, target, replicated.get(PLAIN_KEY, {}))
     except CorruptCheckpoint as exc:
         return None, (name, str(exc)), None
     except Exception as exc:
