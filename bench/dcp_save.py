@@ -283,8 +283,12 @@ def _check_restored(job: dict[str, Any], target: dict[str, Any], rank: int, worl
 # -- the launches and the report ------------------------------------------------------------
 
 
-def _launch(world: int, job: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Run one launch of ``world`` ranks; rank 0's results."""
+def launch(
+    script: Path, world: int, job: dict[str, Any], folder: Path, timeout: float = LAUNCH_TIMEOUT_S
+) -> dict[str, Any]:
+    """Run ``script --rank-job FILE`` as ``world`` gloo ranks (``RANK`` set, rendezvous in
+    ``folder``); rank 0's results, which it writes to ``job["result"]``. A rank that fails or
+    outlives ``timeout`` ends the benchmark (none is left running)."""
     tag = f"world{world}-{uuid.uuid4().hex[:8]}"
     job = {
         **job,
@@ -294,20 +298,20 @@ def _launch(world: int, job: dict[str, Any], folder: Path) -> dict[str, Any]:
     }
     job_file = folder / f"{tag}-job.json"
     job_file.write_text(json.dumps(job))
-    command = [sys.executable, str(Path(__file__).resolve()), "--rank-job", str(job_file)]
+    command = [sys.executable, str(script.resolve()), "--rank-job", str(job_file)]
     ranks = [
         subprocess.Popen(command, env={**os.environ, "RANK": str(rank)}, stdout=sys.stderr)
         for rank in range(world)
     ]
     try:
-        codes = [process.wait(LAUNCH_TIMEOUT_S) for process in ranks]
+        codes = [process.wait(timeout) for process in ranks]
     finally:
         for process in ranks:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     if codes != [0] * world:
-        raise SystemExit(f"dcp_save: a rank of the {world}-rank launch failed (exit codes {codes})")
+        raise SystemExit(f"{script.stem}: a rank of the {world}-rank launch failed (codes {codes})")
     result: dict[str, Any] = json.loads(Path(job["result"]).read_text())
     return result
 
@@ -456,8 +460,8 @@ def main() -> None:
             # 2 first: it commits the state every restore loads.
             for world in sorted(args.worlds, key=lambda world: world != 2):
                 print(f"dcp_save: {world} rank(s)...", file=sys.stderr, flush=True)
-                launches[world] = _launch(
-                    world, {**job, "save_reference": world == 2}, Path(folder)
+                launches[world] = launch(
+                    Path(__file__), world, {**job, "save_reference": world == 2}, Path(folder)
                 )
         finally:
             if moto is not None:

@@ -49,11 +49,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -342,35 +340,6 @@ def _rank_main(job_file: str) -> None:
 # -- the launches and the report ------------------------------------------------------------
 
 
-def _launch(world: int, job: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Run one launch of ``world`` ranks; rank 0's results."""
-    tag = f"world{world}-{uuid.uuid4().hex[:8]}"
-    job = {
-        **job,
-        "world": world,
-        "init": f"file://{folder / tag}.rendezvous",
-        "result": str(folder / f"{tag}.json"),
-    }
-    job_file = folder / f"{tag}-job.json"
-    job_file.write_text(json.dumps(job))
-    command = [sys.executable, str(Path(__file__).resolve()), "--rank-job", str(job_file)]
-    ranks = [
-        subprocess.Popen(command, env={**os.environ, "RANK": str(rank)}, stdout=sys.stderr)
-        for rank in range(world)
-    ]
-    try:
-        codes = [process.wait(LAUNCH_TIMEOUT_S) for process in ranks]
-    finally:
-        for process in ranks:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    if codes != [0] * world:
-        raise SystemExit(f"dcp_stall: a rank of the {world}-rank launch failed (codes {codes})")
-    result: dict[str, Any] = json.loads(Path(job["result"]).read_text())
-    return result
-
-
 def _summarize(launches: dict[int, dict[str, Any]], stores: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for store in stores:
@@ -452,6 +421,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one layer, 2 trials: a smoke test")
     parser.add_argument("--rank-job", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from dcp_save import launch  # the bench folder is this script's: run as a script
+
     if args.rank_job:
         _rank_main(args.rank_job)
         return
@@ -482,7 +453,7 @@ def main() -> None:
         try:
             for world in args.worlds:
                 print(f"dcp_stall: {world} rank(s)...", file=sys.stderr, flush=True)
-                launches[world] = _launch(world, job, Path(folder))
+                launches[world] = launch(Path(__file__), world, job, Path(folder), LAUNCH_TIMEOUT_S)
         finally:
             if moto is not None:
                 moto.terminate()
