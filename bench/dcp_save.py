@@ -184,6 +184,21 @@ def _ceiling(store_kind: str, where: str, payload: memoryview, rank: int) -> Cal
     return upload
 
 
+def join_launch(job_file: str) -> tuple[dict[str, Any], int, int]:
+    """In a rank started by :func:`launch`: its job, rank and world size, with the gloo group
+    joined and torch's threads shared out among the ranks on this machine."""
+    import torch.distributed as dist
+
+    job: dict[str, Any] = json.loads(Path(job_file).read_text())
+    rank, world = int(os.environ["RANK"]), int(job["world"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(
+        "gloo", init_method=job["init"], rank=rank, world_size=world,
+        timeout=timedelta(minutes=20),
+    )  # fmt: skip
+    return job, rank, world
+
+
 def _rank_main(job_file: str) -> None:
     """One rank of one launch: every save trial on every store, then the restores."""
     import torch.distributed as dist
@@ -193,13 +208,7 @@ def _rank_main(job_file: str) -> None:
     from spotguard.trainer_hooks._internals.dcp_replicas import refuse_per_rank_state
     from spotguard.trainer_hooks._internals.dcp_store import load_sharded, save_sharded
 
-    job = json.loads(Path(job_file).read_text())
-    rank, world = int(os.environ["RANK"]), job["world"]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(
-        "gloo", init_method=job["init"], rank=rank, world_size=world,
-        timeout=timedelta(minutes=20),
-    )  # fmt: skip
+    job, rank, world = join_launch(job_file)
     collective = _Collective(job["moto_pid"])
     sharded, replicated = _sharded(job, rank, world), _replicated(job)
     # The ceiling writes this rank's 1/N of the bytes: its own shard of every tensor.

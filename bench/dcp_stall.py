@@ -54,7 +54,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -288,16 +287,11 @@ def _rank_main(job_file: str) -> None:
     """One rank of one launch: the trials on every store; rank 0 writes every rank's runs."""
     import torch.distributed as dist
     from checkpoint_io import SETTINGS
+    from dcp_save import join_launch
 
     from spotguard.trainer_hooks import SpotGuard
 
-    job = json.loads(Path(job_file).read_text())
-    rank, world = int(os.environ["RANK"]), job["world"]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(
-        "gloo", init_method=job["init"], rank=rank, world_size=world,
-        timeout=timedelta(minutes=20),
-    )  # fmt: skip
+    job, rank, world = join_launch(job_file)
     results: dict[str, Any] = {"stores": {}, "load": [os.getloadavg()[0]]}
     try:
         model, optim = _build(job["layers"], job["width"], world)
