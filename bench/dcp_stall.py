@@ -2,9 +2,10 @@
 
 Why: with ``checkpoint_format="dcp"`` every rank copies its own shards into reused CPU buffers
 at the step boundary (``ShardedSave.of`` builds torch's state dicts, ``ShardedStager.stage``
-copies them with torch's ``DefaultStager``) and saves the copy in a background thread. The
-copy is the only stall training should see, so the goal is the whole-state path's: the time
-``SpotGuard.step`` takes at a save step is at most 1.5 x the bare copy of that rank's shards.
+copies each DTensor's local shard into a kept buffer and rewraps it) and saves the copy in a
+background thread. The copy is the only stall training should see, so the goal is the
+whole-state path's: the time ``SpotGuard.step`` takes at a save step is at most 1.5 x the bare
+copy of that rank's shards.
 
 Each world size (``--worlds``, 1 and 2 by default) is one launch of gloo ranks (subprocesses
 of this script). Every launch builds the same model: ``Linear(width, width)`` layers, each
@@ -204,9 +205,11 @@ class _Breakdown:
 class _DirectStage:
     """A reference for ``ShardedStager.stage``, not used by any save: every tensor of the
     state dict copied with ``Tensor.copy_`` into a buffer kept per source tensor, each DTensor
-    rewrapped around its buffer (``DTensor.from_local``, the source's mesh, placements, shape
-    and stride): what staging costs without ``DefaultStager``'s generic deep copy (per
-    DTensor: a ``new_empty`` through DTensor's dispatch, its attributes deep-copied)."""
+    rewrapped around its buffer through the public ``DTensor.from_local`` (the source's mesh,
+    placements, shape and stride), as a user would write it: what spotguard's staging (the
+    internal constructor, no checks) is compared with. Earlier spotguard staged with torch's
+    ``DefaultStager``, whose generic deep copy (per DTensor a ``new_empty`` through DTensor's
+    dispatch and its attributes deep-copied) made the stall about 2 x the copy."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
@@ -388,8 +391,9 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace, layers: 
     print(
         f"\nWhere the stall goes (instrumented trials, medians of {args.breakdown_trials}): "
         "torch's get_model_state_dict and get_optimizer_state_dict, the rest of "
-        "ShardedSave.of, ShardedStager.stage (DefaultStager), the rest of SpotGuard.step; "
-        "and, for reference, the state dict copied tensor by tensor into kept buffers:\n"
+        "ShardedSave.of, ShardedStager.stage, the rest of SpotGuard.step; and, for "
+        "reference, the state dict copied tensor by tensor into kept buffers and rewrapped "
+        "with DTensor.from_local:\n"
     )
     print("| store | ranks | rank | copy | stall | model sd | optimizer sd | rest of of "
           "| stage | rest of step | reference staging |")  # fmt: skip

@@ -136,3 +136,40 @@ def test_a_cgroup_limit_above_this_process_bounds_the_available_memory(
     (leaf / "memory.stat").write_text(f"{inactive} 0\n")
     assert available_memory(cgroup_root=mount, membership=proc) == 224 * MiB
     assert 0 < available_memory() <= psutil.virtual_memory().total
+
+
+def test_a_dtensor_is_staged_as_a_private_copy_of_its_shard_in_its_layout(tmp_path):
+    """The sharded path's staging: each DTensor's local shard copied into a buffer reused from
+    one save to the next, rewrapped with the source's mesh and placements; what training
+    writes afterwards does not reach the copy; the memory check counts the shard's bytes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = distribute_tensor(torch.randn(256, 1024), mesh, [Shard(0)])  # 1 MiB
+        tree = {"model": {"weight": weight}, "step": 4}
+        snapshots = Snapshotter(available=lambda: 2 * MiB)
+        first = snapshots.copy(tree)
+        staged = first["model"]["weight"]
+        assert isinstance(staged, DTensor)
+        assert first["step"] == 4
+        assert staged.placements == weight.placements
+        assert staged.device_mesh == mesh
+        assert staged.shape == weight.shape
+        assert not staged.requires_grad
+        expected = weight.to_local().clone()
+        with torch.no_grad():
+            weight.to_local().add_(1)  # training goes on
+        assert torch.equal(staged.to_local(), expected)
+        second = snapshots.copy(tree)["model"]["weight"]
+        assert second.to_local().data_ptr() == staged.to_local().data_ptr()  # reused
+        assert torch.equal(second.to_local(), weight.to_local())
+        grown = {"weight": distribute_tensor(torch.randn(1024, 1024), mesh, [Shard(0)])}
+        with pytest.raises(NoRoomForCopy, match="needs 4 MiB more host memory"):
+            snapshots.copy(grown)
+    finally:
+        dist.destroy_process_group()

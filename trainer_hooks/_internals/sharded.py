@@ -16,10 +16,11 @@ Every rank builds its part before any collective of DCP's, and the ranks agree t
 (on save in :func:`~.dcp_replicas.refuse_per_rank_state`'s collective, on load in one
 all-reduce): a rank that failed to build never leaves the others in DCP's collectives.
 
-A periodic save copies this rank's shards into reused CPU buffers (torch's ``DefaultStager``:
-it keeps one CPU storage per source storage, DTensors included) at the step boundary: the only
-stall training sees; the background thread then saves the copy. A job whose tensors are a
-private copy already (Lightning's dump to the CPU) is handed to that thread as it is.
+A periodic save copies this rank's shards into reused CPU buffers (the whole-state path's
+:class:`~.snapshot.Snapshotter`, which copies a DTensor's local shard and rewraps the copy in
+its layout) at the step boundary: the only stall training sees; the background thread then
+saves the copy. A job whose tensors are a private copy already (Lightning's dump to the CPU)
+is handed to that thread as it is.
 """
 
 from __future__ import annotations
@@ -47,11 +48,9 @@ from spotguard.trainer_hooks._internals.sharded_state import (
     refill,
     sharded_state_dict,
 )
-from spotguard.trainer_hooks._internals.snapshot import USABLE_SHARE, NoRoomForCopy
+from spotguard.trainer_hooks._internals.snapshot import NoRoomForCopy, Snapshotter
 
 if TYPE_CHECKING:
-    from torch.distributed.checkpoint.staging import DefaultStager
-
     from spotguard.trainer_hooks._internals.ranks import Ranks
     from spotguard.trainer_hooks.manifest import Manifest
     from spotguard.trainer_hooks.store import CheckpointStore, Payload
@@ -86,7 +85,7 @@ def _local_nbytes(value: Any) -> int:
     from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 
     if isinstance(value, DTensor):
-        return _local_nbytes(value.to_local())
+        return value.to_local().nbytes
     if isinstance(value, ShardedTensor):
         return sum(_local_nbytes(shard.tensor) for shard in value.local_shards())
     if isinstance(value, torch.Tensor):
@@ -146,7 +145,9 @@ class ShardedSave:
         cls, state_dict: dict[str, Any], own: dict[str, Any], rank: int
     ) -> ShardedSave:
         """A job for a state dict built elsewhere (Lightning's checkpoint dict)."""
-        return cls(state_dict, own, rank, _local_nbytes(state_dict) + _local_nbytes(own))
+        with torch.no_grad():  # to_local without an autograd node per tensor
+            nbytes = _local_nbytes(state_dict) + _local_nbytes(own)
+        return cls(state_dict, own, rank, nbytes)
 
     def own_file(self) -> tuple[str, Payload]:
         """(stem, payload) of this rank's own file: the writer names it with the save's id."""
@@ -156,51 +157,26 @@ class ShardedSave:
 
 class ShardedStager:
     """Copies a :class:`ShardedSave`'s shards into CPU buffers reused from one save to the
-    next (torch's ``DefaultStager``, synchronous: complete when :meth:`stage` returns; buffers
-    page-locked where CUDA is; a :attr:`~ShardedSave.private` job is left as it is);
-    :class:`NoRoomForCopy` when new buffers would not fit in the memory ``available`` says is
-    left (the saver then saves without a copy); any other failure to copy becomes the job's
+    next (a :class:`~.snapshot.Snapshotter`: each DTensor's local shard copied and rewrapped
+    in its layout; complete when :meth:`stage` returns; buffers page-locked for CUDA
+    tensors; a :attr:`~ShardedSave.private` job is left as it is); :class:`NoRoomForCopy`
+    when new buffers would not fit in the memory ``available`` says is left (the saver then
+    saves without a copy); any other failure to copy becomes the job's
     :attr:`~ShardedSave.failure` (the save fails on every rank)."""
 
     def __init__(self, available: Callable[[], int]) -> None:
-        self._available = available
-        self._stager: DefaultStager | None = None
-        self._held = 0  # bytes of buffers held for reuse
+        self._snapshots = Snapshotter(available)
 
     def stage(self, job: ShardedSave) -> ShardedSave:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
         if job.failure is not None or job.private:  # nothing to copy (the save fails on
             return job  # every rank), or it is a private copy already
-        need = job.nbytes - self._held
-        if need > 0:
-            usable = int(self._available() * USABLE_SHARE)
-            if need > usable:
-                self.close()  # their memory is better spent on the save without them
-                raise NoRoomForCopy(
-                    f"a copy of this rank's shards needs {need / 2**20:.0f} MiB more host "
-                    f"memory and {usable / 2**20:.0f} MiB can be used"
-                )
-        if self._stager is None:
-            cuda = torch.cuda.is_available()
-            options = StagingOptions(
-                use_pinned_memory=cuda,
-                use_shared_memory=False,
-                use_async_staging=False,
-                use_non_blocking_copy=False,
-            )
-            self._stager = DefaultStager(options)
         try:
-            staged = cast(dict[str, Any], self._stager.stage(job.state_dict))
+            staged = cast(dict[str, Any], self._snapshots.copy(job.state_dict))
+        except NoRoomForCopy:
+            raise
         except Exception as exc:  # this rank's part fails: agreed before DCP, on every rank
             return dataclasses.replace(job, state_dict={}, failure=exc)
-        self._held = max(self._held, job.nbytes)
         return dataclasses.replace(job, state_dict=staged)
-
-    def close(self) -> None:
-        if self._stager is not None:
-            self._stager.close()
-            self._stager, self._held = None, 0
 
 
 def _own_content(store: CheckpointStore, manifest: Manifest, name: str) -> dict[str, Any]:

@@ -13,6 +13,12 @@ Buffers for GPU tensors are page-locked so the device-to-host copies run asynchr
 devices at once. They are plain host allocations registered with CUDA (``cudaHostRegister``),
 not ``pin_memory=True``: PyTorch's caching host allocator rounds every pinned block up to a
 power of two, which for a 9 GiB state means 16 GiB of locked memory.
+
+A DTensor (FSDP2, tensor parallelism: the sharded path) is copied as its local shard, and the
+copy rewrapped with the source's layout: the staged DTensor holds a CPU shard under the
+source's mesh and placements, as torch's own stager makes them. Torch's stager is not used:
+for every DTensor it allocates a throwaway full-size tensor (a DTensor's ``data_ptr()`` is 0)
+and deep-copies its attributes, which made the stall about 2 x the copy (bench/dcp_stall.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 import psutil
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["NoRoomForCopy", "Snapshotter", "available_memory", "page_aligned", "tree_nbytes"]
 
@@ -154,11 +161,21 @@ def _children(node: Any) -> Iterable[tuple[Any, Any]] | None:
 
 
 def _tensors(node: Any, path: TreePath) -> Iterator[tuple[TreePath, torch.Tensor]]:
+    """Every tensor the copy of ``node`` reads (a DTensor's local shard), by path."""
+    if isinstance(node, DTensor):
+        yield path, _local(node)
+        return
     if isinstance(node, torch.Tensor):
         yield path, node
         return
     for key, child in _children(node) or ():
         yield from _tensors(child, (*path, key))
+
+
+def _local(tensor: DTensor) -> torch.Tensor:
+    """``tensor``'s local shard (``to_local`` without autograd: no graph node per tensor)."""
+    with torch.no_grad():
+        return tensor.to_local()
 
 
 def _reusable(buffer: torch.Tensor, source: torch.Tensor) -> bool:
@@ -198,6 +215,10 @@ class Snapshotter:
         return copied
 
     def _walk(self, node: Any, path: TreePath, devices: set[torch.device]) -> Any:
+        if isinstance(node, DTensor):  # its shard's copy, in the source's layout (internal
+            # constructor: ``from_local`` would move the copy back to the mesh's device)
+            local = self._tensor(_local(node), path, devices)
+            return DTensor(local, node._spec, requires_grad=False)  # type: ignore[no-untyped-call]
         if isinstance(node, torch.Tensor):
             return self._tensor(node, path, devices)
         if isinstance(node, OrderedDict):
