@@ -2,8 +2,9 @@
 alone): what the rank count does not change. Plain values, optimizers saved before their
 first step, a newest checkpoint with a shard missing, the first save's read-back, the commit
 guard of an abandoned save, which module names an optimizer's state, which rank's error
-DCP's gathered failure becomes, the background saves' group timeout and how long ``finish``
-waits behind a save. The multi-rank cases are in ``test_guard_sharded``."""
+DCP's gathered failure becomes, the background saves' group timeout, how long ``finish``
+waits behind a save, and a DTensor buffer choosing the sharded format. The multi-rank cases
+are in ``test_guard_sharded``."""
 
 from __future__ import annotations
 
@@ -286,5 +287,29 @@ def test_the_background_saves_group_outlives_a_short_job_timeout(tmp_path):
         group, timeout = Ranks().new_save_group()
         assert timeout == SAVE_GROUP_TIMEOUT == timedelta(minutes=60)
         assert group._get_backend(torch.device("cpu")).options._timeout == timeout
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_module_whose_only_dtensor_is_a_buffer_is_saved_sharded(tmp_path):
+    """Rank 0's whole-state file would hold rank 0's shard of a sharded buffer, and every rank
+    would load it back: such a module takes the sharded path, and format ``torch`` is refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from spotguard.trainer_hooks._internals.ranks import Ranks
+    from spotguard.trainer_hooks._internals.sharded_state import choose_format
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        model = torch.nn.Linear(4, 2)
+        mesh = init_device_mesh("cpu", (1,))
+        model.register_buffer("table", distribute_tensor(torch.zeros(4), mesh, [Shard(0)]))
+        state = {"model": model}
+        assert choose_format("auto", state, Ranks()) == "dcp"
+        with pytest.raises(ConfigError, match=r"checkpoint_format='torch' cannot save DTensor"):
+            choose_format("torch", state, Ranks())
     finally:
         dist.destroy_process_group()

@@ -20,6 +20,7 @@ The save job, the staging and the load of one checkpoint are in :mod:`.sharded`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -66,11 +67,13 @@ def has_dtensor(value: Any) -> bool:
 
 
 def holds_dtensors(state: Mapping[str, Any]) -> bool:
-    """Whether ``state`` holds a DTensor: a module's parameters, an optimizer's, or a value
-    (other objects' ``state_dict()`` is not built for this: it may be costly)."""
+    """Whether ``state`` holds a DTensor: a module's parameters or buffers (a sharded buffer
+    saved by rank 0 alone would come back as rank 0's shard on every rank), an optimizer's
+    parameters, or a value (other objects' ``state_dict()`` is not built for this: it may be
+    costly)."""
     for value in state.values():
         if isinstance(value, nn.Module):
-            params: Any = value.parameters()
+            params: Any = itertools.chain(value.parameters(), value.buffers())
         elif isinstance(value, torch.optim.Optimizer):
             params = (p for group in value.param_groups for p in group["params"])
         else:
