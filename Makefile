@@ -50,7 +50,9 @@ lint: $(STAMP)
 
 unit: $(STAMP) $(CHECKOV_STAMP) $(S3RVER_STAMP)
 	@# The slowest tests are listed at the end: the whole suite must stay under 20 min on 2 cores.
-	$(BIN)/pytest --durations=30
+	@# Two workers: much of the suite waits on subprocesses, servers and Terraform; the fleet
+	@# tests share one worker (tests/fleet/conftest.py).
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=30
 
 test: lint unit
 

@@ -7,7 +7,9 @@ comes from the registry, through a plugin cache so that it is downloaded once. E
 tests write their own CLI config into a temporary folder: a committed one could only name one
 machine's folders, and an inherited ``TF_CLI_CONFIG_FILE`` may name a file that does not exist.
 Working copies go to temporary folders so that tests never leave ``.terraform`` state in the
-checkout or trip over each other.
+checkout or trip over each other. The suite runs on two pytest-xdist workers (Makefile); every
+fleet test is in one group, so they all run on one worker: two ``terraform init`` at once
+would share the plugin cache, which Terraform does not support.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FLEET = REPO / "fleet"
 MODULE = FLEET / "modules" / "spot-training-fleet"
+HERE = Path(__file__).resolve().parent
 
 #: Names the filesystem mirror to use (the folder holding ``registry.terraform.io/``).
 MIRROR_VARIABLE = "SPOTGUARD_TF_PLUGIN_MIRROR"
@@ -37,6 +40,13 @@ KNOWN_MIRRORS = (
 PLUGIN_CACHE = Path.home() / ".cache" / "spotguard" / "terraform-plugins"
 
 Terraform = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every fleet test on one xdist worker (``--dist loadgroup``): see the module docstring."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.xdist_group("terraform"))
 
 
 def holds_aws_provider(mirror: Path) -> bool:
