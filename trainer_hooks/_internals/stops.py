@@ -6,6 +6,9 @@
 * **IMDS itself**, polled by a thread where no agent runs (``imds_endpoint``);
 * a **rebalance recommendation**: not a stop, an early periodic save (training goes on).
 
+A notice (not a bare signal) also stops torchrun's agent above this worker, so that a node
+going away neither restarts its workers nor rejoins the rendezvous (:mod:`.launcher`).
+
 It also keeps the process's **registration** with the agent (a connection to
 ``<state_dir>/agent.sock``: :mod:`.agent_link`; notices pushed down it stop training like the
 file does, and the exit code is told before leaving) and knows the **deadline**: from the
@@ -35,6 +38,7 @@ from spotguard.imds.parsers import (
 )
 from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, read_notice
 from spotguard.trainer_hooks._internals.agent_link import AgentLink, trusted_uids
+from spotguard.trainer_hooks._internals.launcher import stop_torchrun_agent
 from spotguard.trainer_hooks.settings import GuardSettings
 
 __all__ = ["StopIntake"]
@@ -63,6 +67,8 @@ class StopIntake:
         #: When this process itself was told to stop (``time.monotonic()``).
         self._own_stop_at: float | None = None
         self._stale_told: set[str] = set()
+        #: This node's notice arrived (torchrun's agent above this worker is stopped then).
+        self._node_leaving = False
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -208,6 +214,9 @@ class StopIntake:
                 self._notice_deadline = notice.deadline
             if self.reason is None:
                 log.warning("%s says %s: stopping at the next step", source, notice.kind)
+            if not self._node_leaving:  # before any worker here exits: see .launcher
+                self._node_leaving = True
+                stop_torchrun_agent()
             self.request_stop(f"{source}:{notice.kind}")
         elif not self.early_save:
             log.info("rebalance recommendation: checkpointing early, training goes on")
