@@ -2,7 +2,9 @@
 
 A notice on the node means the node goes away: its workers save and exit 75, and torchrun's
 agent must not take that for a failure to recover from (it would restart the workers on the
-dying node and rejoin the rendezvous). The workers stop it first (``.launcher``).
+dying node and rejoin the rendezvous). The workers stop it first (``.launcher``); should the
+node still be there once the notice's deadline and grace are past, the agent is ended so that
+the job can start again (``.thaw``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spotguard.protocol import Notice, write_notice
+from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, write_notice
 from spotguard.trainer_hooks import CheckpointStore
 from spotguard.trainer_hooks._internals.launcher import _is_torchrun
 from tests.conftest import free_port
@@ -52,7 +54,21 @@ def workers(launcher: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path):
+def thaws(launcher_pid: int) -> list[psutil.Process]:
+    """The thaw scripts started for ``launcher_pid`` (detached: in sessions of their own)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or []
+        if any(arg.endswith("thaw.py") for arg in argv) and str(launcher_pid) in argv:
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("deadline_in", [120, -NOTICE_GRACE_SECONDS + 25], ids=["due", "overdue"])
+def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path, deadline_in):
+    """``due``: the node goes within the notice: the agent stays stopped (the instance goes
+    with it). ``overdue``: the node is still here 25 s before the notice turns stale: the
+    agent is ended then (a signal: the rendezvous stays open) and torchrun exits."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     process = launch(tmp_path, state_dir)
@@ -62,20 +78,29 @@ def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path):
         first = {worker.pid for worker in workers(launcher)}
         assert len(first) == 2
         now = datetime.now(timezone.utc)
-        write_notice(state_dir, Notice("spot-interruption", "terminate",
-                                       now + timedelta(seconds=120), now, key="k1"))  # fmt: skip
-        # Both workers save and leave; their agent, stopped, never reaps or replaces them.
+        deadline = now + timedelta(seconds=deadline_in)
+        write_notice(state_dir, Notice("spot-interruption", "terminate", deadline, now, key="k"))
+        # Both workers leave; their agent, stopped, never reaps or replaces them.
         wait_for(lambda: not workers(launcher), timeout=60, what="the workers to exit")
-        latest = CheckpointStore(str(tmp_path / "store")).latest()
-        assert latest is not None
-        assert latest.kind == "emergency"
         assert launcher.status() == psutil.STATUS_STOPPED
-        zombies = {child.pid for child in launcher.children()}
-        assert zombies == first  # not reaped: the agent has not seen them exit
+        assert {child.pid for child in launcher.children()} == first  # not reaped
+        (thaw,) = thaws(process.pid)
+        if deadline_in > 0:
+            latest = CheckpointStore(str(tmp_path / "store")).latest()
+            assert latest is not None
+            assert latest.kind == "emergency"
+        else:  # past the deadline: no time to save; the agent is ended 25 s after the notice
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode != 0
+            assert "SignalException" in stderr or "Signal 15" in stderr, stderr[-2000:]
+            assert "will restart worker group" not in stderr
+            thaw.wait(30)
     finally:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
+        for thaw in thaws(process.pid):
+            thaw.kill()
 
 
 @pytest.mark.parametrize(

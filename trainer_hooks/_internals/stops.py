@@ -216,7 +216,7 @@ class StopIntake:
                 log.warning("%s says %s: stopping at the next step", source, notice.kind)
             if not self._node_leaving:  # before any worker here exits: see .launcher
                 self._node_leaving = True
-                stop_torchrun_agent()
+                stop_torchrun_agent(notice.deadline)
             self.request_stop(f"{source}:{notice.kind}")
         elif not self.early_save:
             log.info("rebalance recommendation: checkpointing early, training goes on")
