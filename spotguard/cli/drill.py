@@ -52,12 +52,27 @@ def _run(args: argparse.Namespace) -> int:
     from spotguard.drill import from_args, run_drill
 
     options = from_args(args)  # a ConfigError: one line, exit 2
-    report = run_drill(options, say=_say if not args.json else lambda line: None)
+    say = _say if not args.json else lambda line: None
+    if options.nodes > 1:
+        return _elastic(args, options, say)
+    report = run_drill(options, say=say)
     print(report.dumps() if args.json else report.render_text())
     if args.report:
         args.report.write_text(report.render_html())
         if not args.json:
             print(f"timeline chart: {args.report}")
+    return 0 if report.passed else 1
+
+
+def _elastic(args: argparse.Namespace, options: Any, say: Any) -> int:
+    from spotguard.drill import run_elastic_drill
+
+    if args.report:
+        print("spotguard drill: --report (the HTML chart) is not made with --nodes",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    report = run_elastic_drill(options, say=say)
+    print(report.dumps() if args.json else report.render_text())
     return 0 if report.passed else 1
 
 

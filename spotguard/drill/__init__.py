@@ -11,8 +11,10 @@ fits in the two-minute notice.
 The modules: ``options`` (what to rehearse, with its command-line flags), ``runner`` (the
 steps), ``_node`` (simulator + agent of one instance), ``_launch`` (a training process and what
 it reports), ``workload`` (the built-in Lightning training), ``report`` (text, JSON, HTML),
-``budget``; a failed step is :class:`~spotguard.errors.DrillFailed`. The drill uses only the
-parts' public APIs; the ``spotguard drill`` command is :mod:`spotguard.cli.drill`.
+``budget``; ``elastic`` with ``elastic_workload`` and ``elastic_report`` (``--nodes``: a
+torchrun elastic job over several rehearsed nodes loses one); a failed step is
+:class:`~spotguard.errors.DrillFailed`. The drill uses only the parts' public APIs; the
+``spotguard drill`` command is :mod:`spotguard.cli.drill`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from spotguard.lazy import lazy_exports
 
 if TYPE_CHECKING:  # these load torch and the trainer hooks: imported on first use
     from spotguard.drill.budget import Budget, check_budget
+    from spotguard.drill.elastic import run_elastic_drill
+    from spotguard.drill.elastic_report import ElasticReport
     from spotguard.drill.report import DrillReport, Interruption
     from spotguard.drill.runner import run_drill
 
@@ -33,11 +37,13 @@ __all__ = [
     "DrillFailed",
     "DrillOptions",
     "DrillReport",
+    "ElasticReport",
     "Interruption",
     "check_budget",
     "from_args",
     "parse_flag",
     "run_drill",
+    "run_elastic_drill",
 ]
 
 _LAZY = {
@@ -46,6 +52,8 @@ _LAZY = {
     "DrillReport": "spotguard.drill.report",
     "Interruption": "spotguard.drill.report",
     "run_drill": "spotguard.drill.runner",
+    "run_elastic_drill": "spotguard.drill.elastic",
+    "ElasticReport": "spotguard.drill.elastic_report",
 }
 
 

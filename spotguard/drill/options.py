@@ -55,6 +55,15 @@ class DrillOptions:
             parse=parse_size,
         ),
     )
+    #: Nodes of a torchrun elastic job (:mod:`~spotguard.drill.elastic`); 1: no torchrun.
+    nodes: int = field(
+        default=1, metadata=_cli("nodes of one torchrun elastic job (default 1)", parse=int)
+    )
+    #: With ``nodes``: the fewest that may train (torchrun's ``--nnodes MIN:MAX``); ``None``:
+    #: all of them (the survivors wait for the replacement).
+    min_nodes: int | None = field(
+        default=None, metadata=_cli("with --nodes: the fewest that may train", parse=int)
+    )
     #: Seconds each built-in training step sleeps, so the notice lands mid-run as on a GPU.
     step_time: float = 0.03
     #: The agent's IMDS poll interval (the daemon's default is 1 s).
@@ -76,6 +85,19 @@ class DrillOptions:
             raise ConfigError("--ranks applies to the built-in workload; a script starts its own")
         if self.state_bytes and self.script is not None:
             raise ConfigError("--state-size applies to the built-in workload, not to a script")
+        if not 1 <= self.nodes <= 4:
+            raise ConfigError(f"nodes must be 1..4, got {self.nodes}")
+        if self.min_nodes is not None and self.nodes == 1:
+            raise ConfigError("--min-nodes applies with --nodes 2 or more")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(f"min-nodes must be 1..{self.nodes} (--nodes), got {self.min_nodes}")
+        if self.nodes > 1:
+            for name, value, default in (("ranks", self.ranks, 1), ("interruptions",
+                                         self.interruptions, 1), ("script", self.script, None),
+                                         ("state-size", self.state_bytes, 0)):  # fmt: skip
+                if value != default:
+                    raise ConfigError(f"--{name} does not apply with --nodes (one worker per "
+                                      "node, one interruption, the built-in workload)")  # fmt: skip
         for name in ("state_bytes", "step_time"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
