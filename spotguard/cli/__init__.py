@@ -8,6 +8,7 @@ that runs them (``register(commands)`` adds the parser and sets ``handler``)::
     ckpt               spotguard.cli.ckpt       list | verify | prune | pull a checkpoint store
     drill              spotguard.cli.drill      the interruption loop rehearsed on this machine
     fleet              spotguard.cli.fleet      render | package | job-end | wait-clear
+    rendezvous-store   spotguard.cli.rendezvous the c10d store of a torchrun elastic job
     install-units      spotguard.cli.units      copy the shipped systemd unit files
 
 A handler imports what it needs when it runs, so ``spotguard agent`` never loads torch, boto3
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from spotguard.cli import agent, ckpt, drill, fleet, imds_sim, units
+from spotguard.cli import agent, ckpt, drill, fleet, imds_sim, rendezvous, units
 from spotguard.errors import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -38,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spotguard", description="Keep spot GPU training alive.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (agent, ckpt, drill, fleet, units, imds_sim):
+    for module in (agent, ckpt, drill, fleet, units, imds_sim, rendezvous):
         module.register(commands)
     return parser
 

@@ -3,17 +3,18 @@
 Every node is what an instance of the fleet runs: its own IMDS simulator and real agent
 (:class:`~spotguard.drill._node.Node`), its own state dir, and torch's real elastic launcher
 (``torchrun --nnodes MIN:N --rdzv-backend c10d``) with one worker
-(:mod:`~spotguard.drill.elastic_workload`). They meet at a rendezvous store this process
-hosts, standing in for the fleet's rendezvous host (never a spot node: fleet/README.md).
+(:mod:`~spotguard.drill.elastic_workload`). They meet at a rendezvous store
+(``spotguard rendezvous-store``), as the fleet's nodes meet at its rendezvous host's.
 
 The drill runs the job once uninterrupted (the reference), then again: it serves a spot
 interruption to the node that holds rank 0 (the one whose address every worker's process group
 uses), lets the real path happen (its agent signals, every rank stops after the same step and
 commits one emergency checkpoint, its workers exit 75 and its torchrun agent is stopped so it
 neither restarts them nor rejoins), then terminates that node as EC2 would and starts a fresh
-replacement a few seconds later. The survivors' launchers restart their workers and re-form the
-group, with the survivors (at least ``min_nodes``) or with the replacement, and the job
-resumes from the emergency checkpoint. Checked: every rank stopped at the same step, every
+replacement: 5 s later when the survivors cannot train without it, or once they have resumed
+without it. The survivors' launchers restart their workers and re-form the group (with the
+replacement, or at the smaller world size and then again when the replacement joins), and
+the job resumes from the emergency checkpoint. Checked: every rank stopped at the same step, every
 resume restored the state that was saved (digests), and when the world size never changed,
 the final weights equal the reference's bit for bit.
 """
@@ -44,13 +45,14 @@ from spotguard.trainer_hooks import CheckpointStore
 __all__ = ["run_elastic_drill"]
 
 #: Optimizer steps of the job, whatever the world size, and the periodic checkpoint interval.
-STEPS, EVERY = 120, 20
+STEPS, EVERY = 160, 20
 #: Seconds each step sleeps: the notice must land mid-run, a few polls before the job's end.
 STEP_TIME = 0.1
 #: The notice is served once the job has trained this many steps.
 NOTICE_AT_STEP = 30
-#: Seconds between the node's termination and its replacement's start (a late replacement:
-#: the survivors wait for it when ``min_nodes`` is all of them).
+#: Seconds between the node's termination and its replacement's start when ``min_nodes`` is
+#: all of them (a late replacement: the survivors wait for it); with fewer, the replacement
+#: starts once the survivors have resumed without it.
 REPLACEMENT_DELAY = 5.0
 #: torchrun's rendezvous settings: a node silent for ``keep_alive_interval`` x
 #: ``keep_alive_max_attempt`` seconds is dead; a round closes ``last_call_timeout`` seconds
@@ -70,13 +72,19 @@ class _Instance:
     events: list[tuple[float, str]] = field(default_factory=list)
 
     def terminate(self) -> None:
-        """What EC2 does at the end of the notice: everything on the instance is gone."""
-        with suppress(ProcessLookupError):
-            os.killpg(self.launcher.pid, signal.SIGKILL)
-        for worker in _workers_of(self.launcher.pid, live_only=False):
+        """What EC2 does at the end of the notice: everything on the instance is gone. Its
+        processes are collected before any is killed (torchrun starts its workers in sessions
+        of their own; once torchrun is gone they would be orphans nobody finds); a torchrun
+        already reaped is not signalled (its pid may be another process's by now)."""
+        if self.launcher.returncode is None:
             with suppress(psutil.Error):
-                worker.kill()
-        self.launcher.wait()
+                doomed = psutil.Process(self.launcher.pid).children(recursive=True)
+                for process in doomed:
+                    with suppress(psutil.Error):
+                        process.kill()
+            with suppress(ProcessLookupError):
+                os.killpg(self.launcher.pid, signal.SIGKILL)
+            self.launcher.wait()
         for process in psutil.process_iter(["cmdline"]):  # a worker's thaw script (.launcher)
             argv = process.info["cmdline"] or []
             if any(arg.endswith("thaw.py") for arg in argv) and str(self.launcher.pid) in argv:
@@ -101,11 +109,19 @@ def _workers_of(launcher: int, *, live_only: bool = True) -> list[psutil.Process
 
 class _ElasticDrill:
     def __init__(self, options: DrillOptions, folder: Path, say: Callable[[str], None]) -> None:
-        from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
         self.options, self.folder, self.say = options, folder, say
         self.min_nodes = options.min_nodes or options.nodes
-        self.rdzv = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        # The very command the fleet's rendezvous host runs.
+        self.rdzv = subprocess.Popen(
+            [sys.executable, "-m", "spotguard", "rendezvous-store", "--host", "127.0.0.1",
+             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert self.rdzv.stdout is not None
+        served = self.rdzv.stdout.readline().strip()
+        if " serving " not in served:
+            self.rdzv.wait(30)
+            raise DrillFailed("rendezvous", f"the rendezvous store did not start: {served}")
+        self.rdzv_port = int(served.rsplit(":", 1)[1])
         self.instances: list[_Instance] = []
         self.launched = 0
 
@@ -127,7 +143,7 @@ class _ElasticDrill:
             launcher = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run",
                  "--nnodes", f"{self.min_nodes}:{self.options.nodes}", "--nproc-per-node", "1",
-                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.rdzv.port}",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.rdzv_port}",
                  "--rdzv-id", run_id, "--rdzv-conf", RDZV_CONF, "--max-restarts", "3",
                  "--monitor-interval", "0.5", "-m", "spotguard.drill.elastic_workload",
                  "--store", store, "--results", str(results), "--steps", str(STEPS),
@@ -208,8 +224,14 @@ class _ElasticDrill:
         report.launcher_stopped = stopped
         target.terminate()
         target.events.append((time.time(), "instance terminated"))
-        self.say(f"{target.name} terminated; replacement in {REPLACEMENT_DELAY:.0f} s")
-        time.sleep(REPLACEMENT_DELAY)
+        if self.min_nodes < self.options.nodes:  # the survivors go on without it first
+            stop = max(int(r["step"]) for r in _results(results) if r.get("outcome"))
+            self._wait(lambda: _progress(results) > stop, "the survivors' first resumed step",
+                       self.options.launch_timeout)  # fmt: skip
+            self.say(f"{target.name} terminated; the survivors resumed; replacement now")
+        else:
+            self.say(f"{target.name} terminated; replacement in {REPLACEMENT_DELAY:.0f} s")
+            time.sleep(REPLACEMENT_DELAY)
         replacement = self._launch(results, store, "drill", agent=True)
         replacement.events.append((replacement.started_at, "replacement node started"))
         self._finish("the interrupted job's end")
@@ -228,6 +250,8 @@ class _ElasticDrill:
     def close(self) -> None:
         for instance in self.instances:
             instance.terminate()
+        self.rdzv.terminate()
+        self.rdzv.wait(30)
 
 
 def _results(folder: Path) -> list[dict[str, Any]]:
@@ -259,14 +283,16 @@ def run_elastic_drill(
         store = options.store or str(folder / "store")
         prefix = f"{store.rstrip('/')}/spotguard-drill-{int(time.time())}"
         report = ElasticReport(options.nodes, options.min_nodes or options.nodes, prefix)
-        drill = _ElasticDrill(options, folder, say)
+        drill: _ElasticDrill | None = None
         try:
+            drill = _ElasticDrill(options, folder, say)
             report.reference = drill.reference(f"{prefix}/reference")
             drill.interrupted(report)
         except DrillFailed as exc:
             report.fail(exc.step, str(exc))
         finally:
-            drill.close()
+            if drill is not None:
+                drill.close()
             with suppress(CheckpointError):  # the drill's own prefix; a failure to tidy is moot
                 for used in (CheckpointStore(prefix), CheckpointStore(f"{prefix}/reference")):
                     for manifest in used.list():

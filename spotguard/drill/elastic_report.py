@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 __all__ = ["ElasticReport"]
 
+#: A worker's exit code by the outcome it recorded as it left (no outcome: it never left by
+#: itself, or crashed before it could say).
+_EXIT_CODES = {"preempted": 75, "finished": 0}
 #: What a worker's SpotGuard events are called in the timeline.
 _WORKER_EVENTS = {"stop_requested": "stop requested", "save_committed": "emergency checkpoint "
                   "committed", "exiting": "worker exiting (75)"}  # fmt: skip
@@ -45,15 +48,19 @@ class ElasticReport:
     stop_steps: list[int] = field(default_factory=list)
     agreed: bool | None = None
     resumed_at: list[int] = field(default_factory=list)
-    #: Every resume restored the state that was saved (SHA-256 of model and optimizer).
+    #: Every attempt started after the notice resumed from a checkpoint a stop saved, and
+    #: restored that state (SHA-256 of model, optimizer and LR schedule).
     state_equal: bool | None = None
+    #: Workers that recorded no outcome (killed, crashed): each one fails the drill.
+    unaccounted: list[str] = field(default_factory=list)
     #: Final weights equal the uninterrupted reference's; ``None`` when the world size changed
     #: (data-parallel training then takes other steps: only ``state_equal`` applies).
     bit_exact: bool | None = None
     reference: str | None = None
     final: str | None = None
-    #: Per node: its workers' exit codes (one per attempt) and its torchrun's exit code
-    #: (``None``: it never exited, the instance went away with it).
+    #: Per node: its workers' exit codes (one per attempt, by the outcome each recorded as it
+    #: left; ``None``: none recorded) and its torchrun's exit code (``None``: it never exited,
+    #: the instance went away with it).
     exit_codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     timeline: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
@@ -79,10 +86,16 @@ class ElasticReport:
         saved: dict[int, set[str]] = {}
         for record in preempted:
             saved.setdefault(int(record["step"]), set()).add(str(record.get("saved_state")))
-        resumed = [r for r in results if r.get("resumed_from")]
-        self.resumed_at = sorted({int(r["resumed_from"]) for r in resumed})
+        # Every attempt started after the notice resumes, from a checkpoint a stop saved.
+        resumed = [r for r in results if r["started_at"] > origin]
+        self.resumed_at = sorted({int(r.get("resumed_from") or 0) for r in resumed})
         self.state_equal = bool(resumed) and all(
-            saved.get(int(r["resumed_from"])) == {r.get("restored")} for r in resumed
+            saved.get(int(r.get("resumed_from") or 0)) == {r.get("restored")} for r in resumed
+        )
+        self.unaccounted = sorted(
+            f"{r['node']} rank {r['rank']} (attempt {r['attempt']})"
+            for r in results
+            if r.get("outcome") not in _EXIT_CODES
         )
         finals = [r["final"] for r in results if r.get("final")]
         self.final = finals[0] if len(finals) == 1 else None
@@ -93,6 +106,8 @@ class ElasticReport:
                           key=lambda r: r["started_at"])  # fmt: skip
             events = [(what, at - origin) for at, what in instance.events]
             for record in mine:
+                formed = f"group formed: rank {record['rank']} of {record['world']}"
+                events.append((formed, record["started_at"] - origin))
                 if record.get("first_step_at"):
                     what = f"first step of attempt {record['attempt']} (world {record['world']})"
                     events.append((what, record["first_step_at"] - origin))
@@ -102,7 +117,7 @@ class ElasticReport:
             self.timeline[instance.name] = sorted(
                 ((what, round(seconds, 3)) for what, seconds in events), key=lambda e: e[1]
             )
-            codes = [{"preempted": 75, "finished": 0}.get(str(r.get("outcome")), 1) for r in mine]
+            codes = [_EXIT_CODES.get(str(r.get("outcome"))) for r in mine]
             launcher = instance.launcher.returncode
             self.exit_codes[instance.name] = {
                 "workers": codes, "torchrun": launcher if launcher is not None and launcher >= 0
@@ -110,9 +125,17 @@ class ElasticReport:
 
     def judge(self) -> None:
         """``passed`` when every check held (the first that did not is the failure)."""
+        expected = ([self.nodes] * 2 if self.min_nodes == self.nodes
+                    else [self.nodes, self.nodes - 1, self.nodes])  # fmt: skip
         checks = [
             ("interruption", self.launcher_stopped is True,
              "the notified node's torchrun agent was not stopped: it would rejoin"),
+            ("interruption", not self.unaccounted,
+             f"workers left without a word: {', '.join(self.unaccounted)}"),
+            ("resume", self.world_sizes == expected,
+             f"the group formed at world sizes {self.world_sizes}, expected {expected}"),
+            ("resume", self.resumed_at == self.stop_steps,
+             f"resumed at steps {self.resumed_at}, the stops were after {self.stop_steps}"),
             ("interruption", self.agreed is True,
              f"the ranks of one group stopped after different steps: {self.stop_steps}"),
             ("resume", self.state_equal is True,

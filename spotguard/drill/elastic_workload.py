@@ -52,8 +52,8 @@ def average_gradients(model: nn.Module, world: int) -> None:
 
 
 def state_digest(state: dict[str, Any]) -> str:
-    """SHA-256 over the model's and the optimizer's tensors (and the optimizer's plain
-    values): equal digests mean the same training state, bit for bit."""
+    """SHA-256 over the model's, the optimizer's and the LR schedule's state (tensors and
+    plain values): equal digests mean the same training state, bit for bit."""
     digest = hashlib.sha256()
 
     def walk(node: Any, path: str) -> None:
@@ -71,6 +71,7 @@ def state_digest(state: dict[str, Any]) -> str:
 
     walk(state["model"].state_dict(), "model")
     walk(state["optimizer"].state_dict(), "optimizer")
+    walk(state["scheduler"].state_dict(), "scheduler")
     return digest.hexdigest()
 
 

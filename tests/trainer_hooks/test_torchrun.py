@@ -4,7 +4,7 @@ A notice on the node means the node goes away: its workers save and exit 75, and
 agent must not take that for a failure to recover from (it would restart the workers on the
 dying node and rejoin the rendezvous). The workers stop it first (``.launcher``); should the
 node still be there once the notice's deadline and grace are past, the agent is ended so that
-the job can start again (``.thaw``).
+the job can start again (``.thaw``), once the agent no longer holds the notice.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def thaws(launcher_pid: int) -> list[psutil.Process]:
 @pytest.mark.parametrize("deadline_in", [120, -NOTICE_GRACE_SECONDS + 25], ids=["due", "overdue"])
 def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path, deadline_in):
     """``due``: the node goes within the notice: the agent stays stopped (the instance goes
-    with it). ``overdue``: the node is still here 25 s before the notice turns stale: the
-    agent is ended then (a signal: the rendezvous stays open) and torchrun exits."""
+    with it). ``overdue``: the node is still here 25 s before the notice turns stale: once
+    those 25 s are past and the agent has cleared the notice, torchrun's agent is ended (a
+    signal: the rendezvous stays open) and exits."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     process = launch(tmp_path, state_dir)
@@ -89,13 +90,17 @@ def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path, deadl
             latest = CheckpointStore(str(tmp_path / "store")).latest()
             assert latest is not None
             assert latest.kind == "emergency"
-        else:  # past the deadline: no time to save; the agent is ended 25 s after the notice
+        else:  # past the deadline: no time to save; ended 25 s after the notice, once cleared
+            (state_dir / "notice.json").unlink()  # what the agent does once it is over
             _, stderr = process.communicate(timeout=120)
             assert process.returncode != 0
             assert "SignalException" in stderr or "Signal 15" in stderr, stderr[-2000:]
             assert "will restart worker group" not in stderr
             thaw.wait(30)
     finally:
+        with suppress(psutil.Error):  # torchrun starts its workers in sessions of their own
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
@@ -117,3 +122,40 @@ def test_a_notice_stops_torchruns_agent_before_its_workers_leave(tmp_path, deadl
 )
 def test_torchrun_is_known_by_its_command_line(argv, expected):
     assert _is_torchrun(argv) is expected
+
+
+def test_the_thaw_waits_for_the_notice_to_end_then_ends_only_that_stopped_process(
+    tmp_path, monkeypatch
+):
+    """Run in this process against a real stopped process: nothing while the notice file
+    holds the notice (a maintenance window still open), then SIGTERM + SIGCONT; never a
+    process whose start time differs (a recycled pid)."""
+    import threading
+
+    from spotguard.trainer_hooks._internals import thaw
+
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        ticks = thaw.proc_stat(sleeper.pid)[1]
+        now = datetime.now(timezone.utc)
+        notice = Notice("scheduled-maintenance", "reboot", now, now, key="e-1")
+        path = write_notice(tmp_path, notice)
+        thaw.main([str(sleeper.pid), str(ticks + 1), "0", str(path), "other/id"])
+        assert thaw.proc_stat(sleeper.pid)[0] == "T"  # another start time: left alone
+        reads = []
+        holds = thaw._holds
+        monkeypatch.setattr(thaw, "RECHECK_SECONDS", 0.01)
+        monkeypatch.setattr(thaw, "_holds", lambda *args: reads.append(1) or holds(*args))
+        ending = threading.Thread(
+            target=thaw.main, args=([str(sleeper.pid), str(ticks), "0", str(path), notice.id],)
+        )
+        ending.start()
+        wait_for(lambda: len(reads) >= 5, what="the thaw to re-read the notice")
+        assert thaw.proc_stat(sleeper.pid)[0] == "T"  # the notice holds: still stopped
+        path.unlink()
+        ending.join(30)
+        assert sleeper.wait(30) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+        sleeper.wait()

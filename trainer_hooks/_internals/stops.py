@@ -6,8 +6,9 @@
 * **IMDS itself**, polled by a thread where no agent runs (``imds_endpoint``);
 * a **rebalance recommendation**: not a stop, an early periodic save (training goes on).
 
-A notice (not a bare signal) also stops torchrun's agent above this worker, so that a node
-going away neither restarts its workers nor rejoins the rendezvous (:mod:`.launcher`).
+Leaving with the exit code on a node with a notice (not after a bare signal), a worker stops
+torchrun's agent above it, so that a node going away neither restarts its workers nor rejoins
+the rendezvous (:mod:`.launcher`).
 
 It also keeps the process's **registration** with the agent (a connection to
 ``<state_dir>/agent.sock``: :mod:`.agent_link`; notices pushed down it stop training like the
@@ -67,8 +68,8 @@ class StopIntake:
         #: When this process itself was told to stop (``time.monotonic()``).
         self._own_stop_at: float | None = None
         self._stale_told: set[str] = set()
-        #: This node's notice arrived (torchrun's agent above this worker is stopped then).
-        self._node_leaving = False
+        #: The notice that this node is going away, once it arrived.
+        self._node_notice: Notice | None = None
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -113,7 +114,12 @@ class StopIntake:
 
     def close(self, exit_code: int | None, step: int | None = None) -> None:
         """Give the signals back and leave the agent (telling it the exit code and step when
-        they are known). The watchers must be stopped already."""
+        they are known); leaving with the exit code on a node that is going away, stop
+        torchrun's agent first (:mod:`.launcher`). The watchers must be stopped already."""
+        if exit_code is not None and exit_code == self.settings.exit_code:
+            notice = self._leaving_notice()
+            if notice is not None:
+                stop_torchrun_agent(notice, self.state_dir / "notice.json")
         for signum, handler in self._previous_handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
@@ -123,6 +129,24 @@ class StopIntake:
             self._link = None
 
     # -- stop requests --------------------------------------------------------------------
+
+    def _leaving_notice(self) -> Notice | None:
+        """This node's notice that it is going away: the one this process saw, or one the
+        agent has written since (this process may have stopped for another rank first)."""
+        if self._node_notice is not None:
+            return self._node_notice
+        try:
+            notice = self._read_notice_file()
+        except ProtocolError:
+            return None
+        if notice is None or not notice.signals_targets:
+            return None
+        if (
+            notice.deadline is not None
+            and datetime.now(timezone.utc) > notice.deadline + NOTICE_GRACE
+        ):
+            return None  # a leftover
+        return notice
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the save happens at the next step boundary, never in a handler, and a
@@ -214,9 +238,7 @@ class StopIntake:
                 self._notice_deadline = notice.deadline
             if self.reason is None:
                 log.warning("%s says %s: stopping at the next step", source, notice.kind)
-            if not self._node_leaving:  # before any worker here exits: see .launcher
-                self._node_leaving = True
-                stop_torchrun_agent(notice.deadline)
+            self._node_notice = notice
             self.request_stop(f"{source}:{notice.kind}")
         elif not self.early_save:
             log.info("rebalance recommendation: checkpointing early, training goes on")
