@@ -191,7 +191,11 @@ def test_ddp_rank_1_terminated_during_validation_every_rank_saves_and_exits_75(
     assert exit_codes(tmp_path, 2) == [75, 75]
     assert [b for b in val_batches(val_progress) if b[0] == 12] == [(12, 0)]
     latest = CheckpointStore(str(tmp_path / "store")).latest()
-    assert (latest.step, latest.kind) == (12, "emergency")
+    # As with one process (above): a periodic save deferred to step 12 may have committed
+    # first on a busy machine (CI's two xdist workers did), and the emergency then has nothing
+    # to add. Either way, step 12, with both ranks' files.
+    assert latest.step == 12
+    assert latest.kind in ("emergency", "periodic")
     assert sorted(latest.files) == ["rank-1.pt", "state.pt"]
 
     out = tmp_path / "final.pt"
