@@ -32,7 +32,8 @@ has a budget (:attr:`JobEnd.budget_seconds`, 60 s) and short botocore timeouts; 
 power off is armed first, and the node powers off whatever happens on the way.
 
 The fleet is found from the instance's ``aws:ec2:fleet-id`` tag, which EC2 Fleet puts on every
-instance it launches; the role may modify only that one fleet (``job_end.tf``).
+instance it launches; the role may modify only that one fleet (``job_end.tf``). A multi-node
+job's rendezvous host is stopped with it (its next run needs an empty store).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class JobEnd:
     #: job-end policy, created after the fleet, reaches EC2; a fleet still modifying;
     #: throttling): well under the unit's TimeoutStopSec (100 s), which also bounds job-end.
     budget_seconds: float = 60.0
+    #: A multi-node job's rendezvous host (``SPOTGUARD_RENDEZVOUS_INSTANCE_ID``), stopped with
+    #: the fleet: the next run needs an empty store (the module starts the host again).
+    rendezvous_instance_id: str | None = None
 
     def __post_init__(self) -> None:
         if not _JOB.match(self.job):
@@ -127,6 +131,12 @@ class JobEnd:
         if self.checkpoint_uri is not None and not _S3_URI.match(self.checkpoint_uri.rstrip("/")):
             raise ConfigError(
                 f"checkpoint_uri: expected s3://bucket/prefix, got {self.checkpoint_uri!r}"
+            )
+        if self.rendezvous_instance_id is not None and not _INSTANCE.match(
+            self.rendezvous_instance_id
+        ):
+            raise ConfigError(
+                f"rendezvous_instance_id: expected i-..., got {self.rendezvous_instance_id!r}"
             )
         if isinstance(self.max_failures, bool) or self.max_failures < 1:
             raise ConfigError(f"max_failures: must be >= 1, got {self.max_failures!r}")
@@ -327,6 +337,18 @@ class JobEnd:
         except SpotguardError as exc:
             status["end_error"] = str(exc)
             problem = problem or str(exc)
+        host = self.rendezvous_instance_id
+        if host is not None:
+            try:
+                self._attempt_value(
+                    lambda: ec2.stop_instances(InstanceIds=[host]),
+                    f"stopping the rendezvous host {host}",
+                    deadline,
+                )
+                status["rendezvous_host"] = "stopped"
+            except SpotguardError as exc:
+                status["rendezvous_error"] = str(exc)
+                problem = problem or str(exc)
         # Again, with the fleet's ID and the outcome of ModifyFleet (or why it failed); this
         # one may use a few seconds past the budget, which leaves TimeoutStopSec's margin.
         problem = self._attempt(publish, "writing the status object", deadline + 10) or problem

@@ -14,7 +14,11 @@ pass through to the ``spot-training-fleet`` module::
         instance_types: [g5.12xlarge, g6.12xlarge]
         allowed_instance_types: [g5.*, g6.*]  # optional: the default is the DLAMI's GPU families
         allow_gpu_count_change: false     # optional: true if the job resumes at any world size
-        capacity_units: 1                 # -> target_capacity (1: one single-node job; 0: paused)
+        nodes: 1                          # -> nodes (more: one torchrun job across them)
+        min_nodes: 2                      # optional, nodes > 1: fewest nodes it runs on
+        processes_per_node: gpu           # optional, nodes > 1: torchrun --nproc-per-node
+        cluster_placement_group: false    # optional, nodes > 1
+        capacity_units: 1                 # -> target_capacity (nodes: it runs; 0: paused)
         on_demand_base_units: 0           # -> on_demand_base_capacity
         spot_max_price: 4.10              # -> spot_max_price ("4.10")
         ami_id: ami-0abc                  # optional
@@ -172,14 +176,10 @@ def _check_instance_types(types: list[str], allowed: list[str] | None) -> None:
         )
 
 
-def _capacity(key: str, value: Any) -> int:
-    units = _whole(0)(key, value)  # 0: the job paused, or ended (job-end set its fleet to 0)
-    if units > 1:
-        raise RenderError(
-            f"{key}: {units} nodes need the multi-node mode, which is not there yet (a later "
-            "issue): one fleet runs one single-node job, so capacity_units must be 1"
-        )
-    return units
+def _processes(key: str, value: Any) -> str:
+    if value == "gpu" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return str(value)
+    raise RenderError(f"{key}: expected gpu (one process per GPU) or a number >= 1, got {value!r}")
 
 
 def _version(key: str, value: Any) -> str:
@@ -199,7 +199,12 @@ FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "infrastructure.training.instance_types": ("instance_types", _strings),
     "infrastructure.training.allowed_instance_types": ("allowed_instance_types", _patterns),
     "infrastructure.training.allow_gpu_count_change": ("allow_gpu_count_change", _flag),
-    "infrastructure.training.capacity_units": ("target_capacity", _capacity),
+    "infrastructure.training.nodes": ("nodes", _whole(1)),
+    "infrastructure.training.min_nodes": ("min_nodes", _whole(1)),
+    "infrastructure.training.processes_per_node": ("processes_per_node", _processes),
+    "infrastructure.training.cluster_placement_group": ("cluster_placement_group", _flag),
+    # 0 pauses the job, or says it ended (job-end set its fleet to 0); else it equals nodes.
+    "infrastructure.training.capacity_units": ("target_capacity", _whole(0)),
     "infrastructure.training.on_demand_base_units": ("on_demand_base_capacity", _whole(0)),
     "infrastructure.training.spot_max_price": ("spot_max_price", _price),
     "infrastructure.training.ami_id": ("ami_id", _prefixed("ami-")),
@@ -277,12 +282,7 @@ def render(config: Any) -> dict[str, Any]:
     if "infrastructure.checkpoints.bucket" in found:
         # Naming a bucket means using it: creating it again would fail, or worse, succeed.
         variables["create_bucket"] = False
-    on_demand = variables.get("on_demand_base_capacity", 0)
-    if on_demand > variables.get("target_capacity", 1):
-        raise RenderError(
-            "infrastructure.training.on_demand_base_units: more than capacity_units "
-            f"({on_demand} > {variables.get('target_capacity', 1)})"
-        )
+    _check_nodes(variables)
     types, subnets = variables.get("instance_types"), variables["subnet_ids"]
     if types is not None:
         _check_instance_types(types, variables.get("allowed_instance_types"))
@@ -292,6 +292,34 @@ def render(config: Any) -> dict[str, Any]:
             "subnets is more than the 50 overrides EC2 Fleet accepts"
         )
     return dict(sorted(variables.items()))
+
+
+def _check_nodes(variables: dict[str, Any]) -> None:
+    """The node counts against each other, as the module checks them."""
+    nodes = variables.get("nodes", 1)
+    capacity = variables.get("target_capacity", nodes)
+    key = "infrastructure.training"
+    if capacity not in (0, nodes):
+        raise RenderError(
+            f"{key}.capacity_units: {capacity} with nodes {nodes}: capacity_units is nodes (the "
+            "job runs) or 0 (paused); a job across several nodes is nodes: N"
+        )
+    if variables.get("min_nodes", 1) > nodes:
+        raise RenderError(f"{key}.min_nodes: more than nodes ({variables['min_nodes']} > {nodes})")
+    multi_node_only = ("min_nodes", "processes_per_node", "cluster_placement_group")
+    given = [name for name in multi_node_only if name in variables]
+    if nodes == 1 and given:
+        raise RenderError(f"{key}.{given[0]}: only for a job across several nodes (nodes > 1)")
+    if nodes > 1 and len(variables["subnet_ids"]) != 1:
+        raise RenderError(
+            "infrastructure.network.subnet_ids: a job across several nodes runs in one "
+            f"Availability Zone: give one subnet, not {len(variables['subnet_ids'])}"
+        )
+    on_demand = variables.get("on_demand_base_capacity", 0)
+    if on_demand > capacity:
+        raise RenderError(
+            f"{key}.on_demand_base_units: more than capacity_units ({on_demand} > {capacity})"
+        )
 
 
 def render_file(path: Path) -> dict[str, Any]:

@@ -105,6 +105,7 @@ def _job_end(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         notice_dir=state_dir_from_env(env),
         checkpoint_uri=env.get("SPOTGUARD_CHECKPOINT_URI") or None,
+        rendezvous_instance_id=env.get("SPOTGUARD_RENDEZVOUS_INSTANCE_ID") or None,
     )
     try:
         decision = policy.handle(

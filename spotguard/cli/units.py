@@ -18,7 +18,11 @@ from spotguard.protocol import write_atomic
 
 __all__ = ["UNIT_FILES", "install_units", "register"]
 
-UNIT_FILES = ("spotguard-agent.service", "spotguard-training@.service")
+UNIT_FILES = (
+    "spotguard-agent.service",
+    "spotguard-training@.service",
+    "spotguard-rendezvous.service",
+)
 
 
 def install_units(dest: Path) -> list[Path]:

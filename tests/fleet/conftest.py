@@ -206,9 +206,20 @@ resource "aws_s3_bucket_policy" "checkpoints" {
 """
 
 
+#: Merged into the rendezvous host on moto (an override file): moto has no MonitorInstances,
+#: which the provider calls for detailed monitoring and retries until its timeout. The module's
+#: setting (true) is asserted by the ``terraform test`` suite (unit.tftest.hcl).
+MOTO_INSTANCE_MONITORING_OVERRIDE = """
+resource "aws_instance" "rendezvous" {
+  monitoring = false
+}
+"""
+
+
 def basic_example_on_moto(destination: Path) -> Path:
     work = copy_config(FLEET / "examples" / "basic", destination)
     (work / "moto_override.tf").write_text(MOTO_PROVIDER_OVERRIDE)
     module = destination / "modules" / "spot-training-fleet"
     (module / "moto_bucket_policy_override.tf").write_text(MOTO_BUCKET_POLICY_OVERRIDE)
+    (module / "moto_monitoring_override.tf").write_text(MOTO_INSTANCE_MONITORING_OVERRIDE)
     return work

@@ -31,7 +31,6 @@ def test_checkov_finds_no_failed_check():
             "--skip-download",
             "--output",
             "json",
-            "--quiet",
         ],
         capture_output=True,
         text=True,
@@ -49,6 +48,17 @@ def test_checkov_finds_no_failed_check():
     assert summary["parsing_errors"] == 0
     assert summary["passed"] >= 40  # the scan saw the module, not an empty folder
     assert summary["resource_count"] >= 20
+    # The multi-node mode's resources (count = 0 by default) were checked too.
+    checked = {
+        check["resource"].removeprefix("module.fleet.")
+        for each in reports
+        for check in each["results"]["passed_checks"]
+    }
+    assert {
+        "aws_instance.rendezvous",
+        "aws_security_group.rendezvous",
+        "aws_iam_role_policy.rendezvous",
+    } <= checked
 
 
 def test_every_checkov_skip_is_inline_with_its_reason():

@@ -193,6 +193,47 @@ def test_exit_0_sets_the_fleet_to_zero_writes_finished_and_powers_off(fleet):
     assert "systemctl --no-block poweroff" in _calls(fleet)
 
 
+def _rendezvous_host(fleet) -> str:
+    """A running on-demand instance standing in for a multi-node job's rendezvous host."""
+    ami = fleet["ec2"].describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    (host,) = fleet["ec2"].run_instances(
+        ImageId=ami, InstanceType="t3.medium", MinCount=1, MaxCount=1
+    )["Instances"]
+    return str(host["InstanceId"])
+
+
+def _instance_state(fleet, instance_id: str) -> str:
+    (reservation,) = fleet["ec2"].describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservation["Instances"][0]["State"]["Name"])
+
+
+def test_the_end_of_a_multi_node_job_stops_its_rendezvous_host(fleet):
+    host = _rendezvous_host(fleet)
+    fleet["env"]["SPOTGUARD_RENDEZVOUS_INSTANCE_ID"] = host
+    _interrupted(fleet)
+    assert _end(fleet, "exited", "75").returncode == 0  # a preemption: the host keeps serving
+    assert _instance_state(fleet, host) == "running"
+    (fleet["tmp"] / "run" / "notice.json").unlink()
+    done = _end(fleet, "exited", "0")
+    assert done.returncode == 0, done.stderr
+    assert _capacity(fleet) == 0
+    assert _instance_state(fleet, host) in ("stopping", "stopped")
+    status = _status(fleet)
+    assert (status["state"], status["rendezvous_host"]) == ("finished", "stopped")
+
+
+def test_a_rendezvous_host_that_cannot_be_stopped_is_said_and_the_node_still_powers_off(fleet):
+    fleet["env"]["SPOTGUARD_RENDEZVOUS_INSTANCE_ID"] = "i-0000000000000dead"
+    done = _end(fleet, "exited", "0")
+    assert done.returncode == 1
+    assert "stopping the rendezvous host i-0000000000000dead failed" in done.stderr
+    assert _capacity(fleet) == 0  # the fleet first: it is what bills
+    status = _status(fleet)
+    assert status["state"] == "finished"
+    assert "i-0000000000000dead" in status["rendezvous_error"]
+    assert "systemctl --no-block poweroff" in _calls(fleet)
+
+
 def _interrupted(fleet) -> None:
     """The agent's notice file: a spot interruption, two minutes from now."""
     now = datetime.now(timezone.utc)

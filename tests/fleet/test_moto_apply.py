@@ -5,21 +5,13 @@ of a model config, so the whole path a user takes is exercised: YAML -> tfvars J
 from __future__ import annotations
 
 import base64
-import http.client
 import json
-import re
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 
-from tests.fleet.built_wheel import with_wheel
-from tests.fleet.conftest import Terraform, basic_example_on_moto
+from tests.fleet.conftest import Terraform
+from tests.fleet.moto_example import AWS_SHAPE_FIXES, apply_basic_example
 
 # The apply alone takes about a minute here (the provider's own S3 and SQS waiters), and the
 # module fixture's setup counts against the first test's limit.
@@ -44,169 +36,18 @@ infrastructure:
 """
 
 
-#: EC2 action -> what to cut from moto's answer to it (see :class:`AwsShapedEc2`).
-AWS_SHAPE_FIXES = {
-    "DescribeFleets": re.compile(rb"<instancePoolsToUseCount>[^<]*</instancePoolsToUseCount>"),
-    "DescribeLaunchTemplateVersions": re.compile(
-        rb"<item><resourceType>launch-template</resourceType><tagSet>.*?</tagSet></item>"
-    ),
-}
-
-
-class AwsShapedEc2:
-    """An HTTP proxy in front of moto that gives two EC2 answers the shape AWS gives them,
-    so that a plan after the apply meets what it would meet on AWS:
-
-    - DescribeFleets without ``instancePoolsToUseCount``: AWS omits it for
-      price-capacity-optimized (provider issue 43176). moto omits it today too; stripping it
-      keeps the test meaningful should moto start echoing it.
-    - DescribeLaunchTemplateVersions without a ``launch-template`` entry among the launch
-      template data's tag specifications: moto copies the template's own tags there, AWS
-      does not.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.rewritten: dict[str, int] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _relay(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                action = parse_qs(body.decode("latin-1")).get("Action", [""])[0]
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                answer = upstream.getresponse()
-                data = answer.read()
-                upstream.close()
-                if action in AWS_SHAPE_FIXES:
-                    data, count = AWS_SHAPE_FIXES[action].subn(b"", data)
-                    proxy.rewritten[action] = proxy.rewritten.get(action, 0) + count
-                self.send_response(answer.status)
-                for key, value in answer.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
-
-
-class _Planner:
-    """``terraform plan`` of the applied working copy, as the drift check runs it, through
-    :class:`AwsShapedEc2`."""
-
-    def __init__(
-        self,
-        terraform: Terraform,
-        work,
-        env: dict[str, str],
-        extra: list[str],
-        proxy: AwsShapedEc2,
-    ):
-        self.terraform, self.work, self.extra, self.proxy = terraform, work, extra, proxy
-        self.env = {**env, "AWS_ENDPOINT_URL": proxy.url}
-
-    def __call__(self, *args: str, refresh: bool = True) -> subprocess.CompletedProcess[str]:
-        refreshing = [] if refresh else ["-refresh=false"]
-        return self.terraform(
-            "plan",
-            "-detailed-exitcode",
-            *refreshing,
-            *self.extra,
-            *args,
-            cwd=self.work,
-            env=self.env,
-            check=False,
-        )
-
-
 @pytest.fixture(scope="module")
 def applied(terraform: Terraform, tmp_path_factory, moto_server):
-    env = {
-        "AWS_ENDPOINT_URL": moto_server,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    session = boto3.Session(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    )
-
-    def client(service: str):
-        return session.client(service, endpoint_url=moto_server)
-
-    ec2 = client("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
-    subnets = [
-        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.40.{i}.0/24", AvailabilityZone=zone)["Subnet"][
-            "SubnetId"
-        ]
-        for i, zone in enumerate(["us-east-1a", "us-east-1b"])
-    ]
-    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    work = basic_example_on_moto(tmp_path_factory.mktemp("moto-apply"))
-    with_wheel(work)  # examples/basic installs the wheel `spotguard fleet package` builds
-    config = work / "model_config.yaml"
-    config.write_text(CONFIG.format(vpc=vpc, subnet_a=subnets[0], subnet_b=subnets[1], ami=ami))
-    rendered = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spotguard",
-            "fleet",
-            "render",
-            str(config),
-            "--out",
-            str(work / "fleet.auto.tfvars.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    extra = [
-        "-var",
-        "terminate_instances_on_delete=false",
-        "-var",
-        'allowed_account_ids=["123456789012"]',
-    ]
-    terraform("init", "-backend=false", cwd=work)
     started = time.monotonic()
-    terraform("apply", "-auto-approve", *extra, cwd=work, env=env)
-    outputs = {
-        name: value["value"]
-        for name, value in json.loads(
-            terraform("output", "-json", cwd=work, env=env).stdout
-        ).items()
-    }
-    proxy = AwsShapedEc2(moto_server)
-    plan = _Planner(terraform, work, env, extra, proxy)
-    yield outputs, client, subnets, plan
-    proxy.close()
+    done = apply_basic_example(
+        terraform,
+        tmp_path_factory.mktemp("moto-apply"),
+        moto_server,
+        CONFIG,
+        ["us-east-1a", "us-east-1b"],
+    )
+    yield done.outputs, done.client, done.subnets, done.plan
+    done.plan.proxy.close()
     # No destroy: the moto server and the working copy go away with their fixtures, and a
     # destroy on moto proves little (it enforces neither IAM nor the order of deletion) for
     # 35 s of the suite's time.
@@ -345,11 +186,11 @@ def test_a_plan_after_the_apply_changes_nothing(applied):
     assert set(plan.proxy.rewritten) == set(AWS_SHAPE_FIXES)
 
 
-def test_a_capacity_above_one_is_refused_until_multi_node_mode(applied):
+def test_a_capacity_other_than_the_node_count_is_refused(applied):
     *_, plan = applied
     done = plan("-var", "target_capacity=2", refresh=False)
     assert done.returncode == 1
-    assert "multi-node mode" in " ".join((done.stdout + done.stderr).split())
+    assert "target_capacity must be nodes" in " ".join((done.stdout + done.stderr).split())
     assert "must be replaced" not in done.stdout
 
 

@@ -65,6 +65,7 @@ def test_package_prints_sha256_and_path_and_keeps_one_wheel(tmp_path):
         "spotguard/agent/daemon.py",
         "spotguard/fleet/job_end.py",
         "spotguard/units/spotguard-training@.service",
+        "spotguard/units/spotguard-rendezvous.service",  # the multi-node rendezvous host's
     ):
         assert shipped in names
     assert not any(name.endswith(".pyc") or ".terraform" in name for name in names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,71 @@ def test_capacity_0_pauses_the_job():
     assert render(config)["target_capacity"] == 0
 
 
+MULTI_NODE = {
+    "nodes": 3,
+    "min_nodes": 2,
+    "processes_per_node": 4,
+    "cluster_placement_group": True,
+    "capacity_units": 3,
+    "on_demand_base_units": 0,
+}
+
+
+def test_a_job_across_nodes_renders_its_node_counts():
+    config = copy.deepcopy(BASE)
+    config["infrastructure"]["training"].update(MULTI_NODE)
+    config["infrastructure"]["network"]["subnet_ids"] = ["subnet-a"]
+    variables = render(config)
+    assert {key: variables[key] for key in ("nodes", "min_nodes", "target_capacity")} == {
+        "nodes": 3,
+        "min_nodes": 2,
+        "target_capacity": 3,
+    }
+    assert (variables["processes_per_node"], variables["cluster_placement_group"]) == ("4", True)
+    config["infrastructure"]["training"]["capacity_units"] = 0  # paused
+    assert render(config)["target_capacity"] == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("capacity_units", 2, "capacity_units: 2 with nodes 3: capacity_units is nodes"),
+        ("min_nodes", 4, "min_nodes: more than nodes (4 > 3)"),
+        (
+            "processes_per_node",
+            "cpu",
+            "processes_per_node: expected gpu (one process per GPU)",
+        ),
+        (
+            "processes_per_node",
+            0,
+            "processes_per_node: expected gpu (one process per GPU)",
+        ),
+        ("on_demand_base_units", 4, "on_demand_base_units: more than capacity_units (4 > 3)"),
+    ],
+)
+def test_bad_node_counts_name_the_key(key, value, message):
+    config = copy.deepcopy(BASE)
+    config["infrastructure"]["training"].update(MULTI_NODE)
+    config["infrastructure"]["network"]["subnet_ids"] = ["subnet-a"]
+    config["infrastructure"]["training"][key] = value
+    with pytest.raises(RenderError, match=re.escape(f"infrastructure.training.{message}")):
+        render(config)
+
+
+def test_a_job_across_nodes_needs_one_subnet():
+    config = copy.deepcopy(BASE)
+    config["infrastructure"]["training"].update(MULTI_NODE)
+    with pytest.raises(RenderError, match="one Availability Zone: give one subnet, not 2"):
+        render(config)
+
+
 def test_rendered_variables_are_all_declared_by_the_basic_example():
     declared = (Path(__file__).parents[2] / "fleet/examples/basic/variables.tf").read_text()
-    for name in render(BASE):
+    config = copy.deepcopy(BASE)
+    config["infrastructure"]["training"].update(MULTI_NODE)
+    config["infrastructure"]["network"]["subnet_ids"] = ["subnet-a"]
+    for name in {**render(BASE), **render(config)}:
         assert f'variable "{name}"' in declared
 
 
@@ -113,7 +176,9 @@ def _with(path: str, value: object) -> dict:
             [f"g5.{i}xl" for i in range(26)],
             "50 overrides",
         ),
-        ("infrastructure.training.capacity_units", 2, "need the multi-node mode, which is not"),
+        ("infrastructure.training.capacity_units", 2, "capacity_units: 2 with nodes 1"),
+        ("infrastructure.training.nodes", 0, "nodes: expected a whole number >= 1"),
+        ("infrastructure.training.min_nodes", 1, "min_nodes: only for a job across several"),
         ("infrastructure.training.on_demand_base_units", 2, "more than capacity_units"),
         (
             "infrastructure.training.instance_types",

@@ -101,24 +101,53 @@ def instance(tmp_path: Path, systemd_analyze: str) -> Path:
     return path
 
 
-def test_training_unit_verifies_clean(instance, systemd_analyze):
+def _verify(systemd_analyze: str, unit: Path) -> None:
     done = subprocess.run(
-        [systemd_analyze, "verify", str(instance)], capture_output=True, text=True, timeout=60
+        [systemd_analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr
 
 
-def test_training_unit_is_hardened_as_far_as_a_gpu_job_allows(instance, systemd_analyze):
+def _exposure(systemd_analyze: str, unit: Path) -> float:
+    """systemd-analyze's exposure score of ``unit`` (0 locked down ... 10 exposed)."""
     done = subprocess.run(
-        [systemd_analyze, "security", "--offline=yes", str(instance)],
+        [systemd_analyze, "security", "--offline=yes", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
-    assert float(match.group(1)) <= 7.5
+    return float(match.group(1))
+
+
+def test_training_unit_verifies_clean(instance, systemd_analyze):
+    _verify(systemd_analyze, instance)
+
+
+def test_training_unit_is_hardened_as_far_as_a_gpu_job_allows(instance, systemd_analyze):
+    assert _exposure(systemd_analyze, instance) <= 7.5
+
+
+RENDEZVOUS = SYSTEMD / "spotguard-rendezvous.service"
+
+
+def test_rendezvous_unit_serves_until_stopped_without_privileges():
+    settings = _settings(RENDEZVOUS.read_text())
+    assert settings["ExecStart"] == ["/bin/bash /etc/spotguard/rendezvous.sh"]
+    # Restarted whatever ended it: the job's next attempt needs a store to meet at.
+    assert systemd_restarts(settings, "exited", "1") is True
+    assert systemd_restarts(settings, "killed", "KILL") is True
+    assert settings["StartLimitIntervalSec"] == ["0"]
+    assert settings["DynamicUser"] == ["yes"]
+
+
+def test_rendezvous_unit_verifies_clean_and_is_locked_down(tmp_path, systemd_analyze):
+    unit = tmp_path / RENDEZVOUS.name
+    unit.write_text(RENDEZVOUS.read_text())
+    _verify(systemd_analyze, unit)
+    assert _exposure(systemd_analyze, unit) <= 2.5  # a store needs the network, nothing else
 
 
 def install_units(dest: Path) -> subprocess.CompletedProcess[str]:
@@ -133,11 +162,13 @@ def test_install_units_copies_the_shipped_units_once(tmp_path):
     dest = tmp_path / "etc" / "systemd" / "system"
     first = install_units(dest)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines() == [
-        f"installed {dest / 'spotguard-agent.service'}",
-        f"installed {dest / 'spotguard-training@.service'}",
-    ]
-    for name in ("spotguard-agent.service", "spotguard-training@.service"):
+    names = (
+        "spotguard-agent.service",
+        "spotguard-training@.service",
+        "spotguard-rendezvous.service",
+    )
+    assert first.stdout.splitlines() == [f"installed {dest / name}" for name in names]
+    for name in names:
         assert (dest / name).read_bytes() == (SYSTEMD / name).read_bytes()
         assert (dest / name).stat().st_mode & 0o777 == 0o644
     again = install_units(dest)

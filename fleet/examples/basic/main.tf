@@ -23,6 +23,10 @@ module "fleet" {
   allowed_instance_types               = var.allowed_instance_types
   allow_gpu_count_change               = var.allow_gpu_count_change
   target_capacity                      = var.target_capacity
+  nodes                                = var.nodes
+  min_nodes                            = var.min_nodes
+  processes_per_node                   = var.processes_per_node
+  cluster_placement_group              = var.cluster_placement_group
   on_demand_base_capacity              = var.on_demand_base_capacity
   capacity_rebalance_termination_delay = var.capacity_rebalance_termination_delay
   spot_max_price                       = var.spot_max_price

@@ -42,3 +42,28 @@ output "status_uri" {
   description = "The job's status object: finished, failed or setup-failed, with the last error."
   value       = module.fleet.status_uri
 }
+
+output "rendezvous_endpoint" {
+  description = "With nodes > 1: HOST:PORT of the rendezvous store the nodes' torchrun meets at; null otherwise."
+  value       = module.fleet.rendezvous_endpoint
+}
+
+output "training_script" {
+  description = "What each node's training service runs (the command, or the torchrun command that starts it)."
+  value       = module.fleet.training_script
+}
+
+output "rendezvous_instance_id" {
+  description = "With nodes > 1: ID of the on-demand instance running the rendezvous store; null otherwise."
+  value       = module.fleet.rendezvous_instance_id
+}
+
+output "security_group_id" {
+  description = "ID of the nodes' security group."
+  value       = module.fleet.security_group_id
+}
+
+output "spotguard_wheel_uri" {
+  description = "Where the nodes install spotguard from."
+  value       = module.fleet.spotguard_wheel_uri
+}

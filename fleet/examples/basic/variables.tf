@@ -44,9 +44,33 @@ variable "allow_gpu_count_change" {
 }
 
 variable "target_capacity" {
-  description = "Number of instances to keep running: 1 (one single-node job; the module refuses more until its multi-node mode exists), or 0 to pause the job. Set 0 after the job ended (it set its fleet to 0 itself), or the next plan starts it again."
+  description = "Number of instances to keep running: null or nodes runs the job, 0 pauses it. Set 0 after the job ended (it set its fleet to 0 itself), or the next plan starts it again."
+  type        = number
+  default     = null
+}
+
+variable "nodes" {
+  description = "How many nodes the job runs on: 1, or more for one torchrun elastic job across them (give one subnet then)."
   type        = number
   default     = 1
+}
+
+variable "min_nodes" {
+  description = "With nodes > 1: the fewest nodes the job runs on (torchrun --nnodes min_nodes:nodes); null means nodes."
+  type        = number
+  default     = null
+}
+
+variable "processes_per_node" {
+  description = "With nodes > 1: training processes per node (torchrun --nproc-per-node): gpu or a number."
+  type        = string
+  default     = "gpu"
+}
+
+variable "cluster_placement_group" {
+  description = "With nodes > 1: launch the nodes into a cluster placement group."
+  type        = bool
+  default     = false
 }
 
 variable "on_demand_base_capacity" {

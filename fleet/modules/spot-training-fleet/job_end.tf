@@ -14,7 +14,7 @@ resource "aws_iam_role_policy" "job_end" {
   role = aws_iam_role.nodes.id
   policy = jsonencode({
     Version = "2012-10-17"
-    Statement = [
+    Statement = concat([
       {
         # Only this fleet: its ARN, known once it exists (so this policy follows the fleet;
         # job-end retries while IAM catches up).
@@ -34,7 +34,14 @@ resource "aws_iam_role_policy" "job_end" {
         Action   = ["ec2:DescribeTags"]
         Resource = "*"
       },
-    ]
+      ], local.multi_node ? [{
+        # A multi-node job's rendezvous host goes with it (multi_node.tf): its next run needs
+        # a fresh store, which the next apply starts.
+        Sid      = "StopTheRendezvousHost"
+        Effect   = "Allow"
+        Action   = ["ec2:StopInstances"]
+        Resource = aws_instance.rendezvous[0].arn
+    }] : [])
   })
 }
 

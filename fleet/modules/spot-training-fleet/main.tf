@@ -103,19 +103,21 @@ locals {
   lease_wait = var.capacity_rebalance_termination_delay + 120 + 60 + 60
 
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    fleet_name = var.name
-    extras     = local.extras
-    # Through the uploaded object (wheel.tf), so that the launch template follows the upload.
-    wheel_s3_uri     = local.wheel_from_path ? "s3://${aws_s3_object.spotguard_wheel[0].bucket}/${aws_s3_object.spotguard_wheel[0].key}" : var.spotguard_wheel_s3_uri
-    wheel_sha256     = local.wheel_sha256
-    status_uri       = local.status_uri
-    max_failures     = var.max_consecutive_failures
-    lease_wait       = local.lease_wait
-    training_python  = var.training_python
-    agent_toml       = local.agent_toml
-    checkpoint_uri   = local.checkpoint_uri
-    training_command = var.training_command
-    training_user    = var.training_user
+    fleet_name      = var.name
+    extras          = local.extras
+    wheel_s3_uri    = local.wheel_uri
+    wheel_sha256    = local.wheel_sha256
+    status_uri      = local.status_uri
+    max_failures    = var.max_consecutive_failures
+    lease_wait      = local.lease_wait
+    training_python = var.training_python
+    agent_toml      = local.agent_toml
+    checkpoint_uri  = local.checkpoint_uri
+    training_script = local.training_script
+    training_user   = var.training_user
+    # The multi-node mode's (multi_node.tf): where torchrun meets, and the host job-end stops.
+    rendezvous_endpoint    = local.rendezvous_endpoint
+    rendezvous_instance_id = local.multi_node ? aws_instance.rendezvous[0].id : ""
   })
 }
 
@@ -167,7 +169,7 @@ resource "aws_launch_template" "nodes" {
   #checkov:skip=CKV_AWS_341:hop limit 2 is deliberate: containers on a bridge network must reach IMDSv2 (metadata_hop_limit = 1 confines it to the host)
   name_prefix            = "${var.name}-"
   description            = "spotguard spot training node for ${var.name}"
-  image_id               = var.ami_id != null ? var.ami_id : terraform_data.ami[0].output
+  image_id               = local.node_ami
   key_name               = var.key_name
   update_default_version = true
   # A node that powers itself off (job-end, a failed set-up) must go away, not stop: spot
@@ -206,6 +208,13 @@ resource "aws_launch_template" "nodes" {
 
   monitoring {
     enabled = true
+  }
+
+  dynamic "placement" {
+    for_each = aws_placement_group.nodes
+    content {
+      group_name = placement.value.name
+    }
   }
 
   tag_specifications {
@@ -296,9 +305,9 @@ resource "aws_ec2_fleet" "training" {
 
   target_capacity_specification {
     default_target_capacity_type = "spot"
-    total_target_capacity        = var.target_capacity
+    total_target_capacity        = local.target_capacity
     on_demand_target_capacity    = var.on_demand_base_capacity
-    spot_target_capacity         = var.target_capacity - var.on_demand_base_capacity
+    spot_target_capacity         = local.target_capacity - var.on_demand_base_capacity
   }
 
   spot_options {
@@ -390,5 +399,7 @@ resource "aws_ec2_fleet" "training" {
     aws_s3_bucket_lifecycle_configuration.checkpoints,
     aws_s3_bucket_policy.checkpoints,
     aws_kms_grant.fleet_volumes,
+    # A multi-node job's rendezvous host runs before its nodes come (multi_node.tf).
+    aws_ec2_instance_state.rendezvous,
   ]
 }

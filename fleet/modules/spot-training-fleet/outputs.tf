@@ -1,5 +1,5 @@
 output "fleet_id" {
-  description = "ID of the EC2 Fleet that keeps target_capacity instances running."
+  description = "ID of the EC2 Fleet that keeps target_capacity (nodes) instances running."
   value       = aws_ec2_fleet.training.id
 }
 
@@ -75,10 +75,25 @@ output "user_data" {
 
 output "spotguard_wheel_uri" {
   description = "Where the nodes install spotguard from: the uploaded wheel (content-addressed by its SHA-256) or spotguard_wheel_s3_uri."
-  value       = local.wheel_from_path ? "s3://${aws_s3_object.spotguard_wheel[0].bucket}/${aws_s3_object.spotguard_wheel[0].key}" : var.spotguard_wheel_s3_uri
+  value       = local.wheel_uri
 }
 
 output "status_uri" {
   description = "The job's status object: written when the job finishes, fails max_consecutive_failures times in a row, or a node's set-up fails, with the last error."
   value       = local.status_uri
+}
+
+output "rendezvous_endpoint" {
+  description = "With nodes > 1: HOST:PORT of the rendezvous store every node's torchrun meets at (SPOTGUARD_RDZV_ENDPOINT on the nodes); null for a single-node job."
+  value       = local.multi_node ? local.rendezvous_endpoint : null
+}
+
+output "rendezvous_instance_id" {
+  description = "With nodes > 1: ID of the on-demand instance that runs the rendezvous store (job-end stops it when the job ends); null for a single-node job."
+  value       = try(aws_instance.rendezvous[0].id, null)
+}
+
+output "training_script" {
+  description = "What each node's training service runs: the training command, or with nodes > 1 the torchrun command that starts it (for review)."
+  value       = local.training_script
 }

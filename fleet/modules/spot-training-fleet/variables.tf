@@ -126,14 +126,103 @@ variable "instance_requirements" {
 }
 
 variable "target_capacity" {
-  description = "Number of instances the fleet keeps running; EC2 replaces every interrupted one. One fleet runs one job, and until the multi-node mode exists that job runs on one node: 1 runs it, 0 pauses it (the checkpoints stay; 1 again resumes it). A job that ended (finished, or failed max_consecutive_failures times) set its fleet to 0 itself: set 0 here too, or the next plan shows the drift 0 -> 1 and an apply starts the job again."
+  description = "Number of instances the fleet keeps running; EC2 replaces every interrupted one. One fleet runs one job, on `nodes` nodes: null or `nodes` runs it, 0 pauses it (the checkpoints stay; `nodes` again resumes it). A job that ended (finished, or failed max_consecutive_failures times) set its fleet to 0 itself: set 0 here too, or the next plan shows the drift 0 -> nodes and an apply starts the job again."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.target_capacity == null ? true : var.target_capacity == 0 || var.target_capacity == var.nodes
+    error_message = "target_capacity must be nodes (the job runs on that many nodes) or 0 (paused); null means nodes. N copies of a single-node job would share one checkpoint prefix: a job across N nodes is nodes = N."
+  }
+}
+
+variable "nodes" {
+  description = "How many nodes the job runs on. 1: a single-node job, as the training command starts it. More: one torchrun elastic job across that many nodes in one Availability Zone (the multi-node mode: the training command runs once per GPU under torchrun, which meets at a rendezvous store on a small on-demand host the module adds; see fleet/README.md)."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.target_capacity == 0 || var.target_capacity == 1
-    error_message = "target_capacity must be 1 (or 0 to pause the job): one fleet runs one single-node job. More nodes need the multi-node mode (one job across N nodes with a rendezvous that survives spot), which is not there yet (a later issue); N copies of one single-node job would share one checkpoint prefix."
+    condition     = var.nodes >= 1 && var.nodes <= 64 && floor(var.nodes) == var.nodes
+    error_message = "nodes must be a whole number from 1 to 64."
   }
+
+  validation {
+    condition     = var.nodes == 1 || length(var.subnet_ids) == 1
+    error_message = "nodes > 1 runs one job across the nodes: give exactly one subnet (one Availability Zone). Across zones, the traffic between nodes is slow and billed, and the rendezvous host's address lives in one subnet."
+  }
+}
+
+variable "min_nodes" {
+  description = "With nodes > 1: the fewest nodes the job runs on (torchrun --nnodes min_nodes:nodes). When a node is lost, the others go on at the smaller size if at least min_nodes remain, and wait for its replacement otherwise. Null means nodes: the world size never changes (and the job need not resume at another world size)."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.min_nodes == null ? true : var.min_nodes >= 1 && var.min_nodes <= var.nodes && floor(var.min_nodes) == var.min_nodes
+    error_message = "min_nodes must be a whole number from 1 to nodes (null: nodes)."
+  }
+}
+
+variable "processes_per_node" {
+  description = "With nodes > 1: torchrun's --nproc-per-node, the training processes per node: gpu (one per GPU, the default) or a number."
+  type        = string
+  default     = "gpu"
+
+  validation {
+    condition     = can(regex("^(gpu|[1-9][0-9]{0,2})$", var.processes_per_node))
+    error_message = "processes_per_node must be gpu or a whole number from 1 to 999."
+  }
+}
+
+variable "max_restarts" {
+  description = "With nodes > 1: torchrun's --max-restarts. Every interruption of another node costs each surviving node one restart (its workers exit 75 after the emergency save, which torchrun counts as a failure), and the count never resets; a node out of restarts ends the job for all nodes. So it is large; a training command that crashes at once also runs this many times before the node counts a failure."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.max_restarts >= 1 && var.max_restarts <= 10000 && floor(var.max_restarts) == var.max_restarts
+    error_message = "max_restarts must be a whole number from 1 to 10000."
+  }
+}
+
+variable "rendezvous_join_timeout" {
+  description = "With nodes > 1: how long, in seconds, the nodes wait at the rendezvous for min_nodes of them (torchrun's join_timeout): after a node is lost, the survivors wait this long for its replacement (launch, set-up and pip install take minutes; spot capacity may take longer). Past it torchrun gives up and the job fails on every node."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.rendezvous_join_timeout >= 600 && var.rendezvous_join_timeout <= 86400
+    error_message = "rendezvous_join_timeout must be 600..86400 seconds: a replacement spot node needs minutes to launch and set itself up."
+  }
+}
+
+variable "rendezvous_port" {
+  description = "With nodes > 1: the TCP port of the rendezvous store (torchrun's --rdzv-endpoint HOST:PORT)."
+  type        = number
+  default     = 29400
+
+  validation {
+    condition     = var.rendezvous_port >= 1024 && var.rendezvous_port <= 65535
+    error_message = "rendezvous_port must be 1024..65535 (the store runs without privileges)."
+  }
+}
+
+variable "rendezvous_instance_type" {
+  description = "With nodes > 1: the instance type of the on-demand rendezvous host, which runs only torch's TCP store (spotguard rendezvous-store): a small general-purpose type."
+  type        = string
+  default     = "t3.medium"
+}
+
+variable "rendezvous_ami_id" {
+  description = "With nodes > 1: the AMI of the rendezvous host, or null for the nodes' AMI. The store is torch's: the AMI needs training_python with torch (the Deep Learning AMIs have it)."
+  type        = string
+  default     = null
+}
+
+variable "cluster_placement_group" {
+  description = "With nodes > 1: launch the nodes into a cluster placement group (low latency, high bandwidth between them). Replacements must then fit the same group, so spot capacity for them can be scarcer."
+  type        = bool
+  default     = false
 }
 
 variable "on_demand_base_capacity" {
@@ -142,8 +231,8 @@ variable "on_demand_base_capacity" {
   default     = 0
 
   validation {
-    condition     = var.on_demand_base_capacity >= 0 && var.on_demand_base_capacity <= var.target_capacity
-    error_message = "on_demand_base_capacity must be between 0 and target_capacity."
+    condition     = var.on_demand_base_capacity >= 0 && var.on_demand_base_capacity <= coalesce(var.target_capacity, var.nodes)
+    error_message = "on_demand_base_capacity must be between 0 and target_capacity (nodes unless paused)."
   }
 }
 
@@ -298,12 +387,17 @@ variable "spotguard_extras" {
 }
 
 variable "training_command" {
-  description = "Command that starts training on each node, run by spotguard-training@<name>.service with SPOTGUARD_CHECKPOINT_URI set. It must resume by itself (SpotCheckpoint or SpotGuard do) and exit 75 when preempted."
+  description = "Command that starts training on each node, run by spotguard-training@<name>.service with SPOTGUARD_CHECKPOINT_URI set; with nodes > 1, the command each process runs, which the module starts under torchrun. It must resume by itself (SpotCheckpoint or SpotGuard do) and exit 75 when preempted."
   type        = string
 
   validation {
     condition     = length(trimspace(var.training_command)) > 0 && !can(regex("[\n\r]", var.training_command))
     error_message = "training_command must be one non-empty line."
+  }
+
+  validation {
+    condition     = var.nodes == 1 || !can(regex("(^|[/\\s])torchrun\\s|torch\\.distributed\\.(run|launch)", var.training_command))
+    error_message = "With nodes > 1 the module starts the training command under torchrun itself: give the command each process runs (python train.py ...), not a torchrun command."
   }
 }
 

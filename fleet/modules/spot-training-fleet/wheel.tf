@@ -10,6 +10,8 @@ locals {
   # Known at plan time: the key (and so the launch template) changes exactly when the code does.
   wheel_sha256 = local.wheel_from_path ? filesha256(var.spotguard_wheel_path) : coalesce(var.spotguard_wheel_sha256, "none")
   wheel_key    = "spotguard/wheels/${local.wheel_sha256}/${local.wheel_name}"
+  # Through the uploaded object, so that what installs it follows the upload.
+  wheel_uri = local.wheel_from_path ? "s3://${aws_s3_object.spotguard_wheel[0].bucket}/${aws_s3_object.spotguard_wheel[0].key}" : var.spotguard_wheel_s3_uri
 }
 
 resource "aws_s3_object" "spotguard_wheel" {

@@ -40,6 +40,15 @@ mock_provider "aws" {
   mock_resource "aws_launch_template" {
     defaults = { arn = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-unit" }
   }
+  mock_resource "aws_network_interface" {
+    defaults = { id = "eni-0rendezvous00000", private_ip = "10.0.1.23" }
+  }
+  mock_resource "aws_instance" {
+    defaults = { id = "i-0rendezvous00000", arn = "arn:aws:ec2:us-east-1:123456789012:instance/i-0rendezvous00000" }
+  }
+  mock_resource "aws_security_group" {
+    defaults = { id = "sg-0mock000000000000" }
+  }
 }
 
 variables {
@@ -686,12 +695,158 @@ run "attribute_based_selection_in_more_than_50_subnets" {
   expect_failures = [aws_ec2_fleet.training]
 }
 
-run "capacity_above_one_until_multi_node_mode" {
+run "capacity_other_than_nodes" {
   command = plan
   variables {
     target_capacity = 2
   }
   expect_failures = [var.target_capacity]
+}
+
+run "single_node_has_no_rendezvous" {
+  command = plan
+
+  assert {
+    condition     = length(aws_instance.rendezvous) == 0 && length(aws_network_interface.rendezvous) == 0 && length(aws_placement_group.nodes) == 0
+    error_message = "A single-node job needs no rendezvous host."
+  }
+  assert {
+    condition     = output.training_script == "exec python /opt/train/train.py --config big.yaml" && !strcontains(output.user_data, "SPOTGUARD_RDZV_ENDPOINT")
+    error_message = "A single-node job runs its command as given."
+  }
+  assert {
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 1
+    error_message = "nodes defaults to 1, and target_capacity to nodes."
+  }
+}
+
+run "multi_node_mode" {
+  command = apply
+  variables {
+    nodes                   = 3
+    min_nodes               = 2
+    subnet_ids              = ["subnet-aaaa"]
+    cluster_placement_group = true
+  }
+
+  assert {
+    condition     = aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 3 && length(aws_ec2_fleet.training.launch_template_config[0].override) == 4
+    error_message = "The fleet keeps 3 nodes, from each instance type in the one subnet."
+  }
+  assert {
+    condition     = aws_launch_template.nodes.placement[0].group_name == aws_placement_group.nodes[0].name && aws_placement_group.nodes[0].strategy == "cluster"
+    error_message = "The nodes launch into the cluster placement group."
+  }
+  assert {
+    condition     = output.training_script == "# One node of a torchrun elastic job of 2..3 nodes (multi-node mode).\nexport TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\nexec /opt/pytorch/bin/python -m torch.distributed.run --nnodes 2:3 --nproc-per-node gpu --rdzv-backend c10d --rdzv-endpoint \"$SPOTGUARD_RDZV_ENDPOINT\" --rdzv-id unit --rdzv-conf is_host=false,join_timeout=3600 --max-restarts 100 --monitor-interval 1 --no-python python /opt/train/train.py --config big.yaml"
+    error_message = "Each node runs the command under torchrun elastic, a client of the rendezvous host's store, with a worker store per group."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "SPOTGUARD_RDZV_ENDPOINT=10.0.1.23:29400\n") && strcontains(output.user_data, "SPOTGUARD_RENDEZVOUS_INSTANCE_ID=i-0rendezvous00000\n") && strcontains(output.user_data, output.training_script) && output.rendezvous_endpoint == "10.0.1.23:29400"
+    error_message = "The nodes' user data carries the store's fixed address, the host job-end stops, and the torchrun command."
+  }
+  assert {
+    condition     = one(aws_instance.rendezvous[0].network_interface).network_interface_id == aws_network_interface.rendezvous[0].id && one(aws_instance.rendezvous[0].network_interface).device_index == 0 && aws_network_interface.rendezvous[0].subnet_id == "subnet-aaaa"
+    error_message = "The host answers at the interface the module created, in the nodes' subnet."
+  }
+  assert {
+    condition     = aws_instance.rendezvous[0].metadata_options[0].http_tokens == "required" && aws_instance.rendezvous[0].root_block_device[0].encrypted && aws_instance.rendezvous[0].instance_type == "t3.medium" && aws_instance.rendezvous[0].monitoring && aws_instance.rendezvous[0].root_block_device[0].volume_size == 200
+    error_message = "The host: IMDSv2 only, encrypted root volume of the nodes' size (its AMI's), small, monitored."
+  }
+  assert {
+    condition     = strcontains(base64decode(aws_instance.rendezvous[0].user_data_base64), "exec /opt/pytorch/bin/python -m spotguard rendezvous-store --host 10.0.1.23 --port 29400") && strcontains(base64decode(aws_instance.rendezvous[0].user_data_base64), "WHEEL_SHA256='1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132'")
+    error_message = "The host serves the store on its fixed address, from the checked wheel."
+  }
+  assert {
+    condition     = length(aws_security_group.rendezvous[0].ingress) == 1 && one(aws_security_group.rendezvous[0].ingress).from_port == 29400 && one(aws_security_group.rendezvous[0].ingress).to_port == 29400 && one(aws_security_group.rendezvous[0].ingress).security_groups == toset([aws_security_group.nodes.id]) && length(coalesce(one(aws_security_group.rendezvous[0].ingress).cidr_blocks, [])) == 0
+    error_message = "The host admits the store's port from the nodes only."
+  }
+  assert {
+    condition     = jsondecode(aws_iam_role_policy.rendezvous[0].policy).Statement[0].Action == ["s3:GetObject"] && jsondecode(aws_iam_role_policy.rendezvous[0].policy).Statement[0].Resource == "arn:aws:s3:::unit-ckpt-123456789012-us-east-1/spotguard/wheels/1b628ab4d6a299069aabfa7b3eddaf9538da5712ae7df642e9d439c1a57ce132/spotguard-0.1.0-py3-none-any.whl" && length(jsondecode(aws_iam_role_policy.rendezvous[0].policy).Statement) == 1
+    error_message = "The host's role reads the wheel and nothing else."
+  }
+  assert {
+    condition     = [for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s.Resource if s.Sid == "StopTheRendezvousHost"] == [aws_instance.rendezvous[0].arn] && [for s in jsondecode(aws_iam_role_policy.job_end.policy).Statement : s.Action if s.Sid == "StopTheRendezvousHost"] == [["ec2:StopInstances"]]
+    error_message = "The nodes may stop that host, and only it."
+  }
+  assert {
+    condition     = aws_ec2_instance_state.rendezvous[0].state == "running"
+    error_message = "The host runs while the job does."
+  }
+}
+
+run "multi_node_paused_keeps_the_host" {
+  command = plan
+  variables {
+    nodes           = 3
+    subnet_ids      = ["subnet-aaaa"]
+    target_capacity = 0
+  }
+
+  assert {
+    condition     = aws_ec2_instance_state.rendezvous[0].state == "running" && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 0
+    error_message = "A paused multi-node job keeps its rendezvous host: stopping the store under nodes still shutting down would fail their torchrun."
+  }
+}
+
+run "multi_node_across_zones" {
+  command = plan
+  variables {
+    nodes = 3
+  }
+  expect_failures = [var.nodes]
+}
+
+run "min_nodes_above_nodes" {
+  command = plan
+  variables {
+    nodes      = 2
+    min_nodes  = 3
+    subnet_ids = ["subnet-aaaa"]
+  }
+  expect_failures = [var.min_nodes]
+}
+
+run "capacity_between_zero_and_nodes" {
+  command = plan
+  variables {
+    nodes           = 3
+    subnet_ids      = ["subnet-aaaa"]
+    target_capacity = 2
+  }
+  expect_failures = [var.target_capacity]
+}
+
+run "multi_node_command_is_not_a_torchrun_command" {
+  command = plan
+  variables {
+    nodes            = 2
+    subnet_ids       = ["subnet-aaaa"]
+    training_command = "/opt/pytorch/bin/torchrun --nproc-per-node 8 train.py"
+  }
+  expect_failures = [var.training_command]
+}
+
+run "single_node_command_may_be_a_torchrun_command" {
+  command = plan
+  variables {
+    training_command = "python -m torch.distributed.run --nproc-per-node 8 train.py"
+  }
+
+  assert {
+    condition     = output.training_script == "exec python -m torch.distributed.run --nproc-per-node 8 train.py"
+    error_message = "On one node the command runs as given, torchrun included."
+  }
+}
+
+run "bad_processes_per_node" {
+  command = plan
+  variables {
+    nodes              = 2
+    subnet_ids         = ["subnet-aaaa"]
+    processes_per_node = "cpu"
+  }
+  expect_failures = [var.processes_per_node]
 }
 
 run "instance_type_outside_the_allow_list" {
