@@ -52,7 +52,7 @@ unit: $(STAMP) $(CHECKOV_STAMP) $(S3RVER_STAMP)
 	@# The slowest tests are listed at the end: the whole suite must stay under 20 min on 2 cores.
 	@# Two workers: much of the suite waits on subprocesses, servers and Terraform; the fleet
 	@# tests share one worker (tests/fleet/conftest.py).
-	$(BIN)/pytest -n 2 --dist loadgroup --durations=30
+	$(BIN)/pytest -n 2 --durations=30
 
 test: lint unit
 

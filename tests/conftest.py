@@ -25,6 +25,22 @@ for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_
 __all__ = ["free_port", "sim"]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """On pytest-xdist's workers (Makefile: ``-n 2``), every fleet test goes to one worker,
+    the others are load-balanced: two ``terraform init`` at once would share the plugin cache,
+    which Terraform does not support, and the moto applies are module fixtures that a split
+    module would run twice. (xdist's own ``--dist loadgroup`` does nothing with pytest 9.2: it
+    renames ``item._nodeid``, which pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FleetOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/fleet" if nodeid.startswith("tests/fleet/") else nodeid
+
+    return FleetOnOneWorker(config, log)  # type: ignore[arg-type]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

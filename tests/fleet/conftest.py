@@ -8,8 +8,8 @@ tests write their own CLI config into a temporary folder: a committed one could 
 machine's folders, and an inherited ``TF_CLI_CONFIG_FILE`` may name a file that does not exist.
 Working copies go to temporary folders so that tests never leave ``.terraform`` state in the
 checkout or trip over each other. The suite runs on two pytest-xdist workers (Makefile); every
-fleet test is in one group, so they all run on one worker: two ``terraform init`` at once
-would share the plugin cache, which Terraform does not support.
+fleet test runs on one of them (``tests/conftest.py``, ``pytest_xdist_make_scheduler``): two
+``terraform init`` at once would share the plugin cache, which Terraform does not support.
 """
 
 from __future__ import annotations
@@ -40,13 +40,6 @@ KNOWN_MIRRORS = (
 PLUGIN_CACHE = Path.home() / ".cache" / "spotguard" / "terraform-plugins"
 
 Terraform = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every fleet test on one xdist worker (``--dist loadgroup``): see the module docstring."""
-    for item in items:
-        if item.path.is_relative_to(HERE):
-            item.add_marker(pytest.mark.xdist_group("terraform"))
 
 
 def holds_aws_provider(mirror: Path) -> bool:

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import free_port
 from tests.fleet.conftest import Terraform
 from tests.fleet.moto_example import Applied, apply_basic_example
-from tests.fleet.test_user_data import PIP_PYTHON, _commands, _run, _sandbox
+from tests.fleet.test_user_data import PIP_PYTHON, _commands, _impostor, _run, _sandbox
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -152,6 +152,15 @@ def test_the_rendezvous_host_serves_on_a_fixed_interface_reachable_only_by_the_n
     assert [pair["GroupId"] for pair in rule["UserIdGroupPairs"]] == [
         applied.outputs["security_group_id"]
     ]
+    # ... and the nodes may send to that port in their subnet (their group allows no more out
+    # than HTTPS and each other otherwise).
+    (nodes,) = ec2.describe_security_groups(GroupIds=[applied.outputs["security_group_id"]])[
+        "SecurityGroups"
+    ]
+    store = [rule for rule in nodes["IpPermissionsEgress"] if rule.get("FromPort") == 29400]
+    assert [(rule["ToPort"], rule["IpRanges"][0]["CidrIp"]) for rule in store] == [
+        (29400, "10.40.0.0/24")
+    ]
 
 
 def test_the_host_may_read_the_wheel_and_the_nodes_may_stop_only_the_host(applied):
@@ -190,12 +199,13 @@ def test_a_plan_after_the_apply_changes_nothing(applied):
     assert "No changes." in done.stdout
 
 
-def test_a_pause_leaves_the_host_and_min_nodes_above_nodes_is_refused(applied):
+def test_a_pause_stops_the_host_and_min_nodes_above_nodes_is_refused(applied):
     paused = applied.plan("-var", "target_capacity=0")
     text = " ".join(paused.stdout.split())
     assert paused.returncode == 2, paused.stdout + paused.stderr
     assert "~ total_target_capacity = 3 -> 0" in text
-    assert "Plan: 0 to add, 1 to change, 0 to destroy." in text, paused.stdout  # the fleet alone
+    assert '~ state = "running" -> "stopped"' in text
+    assert "Plan: 0 to add, 2 to change, 0 to destroy." in text, paused.stdout
     refused = applied.plan("-var", "min_nodes=4", refresh=False)
     assert refused.returncode == 1
     assert "min_nodes must be a whole number from 1 to nodes" in " ".join(refused.stderr.split())
@@ -241,6 +251,21 @@ def test_the_rendered_torchrun_command_forms_one_group_at_the_rendezvous_store(
     )
     assert settings["SPOTGUARD_RDZV_ENDPOINT"] == applied.outputs["rendezvous_endpoint"]
     assert settings["SPOTGUARD_RENDEZVOUS_INSTANCE_ID"] == applied.outputs["rendezvous_instance_id"]
+    assert settings["SPOTGUARD_NODE_ADDRESS"] == "10.40.0.77"  # IMDS local-ipv4 (the stub's)
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    checked = subprocess.run([str(shellcheck), str(training)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+    # No store at the endpoint: the script waits SPOTGUARD_RDZV_WAIT seconds, then says so.
+    silent = subprocess.run(
+        ["/bin/bash", str(training)],
+        env={**os.environ, **settings, "SPOTGUARD_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+             "SPOTGUARD_RDZV_WAIT": "3"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert silent.returncode == 1
+    assert "the rendezvous store at 127.0.0.1:" in silent.stderr
+    assert "did not answer for 3 s" in silent.stderr
 
     port = free_port()
     store = subprocess.Popen(
@@ -257,6 +282,7 @@ def test_the_rendered_torchrun_command_forms_one_group_at_the_rendezvous_store(
             **{k: v for k, v in os.environ.items() if not k.startswith(("TORCH", "SPOTGUARD"))},
             **settings,
             "SPOTGUARD_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+            "SPOTGUARD_NODE_ADDRESS": "127.0.0.1",
         }
         for index in range(3):
             log = tmp_path / f"node-{index}.log"
@@ -358,3 +384,29 @@ def test_the_host_refuses_a_wheel_with_another_sha256(applied, tmp_path):
     calls = (tmp_path / "calls.log").read_text()
     assert "pip install" not in calls
     assert "enable" not in calls
+
+
+def test_set_up_failures_that_end_the_fleet_stop_the_rendezvous_host(applied, tmp_path):
+    """The max_consecutive_failures-th set-up failure in a row ends the job: the host goes
+    with the fleet (as job-end stops it), or it would idle, billed, with no job."""
+    (version,) = applied.client("ec2").describe_launch_template_versions(
+        LaunchTemplateId=applied.outputs["launch_template_id"], Versions=["$Latest"]
+    )["LaunchTemplateVersions"]
+    script = base64.b64decode(version["LaunchTemplateData"]["UserData"]).decode()
+    _, env = _sandbox(tmp_path, wheel_source=_impostor(tmp_path))
+    (tmp_path / "status.json").write_text(
+        json.dumps({"fleet": NAME, "state": "setup-failed", "setup_failures": 1})
+    )
+    commands = _commands(_run(script, env, ok=False))
+    assert not any("stop-instances" in command for command in commands)  # 2 of 3: not yet
+    commands = _commands(_run(script, env, ok=False))
+    ec2 = [command for command in commands if command.startswith("aws ec2")]
+    host = applied.outputs["rendezvous_instance_id"]
+    assert [command.split(" --")[0] for command in ec2] == [
+        "aws ec2 describe-tags",
+        "aws ec2 modify-fleet",
+        "aws ec2 stop-instances",
+    ]
+    assert ec2[-1] == f"aws ec2 stop-instances --region us-east-1 --instance-ids {host}"
+    assert json.loads((tmp_path / "status.json").read_text())["fleet_ended"] is True
+    assert commands[-1] == "systemctl --no-block poweroff"

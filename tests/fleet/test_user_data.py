@@ -45,6 +45,7 @@ case "$*" in
   *"-X PUT"*api/token*) echo -n TOKEN-123 ;;
   *"X-aws-ec2-metadata-token: TOKEN-123"*placement/region*) echo -n us-east-1 ;;
   *"X-aws-ec2-metadata-token: TOKEN-123"*instance-id*) echo -n i-0123456789abcdef0 ;;
+  *"X-aws-ec2-metadata-token: TOKEN-123"*local-ipv4*) echo -n 10.40.0.77 ;;
   *) echo "curl stub: unexpected request: $*" >&2; exit 22 ;;
 esac
 """,
@@ -72,6 +73,7 @@ echo "aws $*" >> "$CALLS"
 case "$1 $2" in
   "ec2 describe-tags") echo "fleet-00000000-1111-2222-3333-444444444444"; exit 0 ;;
   "ec2 modify-fleet") exit "${MODIFY_FLEET_EXIT:-0}" ;;
+  "ec2 stop-instances") exit 0 ;;
   "s3 cp") ;;
   *) exit 2 ;;
 esac

@@ -118,6 +118,7 @@ locals {
     # The multi-node mode's (multi_node.tf): where torchrun meets, and the host job-end stops.
     rendezvous_endpoint    = local.rendezvous_endpoint
     rendezvous_instance_id = local.multi_node ? aws_instance.rendezvous[0].id : ""
+    rendezvous_wait        = 600
   })
 }
 
@@ -142,6 +143,18 @@ resource "aws_security_group" "nodes" {
     to_port     = 443
     protocol    = "tcp"
     cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  # The multi-node mode's rendezvous store, on the host in the nodes' subnet (multi_node.tf).
+  dynamic "egress" {
+    for_each = data.aws_subnet.rendezvous
+    content {
+      description = "torchrun c10d rendezvous store of the fleet"
+      from_port   = var.rendezvous_port
+      to_port     = var.rendezvous_port
+      protocol    = "tcp"
+      cidr_blocks = [egress.value.cidr_block]
+    }
   }
 
   egress {

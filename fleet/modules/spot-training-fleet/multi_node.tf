@@ -26,17 +26,39 @@ locals {
   # (--no-python: the command is run as given, so `python train.py ...` works in both modes).
   # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: without it torchrun hands every later group the first
   # group's worker store, on a node that may be gone (the spotguard drill --nodes found it).
+  # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: on SIGTERM (a shutdown) torchrun SIGKILLs the workers after
+  # 30 s by default; the hooks get 90 s to save, within the unit's TimeoutStopSec (100 s).
+  # First it waits (SPOTGUARD_RDZV_WAIT seconds) for the store to answer: after the host's
+  # reboot, recovery or restart (the next run), torchrun alone gives up after 60 s, which three
+  # times in a row would end the job. --local-addr: the node's private IP, not a host name
+  # another node may not resolve (its rank-0 worker hosts the group's worker store there).
   training_script = local.multi_node ? join("\n", [
     "# One node of a torchrun elastic job of ${local.min_nodes}..${var.nodes} nodes (multi-node mode).",
-    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=90",
+    "host=$${SPOTGUARD_RDZV_ENDPOINT%:*} port=$${SPOTGUARD_RDZV_ENDPOINT##*:}",
+    "until timeout 2 bash -c \"exec 3<>/dev/tcp/$host/$port\" 2>/dev/null; do",
+    "  if [ \"$SECONDS\" -ge \"$SPOTGUARD_RDZV_WAIT\" ]; then",
+    "    echo \"spotguard: the rendezvous store at $SPOTGUARD_RDZV_ENDPOINT did not answer for $SPOTGUARD_RDZV_WAIT s (on the rendezvous host: journalctl -t spotguard-setup -u spotguard-rendezvous)\" >&2",
+    "    exit 1",
+    "  fi",
+    "  sleep 2",
+    "done",
     join(" ", [
       "exec ${var.training_python} -m torch.distributed.run",
       "--nnodes ${local.min_nodes}:${var.nodes} --nproc-per-node ${var.processes_per_node}",
       "--rdzv-backend c10d --rdzv-endpoint \"$SPOTGUARD_RDZV_ENDPOINT\" --rdzv-id ${var.name}",
       "--rdzv-conf is_host=false,join_timeout=${var.rendezvous_join_timeout}",
-      "--max-restarts ${var.max_restarts} --monitor-interval 1 --no-python ${var.training_command}",
+      "--local-addr \"$SPOTGUARD_NODE_ADDRESS\" --max-restarts ${var.max_restarts}",
+      "--monitor-interval 1 --no-python ${var.training_command}",
     ]),
   ]) : "exec ${var.training_command}"
+}
+
+# The nodes' subnet: the store's port is opened towards it (towards the host's security group
+# would be a cycle: that group admits the nodes' group), and whether the host needs a public IP.
+data "aws_subnet" "rendezvous" {
+  count = local.multi_node ? 1 : 0
+  id    = var.subnet_ids[0]
 }
 
 resource "aws_placement_group" "nodes" {
@@ -81,6 +103,16 @@ resource "aws_network_interface" "rendezvous" {
   security_groups = [aws_security_group.rendezvous[0].id]
   description     = "spotguard rendezvous store of ${var.name}"
   tags            = merge(local.tags, { Name = "${var.name}-rendezvous" })
+}
+
+# In a public subnet (the nodes get public IPs from it, as in the default VPC), the host needs
+# one too, to reach S3 and the package index at set-up: EC2 gives a public IP only to an
+# interface it creates at launch, not to one attached as the host's first.
+resource "aws_eip" "rendezvous" {
+  count             = local.multi_node && try(data.aws_subnet.rendezvous[0].map_public_ip_on_launch, false) ? 1 : 0
+  domain            = "vpc"
+  network_interface = aws_network_interface.rendezvous[0].id
+  tags              = merge(local.tags, { Name = "${var.name}-rendezvous" })
 }
 
 resource "aws_iam_role" "rendezvous" {
@@ -174,23 +206,24 @@ resource "aws_instance" "rendezvous" {
   volume_tags = merge(local.tags, { Name = "${var.name}-rendezvous" })
 
   lifecycle {
-    # A new AMI or wheel must not restart the store under a running job (its torchrun agents
-    # would fail, and with them the job): the host keeps what it was set up with. To move it
-    # on purpose, between runs: terraform apply -replace='<address of aws_instance.rendezvous[0]>'.
-    ignore_changes = [ami, user_data_base64]
+    # A new AMI, wheel, instance type, key or volume setting must not stop or replace the store
+    # under a running job (its torchrun agents would fail, and with them the job, and the
+    # running nodes would still name the old host to job-end): the host keeps what it was
+    # created with. To change it on purpose, between runs:
+    # terraform apply -replace='<address of aws_instance.rendezvous[0]>'.
+    ignore_changes = [ami, user_data_base64, instance_type, key_name, root_block_device]
   }
 
   depends_on = [aws_iam_role_policy.rendezvous, aws_kms_grant.fleet_volumes]
 }
 
-# Running, always: job-end stops the host when the job ends (the next run needs an empty store),
-# and the next apply starts it again before the fleet's nodes come back (the fleet depends on
-# this), which the drift check shows like the fleet's capacity. A pause (target_capacity = 0)
-# leaves it running: stopping the store under nodes that are still shutting down would fail
-# their torchrun and count as the job's failure, and a paused job resumes with the same store
-# (the nodes that left are dropped from the rendezvous when their heartbeats stop).
+# Running while the job runs (the fleet depends on this, so a start comes before the nodes), and
+# stopped while it is paused. job-end stops it when the job ends (the next run needs an empty
+# store), which the next plan shows as drift, like the fleet's capacity. On a pause the store
+# stops while the nodes are still shutting down: their torchrun fails at most once each (the
+# training script then waits for the store) before the instances are gone.
 resource "aws_ec2_instance_state" "rendezvous" {
   count       = local.multi_node ? 1 : 0
   instance_id = aws_instance.rendezvous[0].id
-  state       = "running"
+  state       = local.target_capacity > 0 ? "running" : "stopped"
 }

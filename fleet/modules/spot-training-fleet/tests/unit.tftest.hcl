@@ -40,6 +40,9 @@ mock_provider "aws" {
   mock_resource "aws_launch_template" {
     defaults = { arn = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-unit" }
   }
+  mock_data "aws_subnet" {
+    defaults = { cidr_block = "10.0.1.0/24", map_public_ip_on_launch = false }
+  }
   mock_resource "aws_network_interface" {
     defaults = { id = "eni-0rendezvous00000", private_ip = "10.0.1.23" }
   }
@@ -738,12 +741,24 @@ run "multi_node_mode" {
     error_message = "The nodes launch into the cluster placement group."
   }
   assert {
-    condition     = output.training_script == "# One node of a torchrun elastic job of 2..3 nodes (multi-node mode).\nexport TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\nexec /opt/pytorch/bin/python -m torch.distributed.run --nnodes 2:3 --nproc-per-node gpu --rdzv-backend c10d --rdzv-endpoint \"$SPOTGUARD_RDZV_ENDPOINT\" --rdzv-id unit --rdzv-conf is_host=false,join_timeout=3600 --max-restarts 100 --monitor-interval 1 --no-python python /opt/train/train.py --config big.yaml"
+    condition     = output.training_script == join("\n", ["# One node of a torchrun elastic job of 2..3 nodes (multi-node mode).", "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=90", "host=$${SPOTGUARD_RDZV_ENDPOINT%:*} port=$${SPOTGUARD_RDZV_ENDPOINT##*:}", "until timeout 2 bash -c \"exec 3<>/dev/tcp/$host/$port\" 2>/dev/null; do", "  if [ \"$SECONDS\" -ge \"$SPOTGUARD_RDZV_WAIT\" ]; then", "    echo \"spotguard: the rendezvous store at $SPOTGUARD_RDZV_ENDPOINT did not answer for $SPOTGUARD_RDZV_WAIT s (on the rendezvous host: journalctl -t spotguard-setup -u spotguard-rendezvous)\" >&2", "    exit 1", "  fi", "  sleep 2", "done", "exec /opt/pytorch/bin/python -m torch.distributed.run --nnodes 2:3 --nproc-per-node gpu --rdzv-backend c10d --rdzv-endpoint \"$SPOTGUARD_RDZV_ENDPOINT\" --rdzv-id unit --rdzv-conf is_host=false,join_timeout=3600 --local-addr \"$SPOTGUARD_NODE_ADDRESS\" --max-restarts 100 --monitor-interval 1 --no-python python /opt/train/train.py --config big.yaml"])
     error_message = "Each node runs the command under torchrun elastic, a client of the rendezvous host's store, with a worker store per group."
   }
   assert {
     condition     = strcontains(output.user_data, "SPOTGUARD_RDZV_ENDPOINT=10.0.1.23:29400\n") && strcontains(output.user_data, "SPOTGUARD_RENDEZVOUS_INSTANCE_ID=i-0rendezvous00000\n") && strcontains(output.user_data, output.training_script) && output.rendezvous_endpoint == "10.0.1.23:29400"
     error_message = "The nodes' user data carries the store's fixed address, the host job-end stops, and the torchrun command."
+  }
+  assert {
+    condition     = strcontains(output.user_data, "node_address=$(metadata local-ipv4)") && strcontains(output.user_data, "SPOTGUARD_NODE_ADDRESS=$node_address\n") && strcontains(output.user_data, "SPOTGUARD_RDZV_WAIT=600\n") && strcontains(output.user_data, "aws ec2 stop-instances --region \"$region\" --instance-ids 'i-0rendezvous00000'")
+    error_message = "Each node gives torchrun its private IP, waits for the store, and stops the host when set-up failures end the fleet."
+  }
+  assert {
+    condition     = length([for rule in aws_security_group.nodes.egress : rule if rule.from_port == 29400 && rule.to_port == 29400 && rule.protocol == "tcp" && toset(rule.cidr_blocks) == toset(["10.0.1.0/24"])]) == 1 && length(aws_security_group.nodes.egress) == 3
+    error_message = "The nodes may reach the store's port in their subnet (and, as before, HTTPS and each other)."
+  }
+  assert {
+    condition     = length(aws_eip.rendezvous) == 0
+    error_message = "In a private subnet the host, like the nodes, goes out through the subnet's NAT or endpoints."
   }
   assert {
     condition     = one(aws_instance.rendezvous[0].network_interface).network_interface_id == aws_network_interface.rendezvous[0].id && one(aws_instance.rendezvous[0].network_interface).device_index == 0 && aws_network_interface.rendezvous[0].subnet_id == "subnet-aaaa"
@@ -775,7 +790,7 @@ run "multi_node_mode" {
   }
 }
 
-run "multi_node_paused_keeps_the_host" {
+run "multi_node_paused_stops_the_host" {
   command = plan
   variables {
     nodes           = 3
@@ -784,8 +799,25 @@ run "multi_node_paused_keeps_the_host" {
   }
 
   assert {
-    condition     = aws_ec2_instance_state.rendezvous[0].state == "running" && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 0
-    error_message = "A paused multi-node job keeps its rendezvous host: stopping the store under nodes still shutting down would fail their torchrun."
+    condition     = aws_ec2_instance_state.rendezvous[0].state == "stopped" && aws_ec2_fleet.training.target_capacity_specification[0].total_target_capacity == 0
+    error_message = "A paused multi-node job stops its rendezvous host: nobody pays for an idle one."
+  }
+}
+
+run "multi_node_in_a_public_subnet_gives_the_host_a_public_ip" {
+  command = apply
+  variables {
+    nodes      = 2
+    subnet_ids = ["subnet-aaaa"]
+  }
+  override_data {
+    target = data.aws_subnet.rendezvous[0]
+    values = { cidr_block = "172.31.16.0/20", map_public_ip_on_launch = true }
+  }
+
+  assert {
+    condition     = aws_eip.rendezvous[0].network_interface == aws_network_interface.rendezvous[0].id && aws_eip.rendezvous[0].domain == "vpc"
+    error_message = "In a public subnet (the default VPC) the host gets a public IP on its interface, as the nodes get theirs from the subnet: it must reach S3 and the package index."
   }
 }
 
