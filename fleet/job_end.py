@@ -83,6 +83,8 @@ _RETRIED = (
 FAILURE_RESULTS = frozenset({"oom-kill", "signal", "core-dump", "timeout", "watchdog"})
 #: Seconds after which the armed fallback powers the node off, should job-end not get there.
 FALLBACK_POWEROFF_SECONDS = 90
+#: Seconds past the budget the last steps may use (stopping the rendezvous host, the status).
+OVERRUN_SECONDS = 15
 
 
 def _run(*command: str) -> str:
@@ -132,12 +134,9 @@ class JobEnd:
             raise ConfigError(
                 f"checkpoint_uri: expected s3://bucket/prefix, got {self.checkpoint_uri!r}"
             )
-        if self.rendezvous_instance_id is not None and not _INSTANCE.match(
-            self.rendezvous_instance_id
-        ):
-            raise ConfigError(
-                f"rendezvous_instance_id: expected i-..., got {self.rendezvous_instance_id!r}"
-            )
+        host = self.rendezvous_instance_id
+        if host is not None and not _INSTANCE.match(host):
+            raise ConfigError(f"rendezvous_instance_id: expected i-..., got {host!r}")
         if isinstance(self.max_failures, bool) or self.max_failures < 1:
             raise ConfigError(f"max_failures: must be >= 1, got {self.max_failures!r}")
         if not 0 < self.budget_seconds <= 80:
@@ -343,15 +342,17 @@ class JobEnd:
                 self._attempt_value(
                     lambda: ec2.stop_instances(InstanceIds=[host]),
                     f"stopping the rendezvous host {host}",
-                    deadline,
+                    deadline + OVERRUN_SECONDS / 3,  # a try even after a slow ModifyFleet
                 )
                 status["rendezvous_host"] = "stopped"
             except SpotguardError as exc:
                 status["rendezvous_error"] = str(exc)
                 problem = problem or str(exc)
-        # Again, with the fleet's ID and the outcome of ModifyFleet (or why it failed); this
-        # one may use a few seconds past the budget, which leaves TimeoutStopSec's margin.
-        problem = self._attempt(publish, "writing the status object", deadline + 10) or problem
+        # Again, with the fleet's ID and the outcome of ModifyFleet (or why it failed).
+        problem = (
+            self._attempt(publish, "writing the status object", deadline + OVERRUN_SECONDS)
+            or problem
+        )
         return problem
 
     def _fleet_id(self, ec2: Any) -> str:

@@ -558,13 +558,14 @@ def test_retries_stop_at_the_deadline(monkeypatch):
 
 
 def test_all_of_it_fits_well_within_timeout_stop_sec(tmp_path):
-    """The budget, the final status write's extra 10 s and the fallback power off all come
+    """The budget, the last steps' overrun and the fallback power off all come
     before systemd's TimeoutStopSec would kill job-end (and restart a finished job)."""
     unit = (Path(__file__).parents[2] / "systemd" / "spotguard-training@.service").read_text()
     (timeout,) = [
         int(line.split("=")[1]) for line in unit.splitlines() if line.startswith("TimeoutStopSec=")
     ]
     policy = _policy(tmp_path)
-    assert policy.budget_seconds + 10 < job_end.FALLBACK_POWEROFF_SECONDS < timeout
+    assert policy.budget_seconds + job_end.OVERRUN_SECONDS < job_end.FALLBACK_POWEROFF_SECONDS
+    assert timeout > job_end.FALLBACK_POWEROFF_SECONDS
     with pytest.raises(ValueError, match="budget_seconds"):
         _policy(tmp_path, budget_seconds=120)

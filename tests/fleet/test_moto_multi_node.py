@@ -213,17 +213,25 @@ def test_a_pause_stops_the_host_and_min_nodes_above_nodes_is_refused(applied):
 
 def test_a_stopped_host_is_started_again_by_the_next_apply(applied):
     """job-end stops the host when the job ends; the drift check shows it, and an apply
-    starts it (before the fleet's nodes: the fleet depends on it)."""
+    starts it again."""
     ec2 = applied.client("ec2")
     host = applied.outputs["rendezvous_instance_id"]
     ec2.stop_instances(InstanceIds=[host])
-    try:
-        drift = applied.plan()
-        text = " ".join(drift.stdout.split())
-        assert drift.returncode == 2, drift.stdout + drift.stderr
-        assert '~ state = "stopped" -> "running"' in text
-    finally:
-        ec2.start_instances(InstanceIds=[host])
+    drift = applied.plan()
+    assert drift.returncode == 2, drift.stdout + drift.stderr
+    assert '~ state = "stopped" -> "running"' in " ".join(drift.stdout.split())
+    plan = applied.plan
+    plan.terraform("apply", "-auto-approve", *plan.extra, cwd=plan.work, env=plan.env)
+    assert _host(applied)["State"]["Name"] == "running"
+
+
+def test_the_hosts_python_is_fixed_once_it_serves_the_store(applied):
+    """The host's user data ran once with them: a new training_python (or rendezvous_port,
+    which examples/basic does not expose) would reach the nodes, not the store."""
+    moved = applied.plan("-var", "training_python=/opt/conda/bin/python")
+    text = " ".join((moved.stdout + moved.stderr).split())
+    assert moved.returncode == 1, text
+    assert "rendezvous_port and training_python are fixed when the rendezvous host" in text
 
 
 def test_the_rendered_torchrun_command_forms_one_group_at_the_rendezvous_store(
@@ -268,15 +276,9 @@ def test_the_rendered_torchrun_command_forms_one_group_at_the_rendezvous_store(
     assert "did not answer for 3 s" in silent.stderr
 
     port = free_port()
-    store = subprocess.Popen(
-        [sys.executable, "-m", "spotguard", "rendezvous-store", "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
     nodes: list[subprocess.Popen[str]] = []
+    store: subprocess.Popen[str] | None = None
     try:
-        assert store.stdout is not None
-        assert store.stdout.readline().strip()
         out = applied.work.parents[1] / "out"  # the fixture's folder (see CONFIG)
         node_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("TORCH", "SPOTGUARD"))},
@@ -295,13 +297,21 @@ def test_the_rendered_torchrun_command_forms_one_group_at_the_rendezvous_store(
                     text=True,
                 )
             )
+        # The nodes come first, as after the host's restart: they wait for the store.
+        time.sleep(3)
+        assert all(node.poll() is None for node in nodes)
+        store = subprocess.Popen(
+            [sys.executable, "-m", "spotguard", "rendezvous-store", "--host", "127.0.0.1",
+             "--port", str(port)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         deadline = time.monotonic() + 180
         codes = [node.wait(max(1.0, deadline - time.monotonic())) for node in nodes]
         logs = "\n".join((tmp_path / f"node-{i}.log").read_text()[-2000:] for i in range(3))
         assert codes == [0, 0, 0], logs
         reports = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(3)]
     finally:
-        for process in [*nodes, store]:
+        for process in [*nodes, *([store] if store else [])]:
             if process.poll() is None:
                 process.kill()
                 process.wait(30)
@@ -370,6 +380,15 @@ def test_the_host_installs_the_checked_wheel_and_starts_the_store_on_its_address
     )
     unit = root / "etc/systemd/system/spotguard-rendezvous.service"
     assert unit.read_bytes() == (Path(__file__).parents[2] / "systemd" / unit.name).read_bytes()
+    # It runs again at every boot (a first boot cut short finishes at the next start): what is
+    # done is skipped, the store started.
+    per_boot = root / "var/lib/cloud/scripts/per-boot/spotguard-rendezvous-setup.sh"
+    assert per_boot.read_text() == _host_user_data(applied)
+    assert _commands(_run(per_boot.read_text(), env)) == [
+        f"{python} -m spotguard install-units --dest {root}/etc/systemd/system",
+        "systemctl daemon-reload",
+        "systemctl enable --now spotguard-rendezvous.service",
+    ]
 
 
 def test_the_host_refuses_a_wheel_with_another_sha256(applied, tmp_path):

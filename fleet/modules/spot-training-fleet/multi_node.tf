@@ -108,8 +108,13 @@ resource "aws_network_interface" "rendezvous" {
 # In a public subnet (the nodes get public IPs from it, as in the default VPC), the host needs
 # one too, to reach S3 and the package index at set-up: EC2 gives a public IP only to an
 # interface it creates at launch, not to one attached as the host's first.
+locals {
+  # The variable when given (a subnet created in the same apply is not known at plan).
+  rendezvous_public_ip = var.rendezvous_public_ip != null ? var.rendezvous_public_ip : try(data.aws_subnet.rendezvous[0].map_public_ip_on_launch, false)
+}
+
 resource "aws_eip" "rendezvous" {
-  count             = local.multi_node && try(data.aws_subnet.rendezvous[0].map_public_ip_on_launch, false) ? 1 : 0
+  count             = local.multi_node && local.rendezvous_public_ip ? 1 : 0
   domain            = "vpc"
   network_interface = aws_network_interface.rendezvous[0].id
   tags              = merge(local.tags, { Name = "${var.name}-rendezvous" })
@@ -206,6 +211,10 @@ resource "aws_instance" "rendezvous" {
   volume_tags = merge(local.tags, { Name = "${var.name}-rendezvous" })
 
   lifecycle {
+    precondition {
+      condition     = try(terraform_data.rendezvous_settings[0].output.port == var.rendezvous_port && terraform_data.rendezvous_settings[0].output.python == var.training_python, true)
+      error_message = "rendezvous_port and training_python are fixed when the rendezvous host is created (it serves the store with them): set them back to ${try(terraform_data.rendezvous_settings[0].output.port, "")} and ${try(terraform_data.rendezvous_settings[0].output.python, "")}, or replace the host and its settings between runs: terraform apply -replace='<address of aws_instance.rendezvous[0]>' -replace='<address of terraform_data.rendezvous_settings[0]>'."
+    }
     # A new AMI, wheel, instance type, key or volume setting must not stop or replace the store
     # under a running job (its torchrun agents would fail, and with them the job, and the
     # running nodes would still name the old host to job-end): the host keeps what it was
@@ -214,7 +223,18 @@ resource "aws_instance" "rendezvous" {
     ignore_changes = [ami, user_data_base64, instance_type, key_name, root_block_device]
   }
 
-  depends_on = [aws_iam_role_policy.rendezvous, aws_kms_grant.fleet_volumes]
+  depends_on = [aws_iam_role_policy.rendezvous, aws_kms_grant.fleet_volumes, aws_eip.rendezvous]
+}
+
+# What the host's store was set up with: its user data runs at creation only (ignore_changes),
+# so a later change would move the nodes and the security groups but not the store.
+resource "terraform_data" "rendezvous_settings" {
+  count = local.multi_node ? 1 : 0
+  input = { port = var.rendezvous_port, python = var.training_python }
+
+  lifecycle {
+    ignore_changes = [input]
+  }
 }
 
 # Running while the job runs (the fleet depends on this, so a start comes before the nodes), and

@@ -14,7 +14,7 @@ output "launch_template_latest_version" {
 }
 
 output "security_group_id" {
-  description = "ID of the nodes' security group (inbound only from the fleet's nodes, outbound HTTPS and to the fleet's nodes): add rules to it for anything else."
+  description = "ID of the nodes' security group (inbound only from the fleet's nodes, outbound HTTPS, to the fleet's nodes and, with nodes > 1, to the rendezvous store's port in their subnet): add rules to it for anything else."
   value       = aws_security_group.nodes.id
 }
 

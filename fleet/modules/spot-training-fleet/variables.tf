@@ -219,6 +219,12 @@ variable "rendezvous_ami_id" {
   default     = null
 }
 
+variable "rendezvous_public_ip" {
+  description = "With nodes > 1: give the rendezvous host a public IP (an Elastic IP on its interface), which it needs to reach S3 and the package index at set-up when the subnet has no NAT gateway. Null follows the subnet: a public IP where the subnet gives its instances one (the default VPC). Set it when the subnet is created in the same configuration (its setting is then unknown at plan)."
+  type        = bool
+  default     = null
+}
+
 variable "cluster_placement_group" {
   description = "With nodes > 1: launch the nodes into a cluster placement group (low latency, high bandwidth between them). Replacements must then fit the same group, so spot capacity for them can be scarcer."
   type        = bool

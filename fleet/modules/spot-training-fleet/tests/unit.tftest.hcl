@@ -821,6 +821,24 @@ run "multi_node_in_a_public_subnet_gives_the_host_a_public_ip" {
   }
 }
 
+run "an_explicit_rendezvous_public_ip_wins_over_the_subnet" {
+  command = plan
+  variables {
+    nodes                = 2
+    subnet_ids           = ["subnet-aaaa"]
+    rendezvous_public_ip = false
+  }
+  override_data {
+    target = data.aws_subnet.rendezvous[0]
+    values = { cidr_block = "172.31.16.0/20", map_public_ip_on_launch = true }
+  }
+
+  assert {
+    condition     = length(aws_eip.rendezvous) == 0
+    error_message = "rendezvous_public_ip = false: no Elastic IP, whatever the subnet says (a NAT gateway does the job)."
+  }
+}
+
 run "multi_node_across_zones" {
   command = plan
   variables {
