@@ -16,9 +16,23 @@ from typing import Any
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import Sim, wait_for
 
 TARGET_SCRIPT = Path(__file__).with_name("target_proc.py")
+
+
+def wait_polls(sim: Sim, count: int, timeout: float = 30.0) -> None:
+    """Wait until the simulator has served ``count`` more spot polls than it has now.
+
+    For "and nothing else happens" checks: the agent gets ``count`` polls to do it wrong (the
+    ticks of all but the last have ended), so a slow machine waits longer rather than proving
+    less, as a sleep would. ``timeout`` is only a no-hang bound."""
+    before = len(sim.spot_polls())
+    wait_for(
+        lambda: len(sim.spot_polls()) >= before + count,
+        timeout=timeout,
+        what=f"{count} more spot polls",
+    )
 
 
 @dataclass

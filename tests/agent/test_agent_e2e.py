@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,13 +16,28 @@ import pytest
 
 from spotguard.imds.simulator import ImdsSimulator
 from spotguard.protocol import parse_time
+from tests.agent.support import wait_polls
 from tests.conftest import free_port
 from tests.support import wait_for
+
+#: The poll interval the agent fixture configures.
+INTERVAL = 0.2
 
 
 def notice_kind(agent) -> str | None:
     notice = agent.notice()
     return notice["kind"] if notice else None
+
+
+def assert_no_busy_loop(times: list[float], per_tick: int = 1) -> None:
+    """Never a busy loop or a double poll: no more requests than ticks fit between the first
+    and the last (plus two), ``per_tick`` each.
+
+    Counted, not spaced: the agent keeps a fixed rate, so the tick after a late one comes
+    sooner than the poll interval (at once, when it is a whole interval late)."""
+    span = times[-1] - times[0] if times else 0.0
+    allowed = (span / INTERVAL + 2) * per_tick
+    assert len(times) <= allowed, f"{len(times)} requests where {allowed:.0f} fit: {times}"
 
 
 def test_spot_notice_signals_registered_target_and_logs_its_exit(sim, agents, targets):
@@ -55,7 +71,7 @@ def test_unregistered_twin_and_a_closed_registration_are_never_signalled(sim, ag
 
     sim.control.spot()
     wait_for(lambda: registered.signals(), what="the registered target's signal")
-    time.sleep(1.0)  # several more polls: nothing else may happen
+    wait_polls(sim, 5)  # nothing else may happen
     assert registered.signals() == ["SIGUSR1"]
     assert twin.signals() == []
     assert hung_up.signals() == []
@@ -78,7 +94,7 @@ def test_restarted_agent_does_not_signal_again_but_signals_newcomers(sim, agents
     # The first target reconnected by itself and was told again, but not signalled again.
     wait_for(lambda: len(target.received("registered")) == 2, what="the first to reconnect")
     wait_for(lambda: len(target.received("notice")) == 2, what="the notice pushed again")
-    time.sleep(0.6)
+    wait_polls(sim, 3)
     assert target.signals() == ["SIGUSR1"]
     assert newcomer.signals() == ["SIGUSR1"]
     assert second.log().count("notice: spot-interruption") == 0  # already handled
@@ -91,11 +107,13 @@ def test_polls_keep_the_poll_interval(sim, agents, fast_watches):
     """The spot watch is polled on every tick (every 0.2 s), with or without the ASG and
     maintenance watches polled at the same interval, and never faster than the interval.
 
-    Bounded in polls, not in wall time: the rebalance watch, every 2.0 s (ten ticks), is
-    the reference. Between its first and last poll, spot must be polled at least 7 times
-    per rebalance interval (10 when on time; a spot interval that doubled, e.g. by ticks
-    that skip a watch due "now", gives 5). The fast watches, when on, keep pace with spot
-    (within one poll), and when off are never polled.
+    Counted in gaps between polls, not against a wall-time rate: at least four in five gaps
+    between spot polls are one interval long (at most 1.5). A tick that runs late, however
+    late, leaves one longer gap (the fixed rate catches up at the next); ticks that skip a
+    watch due "now" (woken a little earlier than the last) double a third to two thirds of
+    them (test_watches.py checks that case on a clock of its own).
+    Between the first and last poll of the rebalance watch (every 2.0 s, ten ticks) the fast
+    watches, when on, keep pace with spot (within one poll), and when off are never polled.
     """
     paths = {
         "asg": "autoscaling/target-lifecycle-state",
@@ -117,20 +135,21 @@ def test_polls_keep_the_poll_interval(sim, agents, fast_watches):
     rebalance = [r["time"] for r in requests if r["path"].endswith(paths["rebalance"])]
     first, last = rebalance[0], rebalance[-1]
 
-    def between(suffix: str) -> int:
-        return sum(first <= r["time"] <= last and r["path"].endswith(suffix) for r in requests)
+    def between(suffix: str) -> list[float]:
+        return [r["time"] for r in requests
+                if first <= r["time"] <= last and r["path"].endswith(suffix)]  # fmt: skip
 
     spot = between("spot/instance-action")
-    intervals = len(rebalance) - 1
-    assert spot >= 7 * intervals, (spot, intervals)
+    gaps = [b - a for a, b in itertools.pairwise(spot)]
+    on_time = sum(gap <= 1.5 * INTERVAL for gap in gaps)
+    assert on_time >= 0.8 * len(gaps), f"{on_time} of {len(gaps)} gaps on time: {gaps}"
     for watch in ("asg", "maintenance"):
         if fast_watches:
-            assert abs(between(paths[watch]) - spot) <= 1, (watch, between(paths[watch]), spot)
+            polled = len(between(paths[watch]))
+            assert abs(polled - len(spot)) <= 1, (watch, polled, len(spot))
         else:
             assert polls_of(paths[watch]) == [], f"the {watch} watch is off"
-    # Never a hot loop: no two spot polls closer than (most of) the poll interval.
-    times = [r["time"] for r in sim.spot_polls()]
-    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.15, times
+    assert_no_busy_loop([r["time"] for r in sim.spot_polls()])
 
 
 def test_token_expiry_mid_run_is_survived(sim, agents, targets):
@@ -138,7 +157,7 @@ def test_token_expiry_mid_run_is_survived(sim, agents, targets):
     target = targets(agent.state_dir)
     wait_for(lambda: len(sim.spot_polls()) >= 3, what="a few polls")
     sim.control.fault(expire_tokens=True)
-    time.sleep(0.5)
+    wait_polls(sim, 2)  # polled with a dead token
     sim.control.spot()
     wait_for(lambda: target.signals(), what="the signal after the token expired")
     statuses = [(r["method"], r["status"]) for r in sim.control.requests()]
@@ -147,11 +166,16 @@ def test_token_expiry_mid_run_is_survived(sim, agents, targets):
 
 
 def test_short_token_ttl_is_renewed_before_it_expires(sim, agents):
-    agents.start(sim.url, token_ttl=1)
-    time.sleep(2.5)
-    requests = sim.control.requests()
-    assert [r for r in requests if r["status"] == 401] == []
-    assert sum(r["method"] == "PUT" for r in requests) >= 2
+    """A 3 s token is renewed 0.3 s before it runs out (a tenth of its life): a second token
+    comes before any poll is refused. Waited for, not slept: without renewal the second
+    token would come only after a 401."""
+    agents.start(sim.url, token_ttl=3)
+    wait_for(
+        lambda: sum(r["method"] == "PUT" for r in sim.control.requests()) >= 2,
+        timeout=30,
+        what="a second token",
+    )
+    assert [r for r in sim.control.requests() if r["status"] == 401] == []
 
 
 @pytest.mark.parametrize(
@@ -165,11 +189,12 @@ def test_imds_failing_then_serving_a_notice_is_detected_within_two_polls(
     sim.control.fault(**fault)
     agent = agents.start(sim.url)
     target = targets(agent.state_dir)
-    time.sleep(1.5)
+    # The agent's own word that a poll failed (garbage: unreadable, for each watch apart).
+    wait_for(lambda: re.search("no usable answer|cannot read", agent.log()), what="a failure")
     sim.control.spot()
     assert agent.notice() is None, "a failing IMDS must never look like a notice"
     assert target.signals() == []
-    failing = sim.spot_polls()
+    failing = [r["time"] for r in sim.control.requests()]
     recovered_at = time.time()
     sim.control.fault(clear=True)
 
@@ -181,18 +206,18 @@ def test_imds_failing_then_serving_a_notice_is_detected_within_two_polls(
         if r["status"] == 200 and recovered_at <= r["time"] <= noticed_at
     ]
     assert 1 <= len(served) <= 2
-    # Never a hot loop: while IMDS failed, polls were no closer than the poll interval.
-    times = [r["time"] for r in failing]
-    assert all(b - a >= 0.15 for a, b in itertools.pairwise(times)), times
+    # Never a hot loop while IMDS failed: at most a token request per watch and tick. (A
+    # request that timed out is not logged by the simulator: the timeout paces those.)
+    if "latency" not in fault:
+        assert_no_busy_loop(failing, per_tick=4)
     assert agent.process.poll() is None
 
 
 def test_imds_unreachable_at_start_up(agents, targets, port):
     agent = agents.start(f"http://127.0.0.1:{port}")
     target = targets(agent.state_dir)
-    time.sleep(1.0)
+    wait_for(lambda: "IMDS gave no usable answer" in agent.log(), what="the failure logged")
     assert agent.process.poll() is None
-    assert "IMDS gave no usable answer" in agent.log()
     with ImdsSimulator(port=port) as late_sim:
         from spotguard.imds.sim_control import SimControl
 
@@ -206,7 +231,7 @@ def test_rebalance_updates_the_notice_file_only(sim, agents, targets):
     target = targets(agent.state_dir, exit_code=None)
     sim.control.rebalance()
     wait_for(lambda: notice_kind(agent) == "rebalance-recommendation", what="rebalance notice")
-    time.sleep(0.8)
+    wait_polls(sim, 4)
     assert target.signals() == []
     sim.control.spot()
     wait_for(lambda: target.signals(), what="the spot signal")
@@ -214,20 +239,27 @@ def test_rebalance_updates_the_notice_file_only(sim, agents, targets):
 
 
 def test_scheduled_maintenance_waits_for_its_lead_time(sim, agents, targets):
+    """Acted on 2 s before NotBefore, not when first seen: the agent saw the event (two
+    polls) well before its lead time started, and signalled only after."""
     agent = agents.start(sim.url, maintenance_lead=2.0)
     target = targets(agent.state_dir, exit_code=None)
     sim.control.maintenance(code="system-reboot", not_before_in=86400, event_id="far")
-    time.sleep(0.8)
+    wait_polls(sim, 3)  # the maintenance watch is polled at the same ticks
     assert agent.notice() is None
     assert target.signals() == []
 
-    sim.control.maintenance(code="instance-stop", not_before_in=4, event_id="soon")
     scheduled = time.time()
-    time.sleep(0.8)  # > 2 s before the lead time starts: still nothing
-    assert agent.notice() is None
-    wait_for(lambda: target.signals(), timeout=8, what="the maintenance signal")
+    sim.control.maintenance(code="instance-stop", not_before_in=6, event_id="soon")
+    served = time.time()
+    lead_starts = scheduled + 6 - 1 - 2  # at the earliest: NotBefore has one-second resolution
+    wait_for(lambda: target.signals(), timeout=30, what="the maintenance signal")
     signalled = next(e["time"] for e in target.events() if e["event"] == "signal")
-    assert signalled >= scheduled + 4 - 2 - 1.0  # NotBefore has one-second resolution
+    assert signalled >= lead_starts
+    seen_before = [
+        r for r in sim.control.requests()
+        if r["path"].endswith("events/maintenance/scheduled") and served < r["time"] < lead_starts
+    ]  # fmt: skip
+    assert len(seen_before) >= 2, "the agent never saw the event before its lead time"
     notice = agent.notice()
     assert notice["kind"] == "scheduled-maintenance"
     assert notice["id"] == "scheduled-maintenance/soon"
@@ -238,7 +270,7 @@ def test_asg_termination_signals(sim, agents, targets):
     agent = agents.start(sim.url)
     target = targets(agent.state_dir)
     sim.control.lifecycle("InService")
-    time.sleep(0.5)
+    wait_polls(sim, 3)  # the ASG watch is polled at the same ticks
     assert target.signals() == []
     sim.control.lifecycle("Terminated")
     wait_for(lambda: target.signals() == ["SIGUSR1"], what="the ASG signal")
@@ -251,7 +283,7 @@ def test_command_line_selector_signals_only_matching_processes(sim, agents, targ
     other = targets(agent.state_dir, register=False, exit_code=None, tag="other-run")
     sim.control.spot()
     wait_for(lambda: chosen.signals(), what="the selected process's signal")
-    time.sleep(0.5)
+    wait_polls(sim, 3)
     assert other.signals() == []
 
 

@@ -11,6 +11,14 @@ import pytest
 
 from spotguard.agent.config import AgentConfig, load_config
 from spotguard.errors import ConfigError
+from spotguard.protocol import (
+    DEFAULT_STATE_DIR,
+    NOTICE_GRACE_SECONDS,
+    NOTICE_KINDS,
+    SIGNALLING_KINDS,
+    SPOT_NOTICE_SECONDS,
+    STATE_DIR_ENV,
+)
 
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "agent.toml.example"
 
@@ -92,6 +100,18 @@ def test_webhook_secret_never_appears_in_errors():
         load_config(Path("/dev/null"), environ={"SPOTGUARD_WEBHOOK_URL": "gopher://h/T0SECRET"})
     assert "T0SECRET" not in str(caught.value)
     assert "T0SECRET" not in repr(AgentConfig(webhook_url="https://h/T0SECRET"))
+
+
+def test_defaults_are_the_protocols_numbers_and_names():
+    """The agent and the trainer hooks agree on these: one definition, in the protocol."""
+    config = AgentConfig()
+    assert config.state_dir == DEFAULT_STATE_DIR
+    assert config.notice_grace == NOTICE_GRACE_SECONDS
+    assert config.target_watch_timeout == SPOT_NOTICE_SECONDS
+    assert config.hook_kinds == tuple(kind for kind in NOTICE_KINDS if kind in SIGNALLING_KINDS)
+    assert config.webhook_kinds == NOTICE_KINDS
+    # The state dir's environment variable is the one the trainer hooks read.
+    assert load_config(Path("/dev/null"), environ={STATE_DIR_ENV: "/x"}).state_dir == Path("/x")
 
 
 def test_example_config_documents_every_key_and_loads():

@@ -3,15 +3,19 @@ what lies in the state dir, or comes from IMDS, cannot stop or mislead the agent
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 import psutil
 import pytest
 
 from spotguard.agent.notices import ActiveNotices
-from spotguard.protocol import Notice
+from spotguard.protocol import Notice, parse_time
+from tests.agent.support import wait_polls
 from tests.support import wait_for
 
 MIB = 1024 * 1024
@@ -45,7 +49,7 @@ def test_a_withdrawn_notice_leaves_the_file_and_stops_no_newcomer(sim, agents, t
     assert "withdrawn by IMDS" in agent.log()
 
     newcomer = targets(agent.state_dir, exit_code=None)
-    time.sleep(1.0)  # five polls
+    wait_polls(sim, 5)
     assert newcomer.signals() == []
     assert newcomer.received("notice") == []
 
@@ -70,7 +74,7 @@ def test_a_notice_expires_a_grace_period_after_its_deadline(sim, agents, targets
     assert "notice scheduled-maintenance/soon expired" in agent.log()
 
     newcomer = targets(agent.state_dir, exit_code=None)
-    time.sleep(1.0)
+    wait_polls(sim, 5)
     assert newcomer.signals() == []
     assert agent.notice() is None  # not taken up again although IMDS still serves it
 
@@ -79,7 +83,7 @@ def test_a_notice_first_seen_long_past_its_deadline_is_never_active(sim, agents,
     sim.control.maintenance(not_before_in=-60, event_id="old")
     agent = agents.start(sim.url, maintenance_lead=900, notice_grace=10.0)
     target = targets(agent.state_dir, exit_code=None)
-    time.sleep(1.0)
+    wait_polls(sim, 5)
     assert agent.notice() is None
     assert target.signals() == []
 
@@ -143,17 +147,43 @@ def notice_id(agent) -> str | None:
     return notice["id"] if notice else None
 
 
+def logged_at(agent, matches: Callable[[dict[str, Any]], bool]) -> float:
+    """When the agent logged the first (JSON) line that ``matches``, by its own clock: what it
+    did when, however late the test looks."""
+    for line in agent.log().splitlines():
+        if line.startswith("{") and matches(entry := json.loads(line)):
+            return parse_time(entry["ts"]).timestamp()
+    raise AssertionError("the agent never logged such a line")
+
+
 def test_maintenance_lasts_until_not_after_and_the_next_due_event_follows(sim, agents):
     """AWS may act until NotAfter: the notice stays until then (plus the grace period), not
-    NotBefore; and once it is over, a second due event that IMDS serves takes its place."""
+    NotBefore; and once it is over, a second due event that IMDS serves takes its place.
+
+    Timed by the agent's log, not by when the test looks: the first event ends no earlier
+    than its NotAfter (4 s after its NotBefore, 8 times the grace period), and notice.json
+    shows it until the second event takes its place."""
     agent = agents.start(sim.url, maintenance_lead=900, notice_grace=0.5)
-    sim.control.maintenance(event_id="first", not_before_in=1, not_after_in=4)
+    scheduled = time.time()
+    sim.control.maintenance(event_id="first", not_before_in=1, not_after_in=5)
     sim.control.maintenance(event_id="second", not_before_in=3, not_after_in=600)
-    wait_for(lambda: notice_id(agent) == "scheduled-maintenance/first", what="the first event")
-    time.sleep(2.5)  # past its NotBefore plus the grace period, not past its NotAfter
-    assert notice_id(agent) == "scheduled-maintenance/first"
-    wait_for(lambda: notice_id(agent) == "scheduled-maintenance/second", what="the second event")
-    assert "notice scheduled-maintenance/first expired" in agent.log()
+    first, second = "scheduled-maintenance/first", "scheduled-maintenance/second"
+    wait_for(lambda: notice_id(agent) == first, what="the first event")
+    shown = []
+
+    def second_shown() -> bool:
+        shown.append(notice_id(agent))
+        return shown[-1] == second
+
+    wait_for(second_shown, timeout=30, what="the second event")
+    assert set(shown) == {first, second}, shown  # no gap, nothing else in between
+    ended = logged_at(agent, lambda entry: f"notice {first} expired" in entry["msg"])
+    # NotAfter is whole seconds: at most 1 s before scheduled + 5.
+    assert ended >= scheduled + 5 - 1, f"ended {ended - scheduled:.1f} s after scheduling"
+    began = logged_at(
+        agent, lambda entry: entry["msg"].startswith("notice:") and entry.get("notice_id") == second
+    )
+    assert began >= ended
 
 
 def test_a_deadline_at_the_end_of_the_calendar_is_a_notice_not_a_crash():
@@ -166,14 +196,30 @@ def test_a_deadline_at_the_end_of_the_calendar_is_a_notice_not_a_crash():
     assert not notices.ended(far, now)
 
 
-#: Run in the agent process: a notice no longer active is remembered for 3 s, not 6 h.
-SHORT_MEMORY = "import spotguard.agent.state as state; state.KEEP_INACTIVE = 3.0"
+#: How long the agent remembers a notice no longer active (6 h by default): much longer than a
+#: gap of a few polls takes, even on a loaded machine.
+MEMORY = 5.0
+#: Run in the agent process.
+SHORT_MEMORY = f"import spotguard.agent.state as state; state.KEEP_INACTIVE = {MEMORY}"
+
+
+def went_inactive(agent, notice_id: str) -> datetime | None:
+    """When the agent saved ``notice_id`` as no longer active (None while it is active)."""
+    try:
+        saved = json.loads((agent.state_dir / "agent-state.json").read_text())
+    except FileNotFoundError:
+        return None
+    since = saved["notices"].get(notice_id, {}).get("inactive_since")
+    return parse_time(since) if since else None
 
 
 def test_a_notice_that_comes_back_twice_is_still_not_news(sim, agents, targets):
     """A maintenance notice missing from IMDS for a moment, twice, further apart than the time
     an inactive notice is remembered: it is handled once (one "notice:" line, one signal), as
-    the memory counts from when it last went inactive, not from the first time."""
+    the memory counts from when it last went inactive, not from the first time.
+
+    The second gap starts a memory after the agent saved the first (its own clock), so a
+    memory counted from there has run out; each gap lasts a few polls, far below it."""
     agent = agents.start(sim.url, maintenance_lead=900, preamble=SHORT_MEMORY)
     trainer = targets(agent.state_dir, exit_code=None)
 
@@ -181,17 +227,22 @@ def test_a_notice_that_comes_back_twice_is_still_not_news(sim, agents, targets):
         sim.control.maintenance(not_before_in=600, event_id="ev-9")
         wait_for(lambda: kind_of(agent) == "scheduled-maintenance", what="the notice")
 
-    def gap() -> None:
+    def withdraw() -> float:
         sim.control.cancel_maintenance("ev-9")
         wait_for(lambda: agent.notice() is None, what="the notice to go")
+        return time.monotonic()
 
     serve()
     wait_for(lambda: trainer.signals() == ["SIGUSR1"], what="the signal")
-    gap()
+    started = withdraw()
+    first = wait_for(lambda: went_inactive(agent, "scheduled-maintenance/ev-9"),
+                     what="the first gap saved")  # fmt: skip
     serve()
-    time.sleep(4.0)  # longer than the 3 s memory since the first gap
-    gap()
+    gaps = [time.monotonic() - started]  # as the test saw them, for the failure message
+    time.sleep(max(0.0, first.timestamp() + MEMORY + 0.5 - time.time()))
+    started = withdraw()
     serve()
-    time.sleep(1.0)  # five polls
-    assert agent.log().count('"notice: scheduled-maintenance') == 1, agent.log()
+    gaps.append(time.monotonic() - started)
+    wait_polls(sim, 5)
+    assert agent.log().count('"notice: scheduled-maintenance') == 1, (gaps, agent.log())
     assert trainer.signals() == ["SIGUSR1"]

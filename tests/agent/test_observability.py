@@ -178,8 +178,8 @@ def test_agent_speaks_sd_notify(sim, tmp_path: Path):
     listener.bind(address)
     listener.settimeout(10)
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
-           "SPOTGUARD_METRICS_ADDRESS": "", "SPOTGUARD_POLL_INTERVAL": "5",
-           "SPOTGUARD_MAX_BACKOFF": "5"}  # fmt: skip
+           "SPOTGUARD_METRICS_ADDRESS": "", "SPOTGUARD_POLL_INTERVAL": "20",
+           "SPOTGUARD_MAX_BACKOFF": "20"}  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "spotguard", "agent", "--config", "/dev/null",
          "--imds-endpoint", sim.url, "--state-dir", str(tmp_path / "state")],
@@ -187,11 +187,12 @@ def test_agent_speaks_sd_notify(sim, tmp_path: Path):
     )  # fmt: skip
     try:
         assert listener.recv(256).decode() == "READY=1"
-        # Pings every 0.2 s (half of WATCHDOG_USEC) although polls are 5 s apart: bounded in
+        # Pings every 0.2 s (half of WATCHDOG_USEC) although polls are 20 s apart: bounded in
         # polls, not in wall time. Ten pings come with at most two spot polls logged by the
-        # simulator; pings tied to ticks (two per 5 s wait) would take five polls.
+        # simulator (a loaded machine would have to stretch the 2 s they take past 40 s);
+        # pings tied to ticks (two per 20 s wait) would take five polls, or time out.
         pings = [listener.recv(256).decode() for _ in range(10)]  # each: a 10 s no-hang bound
-        polls = len(sim.spot_polls())
+        polls = len(wait_for(sim.spot_polls, what="the first spot poll"))
         assert set(pings) == {"WATCHDOG=1"}
         assert 1 <= polls <= 2, f"{polls} spot polls for 10 watchdog pings"
         process.terminate()

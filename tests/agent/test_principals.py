@@ -86,7 +86,7 @@ def test_directory_users_count_as_themselves_once_the_directory_answered(tmp_pat
     started = time.monotonic()
     assert principals.of(1_234_400_500).startswith("uids ")  # asked; the lookup hangs
     assert principals.of(1_234_400_500).startswith("uids ")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10.0  # far below the 30 s a blocking lookup takes
     hanging.set()
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import psutil
 
 import spotguard.agent.state as state_module
 from spotguard.agent.state import HandledNotice, HandledState
+from tests.agent.support import wait_polls
 from tests.support import wait_for
 
 #: Registers, then waits to be signalled (SIGUSR1's default action ends it).
@@ -88,7 +88,7 @@ def test_a_big_state_file_of_an_older_version_signals_no_one_twice(sim, agents, 
     second = agents.start(sim.url, state_dir=state_dir)
     wait_for(lambda: len(target.received("registered")) == 2, what="the target to reconnect")
     wait_for(lambda: path.stat().st_size < 4096, what="the state file to be pruned")
-    time.sleep(0.6)  # three polls serving the notice
+    wait_polls(sim, 3)  # serving the notice
     assert target.signals() == ["SIGUSR1"]
     assert identity_in(state_dir, target.pid)
     assert "unreadable" not in second.log()
@@ -179,7 +179,7 @@ def test_an_agent_upgraded_during_a_notice_signals_no_one_twice(sim, agents, tar
 
     agents.start(sim.url, state_dir=state_dir)
     wait_for(lambda: len(target.received("registered")) == 2, what="the target to reconnect")
-    time.sleep(0.6)  # three polls serving the notice
+    wait_polls(sim, 3)  # serving the notice
     assert target.signals() == ["SIGUSR1"]
     wait_for(lambda: identity_in(state_dir, target.pid) not in (None, legacy),
              what="the identity saved in today's form")  # fmt: skip

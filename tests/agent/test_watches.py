@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spotguard.agent.config import AgentConfig
+from spotguard.agent.daemon import Agent
 from spotguard.agent.watches import guarded, watches_from_config
 from spotguard.errors import ImdsBadAnswer
 from spotguard.imds.parsers import evaluate_spot_action
 from spotguard.protocol import Notice
+from tests.agent.support import wait_polls
 from tests.support import Sim, wait_for
 
 NOW = datetime(2026, 11, 29, 8, 20, tzinfo=timezone.utc)
@@ -25,6 +28,37 @@ def test_watches_follow_the_config():
     assert watches["spot-interruption"].interval == 1.0
     assert watches["asg-termination"].interval == 1.0  # never faster than the poll interval
     assert watches["scheduled-maintenance"].interval == 60.0
+
+
+class QuietImds:
+    """An IMDS client double that answers 404 (no notice) and counts the paths asked."""
+
+    def __init__(self) -> None:
+        self.polled: Counter[str] = Counter()
+
+    def get(self, path: str) -> None:
+        self.polled[path.rsplit("/", 1)[-1]] += 1
+
+
+def test_each_tick_polls_every_watch_due_however_late_it_woke(tmp_path: Path):
+    """Ticks come at a fixed rate, each woken a little late, by a different amount: a watch
+    due "now" at a tick that woke earlier than the last (0.09 s, then 0 s late) is polled all
+    the same; skipped, its interval would double. Clocked here, not by the machine: the end
+    to end cadence test (test_agent_e2e.py) can only count what a loaded machine allows."""
+    config = AgentConfig(state_dir=tmp_path, poll_interval=0.2, rebalance_interval=2.0,
+                         maintenance_interval=0.2, asg_interval=0.2)  # fmt: skip
+    imds, clock = QuietImds(), [0.0]
+    agent = Agent(config, client=imds, clock=lambda: clock[0])  # type: ignore[arg-type]
+    for tick in range(100):
+        clock[0] = 1000.0 + 0.2 * tick + (0.09 if tick % 2 == 0 else 0.0)
+        agent.tick()
+    assert imds.polled == {
+        "instance-action": 100,
+        "target-lifecycle-state": 100,
+        "scheduled": 100,
+        "rebalance": 10,  # every ten ticks
+    }
+    assert agent.failures == 0
 
 
 def test_whatever_a_parser_raises_is_a_bad_answer_for_that_watch():
@@ -71,5 +105,5 @@ def test_one_watch_with_a_bad_answer_leaves_the_others_working(sim, agents, brok
     # IMDS answered: unknown for that watch alone, no backoff slowing the other watches down
     wait_for(lambda: "cannot read what IMDS answers" in agent.log(), timeout=20,
              what="the unreadable answer logged")  # fmt: skip
-    time.sleep(2.0)  # ten poll intervals with the same answer
+    wait_polls(sim, 10)  # with the same answer
     assert "retrying with backoff" not in agent.log()

@@ -216,7 +216,8 @@ def test_torchdata_stateful_dataloader_resumes_at_the_same_batch(tmp_path):
     generator when the resumed iterator is created - so for bit-exact runs across epochs use
     ResumableDataLoader; see its docstring.)
     """
-    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    import torchdata.stateful_dataloader as stateful
+
     dataset = torch.utils.data.TensorDataset(torch.arange(48))
 
     def loader():

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torchdata  # noqa: F401 - the runs' StatefulDataLoader: a dev dependency, never skipped
 
 from spotguard.trainer_hooks import CheckpointStore
 from tests.support import wait_for
 from tests.trainer_hooks.test_plain_resume import assert_same_weights, steps_done
-
-pytest.importorskip("torchdata")
 
 SCRIPT = Path(__file__).with_name("train_lightning_variants.py")
 #: 3 epochs of 12 steps (per rank); periodic saves off the epochs' ends.

@@ -3,12 +3,14 @@ what it resumes from when ``fit`` is given a ``ckpt_path``, and no log noise on 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -17,8 +19,6 @@ from spotguard.trainer_hooks import CheckpointStore
 from spotguard.trainer_hooks._internals.lightning_resume import check_replicated
 from spotguard.trainer_hooks.lightning import SpotCheckpoint
 from tests.trainer_hooks.train_lightning_variants import Model
-
-pl = pytest.importorskip("lightning.pytorch")
 
 PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 
@@ -84,7 +84,7 @@ def test_a_sharding_strategy_that_gathers_on_rank_0_is_refused_before_anything_i
 def test_lightning_strategies_that_keep_state_their_own_way_are_refused(package, name):
     """FSDP needs a GPU and DeepSpeed its package to be built (here: neither), so the classes
     themselves are checked; DeepSpeed and XLA derive from DDPStrategy."""
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
     strategy = object.__new__(getattr(strategies, name))
     with pytest.raises(ConfigError, match=rf"cannot checkpoint {name}:.*strategy='ddp'"):
         check_replicated(strategy)
@@ -92,7 +92,7 @@ def test_lightning_strategies_that_keep_state_their_own_way_are_refused(package,
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_replicated_strategies_and_plain_subclasses_are_accepted(package):
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
 
     class QuietDDP(strategies.DDPStrategy):
         """A user's DDP that changes nothing about state."""
@@ -138,7 +138,7 @@ class Records(logging.Handler):
 def test_saves_say_weights_only_and_lightning_logs_nothing_for_them(tmp_path, package):
     """Lightning logs "`weights_only` was not set" at INFO for every checkpoint dumped without
     it (its own logger prints INFO): once per save, 9 in a short run, before the fix."""
-    lightning = pytest.importorskip(package)
+    lightning = importlib.import_module(package)
     records = Records()
     logger = logging.getLogger(lightning.__name__)
     logger.addHandler(records)
@@ -148,7 +148,7 @@ def test_saves_say_weights_only_and_lightning_logs_nothing_for_them(tmp_path, pa
             max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[spot],
         )  # fmt: skip
-        run.fit(pytest.importorskip(f"{package}.demos.boring_classes").BoringModel())
+        run.fit(importlib.import_module(f"{package}.demos.boring_classes").BoringModel())
     finally:
         logger.removeHandler(records)
     store = CheckpointStore(str(tmp_path / "store"))

@@ -13,6 +13,7 @@ resumed), 1 rank (the 2-rank run's checkpoints loaded at world size 1, and ``ckp
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch  # noqa: F401 - its ranks train with it: a dev dependency, never skipped
 import pytest
 import torch
 
@@ -34,8 +36,6 @@ from spotguard.trainer_hooks import CheckpointStore
 from spotguard.trainer_hooks._internals.lightning_sharded import checkpoint_format
 from tests.trainer_hooks.rank_processes import full_tensors, outcome, report, wait_for_ranks
 from tests.trainer_hooks.test_dcp_store import SHARD, assert_same, metadata_file, shards
-
-pytest.importorskip("lightning.pytorch")
 
 REPO = Path(__file__).resolve().parents[2]
 #: 2 epochs of 6 batches; periodic saves every 3 steps.
@@ -472,7 +472,7 @@ PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_the_format_follows_the_strategy_and_a_contradicting_setting_is_refused(package):
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
     sharded = [
         strategies.ModelParallelStrategy(),
         strategies.FSDPStrategy(state_dict_type="sharded"),
@@ -489,7 +489,7 @@ def test_the_format_follows_the_strategy_and_a_contradicting_setting_is_refused(
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_sharded_settings_that_gather_on_rank_0_are_refused_naming_the_fix(package):
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
     with pytest.raises(ConfigError, match=r"use FSDPStrategy\(state_dict_type='sharded'\)"):
         checkpoint_format(strategies.FSDPStrategy(), "auto")  # its default: 'full'
     gathering = strategies.ModelParallelStrategy(save_distributed_checkpoint=False)
@@ -501,7 +501,7 @@ def test_sharded_settings_that_gather_on_rank_0_are_refused_naming_the_fix(packa
 @pytest.mark.parametrize("hybrid", ["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"])
 def test_fsdp_hybrid_sharding_without_a_device_mesh_is_refused_naming_the_fix(package, hybrid):
     """Its shards are ShardedTensors over a process group pair: every first save failed."""
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
     groups = strategies.FSDPStrategy(
         state_dict_type="sharded", sharding_strategy=hybrid, process_group=(None, None)
     )
@@ -517,7 +517,7 @@ def test_fsdp_hybrid_sharding_without_a_device_mesh_is_refused_naming_the_fix(pa
 @pytest.mark.parametrize("name", ["DeepSpeedStrategy", "XLAStrategy"])
 def test_deepspeed_and_unknown_strategies_are_refused_naming_the_supported_ones(package, name):
     """DeepSpeed needs its package built (here: not), so the class itself is checked."""
-    strategies = pytest.importorskip(f"{package}.strategies")
+    strategies = importlib.import_module(f"{package}.strategies")
     strategy = object.__new__(getattr(strategies, name))
     with pytest.raises(ConfigError, match=rf"cannot checkpoint {name}:.*ModelParallelStrategy"):
         checkpoint_format(strategy, "auto")

@@ -161,6 +161,8 @@ def test_sigkill_mid_upload_leaves_only_complete_checkpoints(s3):
                 timeout=60,
                 what=f"a part of step {held}'s upload on S3",
             )
+            small = client.head_object(Bucket=s3, Key=f"killed/ckpt-{held:012d}/small.bin")
+            assert small["ContentLength"] == 100, f"trial {trial}: step {held}'s small.bin"
         finally:
             helper.kill()
         held_steps.append(held)
@@ -169,7 +171,8 @@ def test_sigkill_mid_upload_leaves_only_complete_checkpoints(s3):
         assert [m.step for m in store.list()] == list(range(1, committed + 1)), (
             f"trial {trial}: a committed checkpoint vanished or a half one appeared"
         )
-        assert all(r.ok for r in store.verify() if r.step <= committed)
+        verified = {r.step: r.ok for r in store.verify()}
+        assert verified == {**dict.fromkeys(range(1, committed + 1), True), held: False}
         (killed,) = store.verify(step=held)
         assert not killed.ok
         assert "never committed" in killed.problem
