@@ -17,6 +17,7 @@ Smoke test (seconds): python bench/agent_latency.py --trials 3 --intervals 0.2 -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
+from provenance import describe  # the bench folder is this script's
 
 from spotguard.imds.sim_control import SimControl
 
@@ -118,16 +120,28 @@ def p99(values: list[float]) -> float | None:
     return ordered[math.ceil(0.99 * len(ordered)) - 1]
 
 
+def cpu_seconds_of(pid: int) -> float:
+    """CPU time of ``pid``'s live threads, from the scheduler's nanosecond counters
+    (``/proc/<pid>/task/*/schedstat``): psutil's ``cpu_times`` counts 10 ms clock ticks, too
+    coarse for an idle agent (a few ticks in 30 s). A thread that ends inside the window is
+    not counted; the agent's threads live as long as it does."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total_ns += int((task / "schedstat").read_text().split()[0])
+    return total_ns / 1e9
+
+
 def idle_cost(control: SimControl, tmp: Path, seconds: float) -> dict[str, float]:
     control.reset()
     agent = start_agent(control.url, tmp / "state-idle", 1.0)
     try:
         time.sleep(2.0)  # start-up (imports) is not polling
         process = psutil.Process(agent.pid)
-        cpu_start = sum(process.cpu_times()[:2])
+        cpu_start = cpu_seconds_of(agent.pid)
         polls_start = len(control.requests())
         time.sleep(seconds)
-        cpu = sum(process.cpu_times()[:2]) - cpu_start
+        cpu = cpu_seconds_of(agent.pid) - cpu_start
         polls = len(control.requests()) - polls_start
         status = Path(f"/proc/{agent.pid}/status").read_text()
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
@@ -149,6 +163,7 @@ def main() -> None:
     parser.add_argument("--intervals", type=float, nargs="+", default=[1.0, 0.2])
     parser.add_argument("--idle", type=float, default=30.0)
     args = parser.parse_args()
+    print(describe(), flush=True)
     sim, control = start_sim()
     try:
         with tempfile.TemporaryDirectory() as name:

@@ -56,6 +56,7 @@ from typing import Any
 import boto3
 import torch
 from boto3.s3.transfer import TransferConfig
+from provenance import describe  # the bench folder is this script's
 
 from spotguard.trainer_hooks import CheckpointStore, SpotGuard, TransferSettings
 from spotguard.trainer_hooks.backends import S3Backend
@@ -167,7 +168,12 @@ def bench_size(size_mib: int, bucket: str, trials: int) -> dict[str, float]:
     state = make_state(size_mib)
     gib = size_mib / 1024
     client = baseline_client(SETTINGS)
-    baseline_key = f"baseline/{size_mib}/state.pt"
+
+    # A new key per trial, as spotguard writes a new step each time: replacing an object costs
+    # moto extra work (see store_ceiling.py), which would handicap the baseline.
+    def baseline_key(trial: int) -> str:
+        return f"baseline/{size_mib}/{trial}/state.pt"
+
     results: dict[str, float] = {}
 
     buffers = {name: torch.empty_like(t) for name, t in state.items()}
@@ -179,11 +185,11 @@ def bench_size(size_mib: int, bucket: str, trials: int) -> dict[str, float]:
     copy()  # first touch: page faults are not the copy's cost
     results["copy"] = statistics.median(timed(copy)[0] for _ in range(trials))
 
-    def sync_save() -> None:
+    def sync_save(trial: int) -> None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
-        client.upload_fileobj(buffer, bucket, baseline_key, Config=upload_config(SETTINGS))
+        client.upload_fileobj(buffer, bucket, baseline_key(trial), Config=upload_config(SETTINGS))
 
     prefix = f"s3://{bucket}/guard-{size_mib}"
     guard = SpotGuard(
@@ -209,7 +215,7 @@ def bench_size(size_mib: int, bucket: str, trials: int) -> dict[str, float]:
     first_step = 2 + trials
     saves = alternate(
         {
-            "sync": lambda trial: sync_save(),
+            "sync": sync_save,
             "emergency": lambda trial: store.save(
                 first_step + trial, {"state.pt": lambda handle: torch.save(state, handle)}
             ),
@@ -222,7 +228,8 @@ def bench_size(size_mib: int, bucket: str, trials: int) -> dict[str, float]:
 
     def baseline_restore() -> None:
         buffer = io.BytesIO()
-        client.download_fileobj(bucket, baseline_key, buffer, Config=download_config(SETTINGS))
+        key = baseline_key(trials - 1)  # the last one saved, as spotguard restores its last
+        client.download_fileobj(bucket, key, buffer, Config=download_config(SETTINGS))
         buffer.seek(0)
         torch.load(buffer, weights_only=True)
 
@@ -347,6 +354,7 @@ def main() -> None:
         "--trials", type=int, default=3, help="alternating rounds per comparison (default 3)"
     )
     args = parser.parse_args()
+    print(describe(), flush=True)
     print(f"S3 tuning of spotguard and of the boto3 baseline alike: {SETTINGS}")
     moto, bucket = start_moto_bucket()
     rows: dict[int, dict[str, float]] = {}

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import describe  # the bench folder is this script's
 
 MiB = 2**20
 #: Columns of every tensor: 2-D weights sharded by rows, as FSDP shards them. (A 1-D tensor
@@ -436,6 +437,7 @@ def main() -> None:
     if args.rank_job:
         _rank_main(args.rank_job)
         return
+    print(describe(), flush=True)
     if args.quick:
         args.size, args.trials = 8, 1
     rows, rest = divmod(args.size * MiB, 4 * COLUMNS * args.tensors)

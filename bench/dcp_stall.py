@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import describe  # the bench folder is this script's
 
 MiB = 2**20
 #: Default width of every layer: ``Linear(width, width)`` weights sharded by rows, as FSDP2
@@ -424,6 +425,7 @@ def main() -> None:
     if args.rank_job:
         _rank_main(args.rank_job)
         return
+    print(describe(), flush=True)
     if args.quick:
         args.size, args.trials, args.breakdown_trials = 12, 2, 1
     if args.trials < 1 or args.breakdown_trials < 1:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from provenance import describe  # the bench folder is this script's
+
 from spotguard.drill import DrillOptions, run_drill
 from spotguard.sizes import parse_size
 
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,1GiB")
     parser.add_argument("--store")
     args = parser.parse_args()
+    print(describe(), flush=True)
     print(
         "| state | trials | detect | notice -> committed | notice -> exited | margin | "
         "relaunch -> first step | fresh start -> first step | resume cost |"

@@ -2,12 +2,13 @@
 first resumed step, for ``spotguard drill --nodes 3`` (issue 16).
 
 Each trial is a whole ``spotguard drill --nodes 3`` (three rehearsed nodes, each its own IMDS
-simulator, real agent polling every 0.5 s and torchrun with one worker, a rendezvous store
-hosted by the drill, a local store; the notice goes to the node holding rank 0, which is
-terminated once its workers have left; a replacement starts 5 s later). Two settings:
-``--nnodes 3:3`` (the survivors wait for the replacement) and ``--nnodes 2:3`` (they go on
-without the lost node). Times are seconds since the simulator served the notice; medians of
-``--trials``; the settings alternate trial by trial.
+simulator, real agent polling every 0.5 s and torchrun with one worker, meeting at a
+``spotguard rendezvous-store`` process, a local store; the notice goes to the node holding
+rank 0, which is terminated once its workers have left). Two settings: ``--nnodes 3:3`` (the
+survivors wait for the replacement, started 5 s after the termination) and ``--nnodes 2:3``
+(they go on without the lost node; the replacement starts once they have resumed, and its
+joining restarts the group once more). Times are seconds since the simulator served the
+notice; medians of ``--trials``; the settings alternate trial by trial.
 
 The baseline measured in the same run: the interrupted job's own first formation, from its
 process group being up to its first step (a fresh start, nothing to load); "resume cost" is
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import statistics
 from typing import Any
+
+from provenance import describe  # the bench folder is this script's
 
 from spotguard.drill import DrillOptions, run_elastic_drill
 
@@ -70,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
+    print(describe(), flush=True)
     settings = {"3:3 (waits for the replacement)": 3, "2:3 (goes on without it)": 2}
     trials: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
     for trial in range(args.trials):

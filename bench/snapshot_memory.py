@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import describe  # the bench folder is this script's
+
 MiB = 2**20
 CHUNK = 64 * MiB  # tensors of a real state dict are many and at most a few hundred MiB each
 
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["baseline", "spotguard"], help=argparse.SUPPRESS)
     parser.add_argument("folder", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(describe(), flush=True)
     if args.size < 1 or args.trials < 1:
         parser.error("--size and --trials must be >= 1")
     size = args.size * MiB

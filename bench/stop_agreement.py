@@ -35,6 +35,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from provenance import describe  # the bench folder is this script's
 from torch import nn
 
 from spotguard.trainer_hooks import SpotGuard
@@ -130,6 +131,7 @@ def main() -> None:
     if args.rank:
         rank_main(args)
         return
+    print(describe(), flush=True)
     port = str(free_port())
     command = [sys.executable, __file__, "--rank", "--rounds", str(args.rounds),
                "--steps", str(args.steps), "--step-ms", str(args.step_ms)]  # fmt: skip

@@ -38,6 +38,7 @@ from checkpoint_io import (
     start_moto_bucket,
     upload_config,
 )
+from provenance import describe  # the bench folder is this script's
 
 from spotguard.trainer_hooks import CheckpointStore
 
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--history", type=int, default=1000, help="checkpoints in the prefix")
     args = parser.parse_args()
+    print(describe(), flush=True)
     moto, bucket = start_moto_bucket()
     try:
         print(f"S3 tuning for both: {SETTINGS}", file=sys.stderr)

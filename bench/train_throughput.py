@@ -34,10 +34,12 @@ does on its own machines) is counted against spotguard here. ``--store local`` s
 local directory instead: what spotguard's own work (snapshot, serialization, SHA-256, writing)
 costs the training loop, without a server on the same cores. ``--moto-nice 19`` runs moto at
 the lowest priority: the endpoint still shares the cores, but yields them to training as a
-remote S3 would not need to (a middle ground between the two).
+remote S3 would not need to (a middle ground between the two). ``--save-niceness`` is
+spotguard's ``save_niceness`` (default: the product's), the priority of the background save
+below training's (0: the same as training).
 
 Usage: python bench/train_throughput.py [--size 256] [--every 50] [--steps 200] [--step-ms 50]
-[--trials 3] [--threads 1] [--store moto|local] [--moto-nice 0]
+[--trials 3] [--threads 1] [--store moto|local] [--moto-nice 0] [--save-niceness 10]
 Smoke test (seconds): python bench/train_throughput.py --size 8 --every 5 --steps 10
 --step-ms 10 --trials 1
 """
@@ -53,9 +55,10 @@ from collections.abc import Callable
 
 import torch
 from checkpoint_io import make_state, start_moto_bucket
+from provenance import describe  # the bench folder is this script's
 from torch import nn
 
-from spotguard.trainer_hooks import CheckpointStore, SpotGuard
+from spotguard.trainer_hooks import CheckpointStore, GuardSettings, SpotGuard
 
 
 def training_step(step_ms: float) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -106,7 +109,10 @@ def main() -> None:
     parser.add_argument("--store", choices=("moto", "local"), default="moto",
                         help="a moto S3 server on these cores, or a local directory")  # fmt: skip
     parser.add_argument("--moto-nice", type=int, default=0, help="moto's niceness (0 to 19)")
+    parser.add_argument("--save-niceness", type=int, default=GuardSettings.save_niceness,
+                        help="spotguard's save_niceness (0 to 19; 0: as training)")  # fmt: skip
     args = parser.parse_args()
+    print(describe(), flush=True)
     torch.set_num_threads(args.threads)
     if args.steps % args.every:
         parser.error("--steps must be a multiple of --every (whole save cycles)")
@@ -130,8 +136,8 @@ def main() -> None:
     def guarded(trial: int) -> float:
         prefix = f"{root}/trial-{trial}"
         first = args.every
-        with SpotGuard(prefix, every_n_steps=first, keep_last=None,
-                       state_dir="/nonexistent") as guard:  # fmt: skip
+        with SpotGuard(prefix, every_n_steps=first, keep_last=None, state_dir="/nonexistent",
+                       save_niceness=args.save_niceness) as guard:  # fmt: skip
             guard.restore(state)
             guard.step(first, state)  # allocates the copy buffers: before the window
             guard._core.wait()
@@ -167,10 +173,11 @@ def main() -> None:
     print(f"\nMarkdown for bench/README.md (medians of {args.trials} alternating rounds):\n")
     niced = args.store == "moto" and args.moto_nice
     store = f"moto (nice {args.moto_nice})" if niced else args.store
-    print("| store | state | save every | step | steps timed | bare | spotguard | saves "
-          "committed in window | ratio | per-round ratios |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {store} | {args.size} MiB | {args.every} steps | {1000 / bare_rate:.0f} ms | "
+    print("| store | save niceness | state | save every | step | steps timed | bare | spotguard "
+          "| saves committed in window | ratio | per-round ratios |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {store} | {args.save_niceness} | {args.size} MiB | {args.every} steps "
+          f"| {1000 / bare_rate:.0f} ms | "
           f"{args.steps} | "
           f"{bare_rate:.2f} steps/s | {guard_rate:.2f} steps/s | "
           f"{', '.join(map(str, saves))} | {guard_rate / bare_rate:.3f} x | "
