@@ -21,7 +21,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from spotguard.errors import ConfigError
-from spotguard.protocol import ALLOWED_SIGNALS, DEFAULT_STATE_DIR, NOTICE_KINDS
+from spotguard.protocol import (
+    ALLOWED_SIGNALS,
+    ASG_TERMINATION,
+    DEFAULT_STATE_DIR,
+    NOTICE_GRACE_SECONDS,
+    NOTICE_KINDS,
+    SCHEDULED_MAINTENANCE,
+    SPOT_INTERRUPTION,
+    SPOT_NOTICE_SECONDS,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,9 +68,11 @@ class AgentConfig:
     target_patterns: tuple[str, ...] = ()
     target_units: tuple[str, ...] = ()
     target_signal: str = "SIGUSR1"
-    target_watch_timeout: float = 120.0
+    #: How long a signalled target is watched when its notice has no deadline (an ASG
+    #: termination): by default as long as a spot notice lasts.
+    target_watch_timeout: float = SPOT_NOTICE_SECONDS
     hook_command: tuple[str, ...] = ()
-    hook_kinds: tuple[str, ...] = ("spot-interruption", "asg-termination", "scheduled-maintenance")
+    hook_kinds: tuple[str, ...] = (SPOT_INTERRUPTION, ASG_TERMINATION, SCHEDULED_MAINTENANCE)
     hook_timeout: float = 30.0
     webhook_url: str = field(default="", repr=False)
     webhook_kinds: tuple[str, ...] = NOTICE_KINDS
@@ -71,7 +82,7 @@ class AgentConfig:
     log_level: str = "info"
     metrics_address: str = "127.0.0.1:9464"
     health_max_age: float = 30.0
-    notice_grace: float = 300.0
+    notice_grace: float = NOTICE_GRACE_SECONDS
 
     def __post_init__(self) -> None:
         _check_url("imds_endpoint", self.imds_endpoint, required=True)

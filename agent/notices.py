@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from spotguard.protocol import Notice
+from spotguard.protocol import SCHEDULED_MAINTENANCE, Notice
 
 __all__ = ["WATCH_EXPIRES", "ActiveNotices"]
 
 #: Kinds whose watch expires them itself (see the module docstring).
-WATCH_EXPIRES = frozenset({"scheduled-maintenance"})
+WATCH_EXPIRES = frozenset({SCHEDULED_MAINTENANCE})
 
 
 class ActiveNotices:

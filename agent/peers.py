@@ -37,7 +37,7 @@ from spotguard.agent.processes import (
     start_ticks,
 )
 
-__all__ = ["Client", "PidfdUnsupported", "peer_credentials"]
+__all__ = ["Client", "peer_credentials"]
 
 #: Not in Python 3.11's socket module; Linux >= 6.5 (the generic value, x86-64 and arm64).
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -45,7 +45,11 @@ _PEERCRED = struct.Struct("3i")
 
 
 class PidfdUnsupported(Exception):
-    """Neither ``SO_PEERPIDFD`` nor ``pidfd_open`` exists here: signals go by pid."""
+    """Neither ``SO_PEERPIDFD`` nor ``pidfd_open`` exists here: signals go by pid.
+
+    The agent's own control flow, not an error anyone sees: the registry catches it at once
+    and pins by pid from then on. So it stays out of :mod:`spotguard.errors`' tree and out of
+    ``__all__``."""
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int]:

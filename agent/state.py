@@ -27,7 +27,14 @@ from typing import Any
 
 from spotguard.agent.processes import current_identity
 from spotguard.errors import ConfigError
-from spotguard.protocol import Notice, format_time, parse_time, write_json_atomic, write_notice
+from spotguard.protocol import (
+    Notice,
+    format_time,
+    notice_path,
+    parse_time,
+    write_json_atomic,
+    write_notice,
+)
 
 __all__ = [
     "HandledNotice",
@@ -263,7 +270,7 @@ class NoticeFile:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / "notice.json"
+        self.path = notice_path(state_dir)
         self.published: Notice | None = None
         self._last_error = ""
 

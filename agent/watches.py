@@ -24,7 +24,13 @@ from spotguard.imds.parsers import (
     evaluate_spot_action,
     scheduled_maintenance_evaluator,
 )
-from spotguard.protocol import Notice
+from spotguard.protocol import (
+    ASG_TERMINATION,
+    REBALANCE_RECOMMENDATION,
+    SCHEDULED_MAINTENANCE,
+    SPOT_INTERRUPTION,
+    Notice,
+)
 
 __all__ = ["Watch", "guarded", "watches_from_config"]
 
@@ -63,7 +69,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
         (
             config.watch_spot_interruption,
             Watch(
-                "spot-interruption",
+                SPOT_INTERRUPTION,
                 SPOT_ACTION_PATH,
                 config.poll_interval,
                 evaluate_spot_action,
@@ -72,7 +78,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
         (
             config.watch_asg_termination,
             Watch(
-                "asg-termination",
+                ASG_TERMINATION,
                 LIFECYCLE_PATH,
                 max(config.asg_interval, config.poll_interval),
                 evaluate_lifecycle_state,
@@ -81,7 +87,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
         (
             config.watch_scheduled_maintenance,
             Watch(
-                "scheduled-maintenance",
+                SCHEDULED_MAINTENANCE,
                 MAINTENANCE_PATH,
                 max(config.maintenance_interval, config.poll_interval),
                 # Expired by the watch itself, at NotAfter + grace (see ActiveNotices).
@@ -91,7 +97,7 @@ def watches_from_config(config: AgentConfig) -> list[Watch]:
         (
             config.watch_rebalance,
             Watch(
-                "rebalance-recommendation",
+                REBALANCE_RECOMMENDATION,
                 REBALANCE_PATH,
                 max(config.rebalance_interval, config.poll_interval),
                 evaluate_rebalance,

@@ -50,7 +50,15 @@ from typing import Any
 
 from spotguard.errors import ConfigError, SpotguardError
 from spotguard.fleet.resume_gate import stopping_notice
-from spotguard.protocol import DEFAULT_STATE_DIR, EXIT_PREEMPTED, format_time, write_json_atomic
+from spotguard.protocol import (
+    DEFAULT_STATE_DIR,
+    EXIT_PREEMPTED,
+    MANIFEST_NAME,
+    STEP_DIR_PATTERN,
+    STEP_DIR_PREFIX,
+    format_time,
+    write_json_atomic,
+)
 
 __all__ = ["JobEnd"]
 
@@ -58,9 +66,9 @@ FLEET_TAG = "aws:ec2:fleet-id"
 _JOB = re.compile(r"^[a-z0-9][a-z0-9-]{1,30}[a-z0-9]$")
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
 _INSTANCE = re.compile(r"^i-[0-9a-f]{8,17}$")
-#: A committed checkpoint's manifest under the checkpoint URI (DESIGN.md, "Checkpoint store":
-#: ``<uri>/ckpt-<12-digit step>/manifest.json``, written last).
-_MANIFEST = re.compile(r"(?:^|/)ckpt-(\d{12})/manifest\.json$")
+#: A committed checkpoint's manifest (``ckpt-<12-digit step>/manifest.json``, written last),
+#: relative to the checkpoint URI; only ``<uri>/ckpt-`` is listed, whatever else is there.
+_MANIFEST = re.compile(rf"{STEP_DIR_PATTERN.pattern}/{re.escape(MANIFEST_NAME)}")
 #: Seconds to learn the newest committed checkpoint before counting a failure: part of the
 #: budget, and short, since systemd waits for job-end before it restarts the job.
 PROGRESS_LOOKUP_SECONDS = 15.0
@@ -180,11 +188,8 @@ class JobEnd:
             self._end({"state": "finished", "exit": "exited 0"}, started)
             return "finished"
         preempted = exit_code == "exited" and exit_status == str(EXIT_PREEMPTED)
-        if (
-            not failed_result
-            and preempted
-            and stopping_notice(self.notice_dir, datetime.now(timezone.utc)) is not None
-        ):
+        now = datetime.now(timezone.utc)
+        if not failed_result and preempted and stopping_notice(self.notice_dir, now) is not None:
             counter.unlink(missing_ok=True)  # it ran until preempted: not a crash loop
             return "preempted"
         earlier, newest_before = self._count(counter)
@@ -228,9 +233,8 @@ class JobEnd:
         except (OSError, ValueError, KeyError, TypeError):
             return 0, None
         newest = record.get("newest_step")
-        return failures, newest if isinstance(newest, int) and not isinstance(
-            newest, bool
-        ) else None
+        known = isinstance(newest, int) and not isinstance(newest, bool)
+        return failures, newest if known else None
 
     def _newest_checkpoint(self) -> int | None:
         """The step of the newest committed checkpoint in the job's store, ``None`` when there
@@ -249,12 +253,11 @@ class JobEnd:
         deadline = time.monotonic() + PROGRESS_LOOKUP_SECONDS
         newest: int | None = None
         try:
-            pages = s3.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=f"{prefix}/ckpt-"
-            )
+            listing = s3.get_paginator("list_objects_v2")
+            pages = listing.paginate(Bucket=bucket, Prefix=f"{prefix}/{STEP_DIR_PREFIX}")
             for number, page in enumerate(pages, start=1):
                 for item in page.get("Contents", []):
-                    found = _MANIFEST.search(item["Key"])
+                    found = _MANIFEST.fullmatch(item["Key"].removeprefix(f"{prefix}/"))
                     if found and (newest is None or int(found[1]) > newest):
                         newest = int(found[1])
                 if number >= PROGRESS_LOOKUP_PAGES or time.monotonic() > deadline:
@@ -356,12 +359,9 @@ class JobEnd:
         return problem
 
     def _fleet_id(self, ec2: Any) -> str:
-        tags = ec2.describe_tags(
-            Filters=[
-                {"Name": "resource-id", "Values": [self.instance_id]},
-                {"Name": "key", "Values": [FLEET_TAG]},
-            ]
-        )["Tags"]
+        filters = [{"Name": "resource-id", "Values": [self.instance_id]},
+                   {"Name": "key", "Values": [FLEET_TAG]}]  # fmt: skip
+        tags = ec2.describe_tags(Filters=filters)["Tags"]
         if not tags:
             raise SpotguardError(f"instance {self.instance_id} has no {FLEET_TAG} tag")
         return str(tags[0]["Value"])

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from spotguard.errors import ProtocolError
+from spotguard.errors import ConfigError, ProtocolError
 from spotguard.protocol import NOTICE_GRACE_SECONDS, SIGNALLING_KINDS, read_notice
 
 __all__ = ["stopping_notice", "wait_until_clear"]
@@ -52,9 +52,10 @@ def wait_until_clear(
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Return once no notice holds the job; says why it waits, once per reason. Returns the
-    number of checks that held it (0: it was clear at once)."""
+    number of checks that held it (0: it was clear at once). :class:`ConfigError` for an
+    ``interval`` that is not > 0 (``--interval`` on the command line)."""
     if interval <= 0:
-        raise ValueError(f"interval: must be > 0, got {interval!r}")
+        raise ConfigError(f"interval (--interval): must be > 0 seconds, got {interval!r}")
     held, last = 0, None
     while (reason := stopping_notice(state_dir, clock())) is not None:
         if reason != last:

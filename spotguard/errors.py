@@ -30,6 +30,12 @@ tell "we understood what went wrong" (a one-line message naming the culprit) fro
     └── Preempted                not an error: the emergency checkpoint is done (or could not
                                  be), the process leaves with exit code 75, "resume me"
 
+Not in the tree, on purpose: internal control-flow signals, caught at once by the code that
+asked and never seen by a user (the hooks' ``NoRoomForCopy``: no memory for a snapshot, so the
+save runs without one; the agent's ``PidfdUnsupported``: no pidfd, so signals go by pid). They
+derive from ``Exception`` so that an ``except SpotguardError`` never takes one for a failure
+to report.
+
 This module imports nothing; every other module may import it.
 """
 

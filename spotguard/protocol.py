@@ -14,44 +14,59 @@ connection (``{"op": "notice", ...}``) as well as signalling; the process says h
 the socket; its writes are atomic (temp file + rename): a reader never sees half a file.
 
 It also holds the numbers both sides must agree on (the exit code of a preempted run, the
-lead time of a spot notice) and the one atomic-write helper. This module imports nothing outside
-the standard library and :mod:`spotguard.errors`; the agent, the trainer hooks and the drill use
-it.
+lead time of a spot notice), the names of the checkpoint store's layout that readers outside the
+hooks rely on (the fleet's job-end and the CLI look for ``ckpt-<step>/manifest.json``), and the
+one atomic-write helper. This module imports nothing outside the standard library and
+:mod:`spotguard.errors`; the agent, the trainer hooks, the fleet and the drill use it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from spotguard.errors import ProtocolError
 
 __all__ = [
     "AGENT_OPS",
     "ALLOWED_SIGNALS",
+    "ASG_TERMINATION",
     "CLIENT_OPS",
     "DEFAULT_STATE_DIR",
     "EXIT_PREEMPTED",
+    "MANIFEST_NAME",
     "MAX_MESSAGE_BYTES",
     "NOTICE_GRACE_SECONDS",
     "NOTICE_KINDS",
+    "NOTICE_NAME",
+    "REBALANCE_RECOMMENDATION",
+    "SCHEDULED_MAINTENANCE",
     "SIGNALLING_KINDS",
     "SOCKET_NAME",
     "SOCKET_VERSION",
+    "SPOT_INTERRUPTION",
     "SPOT_NOTICE_SECONDS",
+    "STATE_DIR_ENV",
+    "STEP_DIR_PATTERN",
+    "STEP_DIR_PREFIX",
     "Notice",
     "decode_message",
     "encode_message",
     "format_time",
+    "notice_path",
+    "parse_step_dir",
     "parse_time",
     "read_notice",
     "socket_path",
     "state_dir_from_env",
+    "step_dir",
     "write_atomic",
     "write_json_atomic",
     "write_notice",
@@ -59,6 +74,8 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 DEFAULT_STATE_DIR = Path("/run/spotguard")
+#: The environment variable that names the state dir (both sides read it; the drill sets it).
+STATE_DIR_ENV = "SPOTGUARD_STATE_DIR"
 
 #: EX_TEMPFAIL: "preempted, resume me". A preempted run never exits 0 (that says "done"), and a
 #: supervisor on the dying node must not restart it (``RestartPreventExitStatus=75``).
@@ -69,13 +86,13 @@ SPOT_NOTICE_SECONDS = 120.0
 #: ``notice_grace`` default) and a training process ignores it.
 NOTICE_GRACE_SECONDS = 300.0
 
+#: The notice kinds (the notice file's ``kind``; the agent's watches and config use them too).
+SPOT_INTERRUPTION = "spot-interruption"
+ASG_TERMINATION = "asg-termination"
+SCHEDULED_MAINTENANCE = "scheduled-maintenance"
+REBALANCE_RECOMMENDATION = "rebalance-recommendation"
 #: Notice kinds, most urgent first: the notice file holds the most urgent active one.
-NOTICE_KINDS = (
-    "spot-interruption",
-    "asg-termination",
-    "scheduled-maintenance",
-    "rebalance-recommendation",
-)
+NOTICE_KINDS = (SPOT_INTERRUPTION, ASG_TERMINATION, SCHEDULED_MAINTENANCE, REBALANCE_RECOMMENDATION)
 #: Kinds after which the instance goes away: targets are signalled. A rebalance recommendation
 #: only updates the notice file ("checkpoint soon"), because most are not followed by an
 #: interruption.
@@ -85,10 +102,32 @@ SIGNALLING_KINDS = frozenset(NOTICE_KINDS[:3])
 ALLOWED_SIGNALS = frozenset({"SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"})
 
 
+#: The checkpoint store's layout: ``<uri>/ckpt-<12-digit step>/`` holds one checkpoint's files,
+#: and its ``manifest.json``, written last and only if absent, is the commit.
+MANIFEST_NAME = "manifest.json"
+#: What every checkpoint directory's name starts with (a listing of ``<uri>/ckpt-`` sees
+#: checkpoints only, whatever else the prefix holds).
+STEP_DIR_PREFIX = "ckpt-"
+#: A checkpoint's directory name; the step is its only group.
+STEP_DIR_PATTERN = re.compile(rf"{STEP_DIR_PREFIX}(\d{{12}})")
+
+
+def step_dir(step: int) -> str:
+    """The directory name of the checkpoint of ``step``: sorting names sorts steps."""
+    return f"{STEP_DIR_PREFIX}{step:012d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a checkpoint directory name, ``None`` for any other name."""
+    match = STEP_DIR_PATTERN.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def state_dir_from_env(environ: dict[str, str] | None = None) -> Path:
-    """The state dir named by ``SPOTGUARD_STATE_DIR``, else the default."""
+    """The state dir named by ``SPOTGUARD_STATE_DIR`` (:data:`STATE_DIR_ENV`), else the
+    default."""
     env = os.environ if environ is None else environ
-    return Path(env.get("SPOTGUARD_STATE_DIR") or DEFAULT_STATE_DIR)
+    return Path(env.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
 
 
 def format_time(moment: datetime) -> str:
@@ -105,21 +144,48 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` so that readers see the old file or the new one, never a mix: a temp file
-    in the same directory, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomic(
+    path: Path,
+    data: bytes | Callable[[IO[bytes]], None],
+    mode: int = 0o644,
+    *,
+    check: Callable[[Path], None] | None = None,
+    exclusive: bool = False,
+    spool_dir: Path | None = None,
+) -> None:
+    """Write a file so that readers see the old one or the new one, never a mix: a temp file,
+    flushed to disk, then renamed over ``path``.
+
+    ``data`` is the content, or a function that writes it to the open temp file (a large
+    payload streamed, never held in memory twice). ``check`` runs on the complete temp file
+    before it takes the name (a file that does not load never replaces a good one). With
+    ``exclusive`` the file is linked into place instead: ``FileExistsError`` when ``path``
+    exists, so of two writers exactly one wins. The temp file lives beside ``path``, or in
+    ``spool_dir`` (on the same file system): then ``path``'s directory is made only once the
+    file is complete, so a write that fails or is killed leaves no directory behind. Nothing
+    but a killed process's temp file is left on any failure.
+    """
+    spool = path.parent if spool_dir is None else spool_dir
+    spool.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=spool, prefix=f".{path.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
+        if check is not None:
+            check(Path(tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any], mode: int = 0o644) -> None:
@@ -199,16 +265,24 @@ class Notice:
             raise ProtocolError(f"malformed notice: {exc!r}") from None
 
 
+#: The notice file, in the state dir.
+NOTICE_NAME = "notice.json"
+
+
+def notice_path(state_dir: Path) -> Path:
+    return state_dir / NOTICE_NAME
+
+
 def write_notice(state_dir: Path, notice: Notice) -> Path:
     """Publish ``notice`` as ``<state_dir>/notice.json`` (atomic, world-readable)."""
-    path = state_dir / "notice.json"
+    path = notice_path(state_dir)
     write_json_atomic(path, notice.to_json())
     return path
 
 
 def read_notice(state_dir: Path) -> Notice | None:
     """The current notice, ``None`` when there is none; :class:`ProtocolError` on garbage."""
-    path = state_dir / "notice.json"
+    path = notice_path(state_dir)
     if not path.exists():
         return None
     return Notice.from_json(_read_json(path))

@@ -28,8 +28,9 @@ from spotguard.errors import (
 )
 from spotguard.lazy import lazy_exports
 from spotguard.trainer_hooks.manifest import Manifest
+from spotguard.trainer_hooks.results import VerifyResult
 from spotguard.trainer_hooks.settings import GuardSettings, TransferSettings
-from spotguard.trainer_hooks.store import CheckpointStore, VerifyResult
+from spotguard.trainer_hooks.store import CheckpointStore
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks.data import ResumableDataLoader

@@ -102,10 +102,10 @@ if TYPE_CHECKING:
 __all__ = ["SpotCheckpoint"]
 
 
-def _callback_bases() -> tuple[type, ...]:
-    """Lightning's ``Callback`` of each Lightning package installed (either Trainer then
-    accepts the callback)."""
-    bases = []
+def _callback_base() -> type:
+    """Lightning's ``Callback``: that of the one Lightning package installed, or a class that
+    derives from both (either Trainer then accepts the callback)."""
+    bases: list[type] = []
     for module in ("pytorch_lightning", "lightning.pytorch"):
         try:
             bases.append(importlib.import_module(module).Callback)
@@ -115,10 +115,20 @@ def _callback_bases() -> tuple[type, ...]:
         raise ImportError(
             "SpotCheckpoint needs Lightning: pip install 'spotguard[lightning]' (or 'lightning')"
         )
-    return tuple(bases)
+    if len(bases) == 1:
+        return bases[0]
+    return type("_LightningCallbacks", tuple(bases), {"__module__": __name__})
 
 
-class SpotCheckpoint(*_callback_bases()):  # type: ignore[misc]
+if TYPE_CHECKING:
+    # What mypy checks the callback against: one real base, so that a misspelt hook or
+    # attribute is an error (the runtime base is chosen from what is installed).
+    from lightning.pytorch import Callback as _Callback
+else:
+    _Callback = _callback_base()
+
+
+class SpotCheckpoint(_Callback):
     """Periodic async checkpoints, emergency save on preemption, automatic resume.
 
     ``uri`` is the checkpoint store; ``every_n_train_steps`` / ``every_n_seconds`` set the

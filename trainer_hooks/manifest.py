@@ -16,11 +16,27 @@ from importlib import metadata
 from typing import Any
 
 from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
-from spotguard.protocol import format_time, parse_time
+from spotguard.protocol import MANIFEST_NAME, format_time, parse_time
 
-MANIFEST_NAME = "manifest.json"
-#: Put beside the payload of a checkpoint that failed verification, in place of its manifest.
+__all__ = [
+    "FORMATS",
+    "KINDS",
+    "QUARANTINE_NAME",
+    "VERSIONS",
+    "WHOLE_STATE_FILE",
+    "FileEntry",
+    "Manifest",
+    "Writer",
+    "check_name",
+]
+
+#: Put beside the payload of a checkpoint that failed verification, in place of its manifest
+#: (:data:`~spotguard.protocol.MANIFEST_NAME`: the store's directory and manifest names are
+#: the protocol's, as readers outside the hooks look for them too).
 QUARANTINE_NAME = "quarantined.json"
+#: The file holding the whole state of a ``torch`` checkpoint (rank 0's): what
+#: :meth:`~spotguard.trainer_hooks.CheckpointStore.resume` and ``load_state`` load by default.
+WHOLE_STATE_FILE = "state.pt"
 #: The manifest's own schema version, per format: 2 for ``torch`` checkpoints (what every
 #: spotguard reads), 3 for ``dcp``. A spotguard that knows only version 2 raises
 #: :class:`UnloadableCheckpoint` for a version 3 manifest (never quarantined), where a version
@@ -46,15 +62,6 @@ def check_name(name: str) -> str:
     ):
         raise CorruptCheckpoint(f"unsafe checkpoint file name {name!r}")
     return name
-
-
-def step_dir(step: int) -> str:
-    return f"ckpt-{step:012d}"
-
-
-def parse_step_dir(name: str) -> int | None:
-    match = re.fullmatch(r"ckpt-(\d{12})", name)
-    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

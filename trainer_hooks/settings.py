@@ -19,6 +19,7 @@ from typing import TypedDict
 
 from spotguard.errors import ConfigError
 from spotguard.protocol import ALLOWED_SIGNALS, EXIT_PREEMPTED, SPOT_NOTICE_SECONDS
+from spotguard.trainer_hooks._internals.store_uri import parse_store_uri
 
 __all__ = ["CommonOptions", "GuardOptions", "GuardSettings", "TransferSettings"]
 
@@ -113,6 +114,7 @@ class GuardSettings:
     checkpoint_format: str = "auto"
 
     def __post_init__(self) -> None:
+        parse_store_uri(self.uri)  # the rule the store applies: a bad URI fails here, not later
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ConfigError(
                 f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "

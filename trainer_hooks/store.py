@@ -39,26 +39,30 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
-from spotguard.errors import CorruptCheckpoint, ResumeRefused, StoreError, WriterConflict
-from spotguard.protocol import format_time
+from spotguard.errors import (
+    ConfigError,
+    CorruptCheckpoint,
+    ResumeRefused,
+    StoreError,
+    WriterConflict,
+)
+from spotguard.protocol import MANIFEST_NAME, format_time, parse_step_dir, step_dir
 from spotguard.trainer_hooks._internals.lease import Lease
 from spotguard.trainer_hooks._internals.readback import read_back, read_back_payload
-from spotguard.trainer_hooks._internals.reader import Quarantined, StoreReader, VerifyResult
-from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
-from spotguard.trainer_hooks.backends import Backend, backend_for_uri
+from spotguard.trainer_hooks._internals.reader import StoreReader
+from spotguard.trainer_hooks._internals.streams import HashingWriter
+from spotguard.trainer_hooks.backends import Backend, Sink, backend_for_uri
 from spotguard.trainer_hooks.manifest import (
-    MANIFEST_NAME,
     QUARANTINE_NAME,
+    WHOLE_STATE_FILE,
     FileEntry,
     Manifest,
     Writer,
     check_name,
-    parse_step_dir,
-    step_dir,
 )
 from spotguard.trainer_hooks.settings import TransferSettings
 
-__all__ = ["CheckpointStore", "Payload", "Quarantined", "Sink", "TransferSettings", "VerifyResult"]
+__all__ = ["CheckpointStore", "Payload", "TransferSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,15 @@ def _this_writer() -> Writer:
 
 
 class CheckpointStore(StoreReader):
-    """List, save, verify, load and prune checkpoints under one URI."""
+    """List, save, verify, load and prune checkpoints under one URI.
+
+    Reading (inherited from the store's read-only side, which changes nothing): ``uri``,
+    ``list``, ``latest``, ``walk``, ``get``, ``manifest``, ``fetch``, ``verify``
+    (:class:`~spotguard.trainer_hooks.results.VerifyResult`), ``quarantined``
+    (:class:`~spotguard.trainer_hooks.results.Quarantined`) and ``load_state``. Writing, here:
+    :meth:`resume`, :meth:`save` (or :meth:`put` then :meth:`commit`), :meth:`quarantine`,
+    :meth:`delete`, :meth:`prune`, and the writer lease (:meth:`hold`, :meth:`release`).
+    """
 
     def __init__(
         self,
@@ -118,7 +130,7 @@ class CheckpointStore(StoreReader):
         return f"CheckpointStore({self.uri!r})"
 
     def resume(
-        self, name: str = "state.pt", *, quarantine: bool = True
+        self, name: str = WHOLE_STATE_FILE, *, quarantine: bool = True
     ) -> tuple[Manifest, Any] | None:
         """The writer's way back in: load ``name`` from the newest checkpoint that verifies.
 
@@ -335,7 +347,7 @@ class CheckpointStore(StoreReader):
         stay unless ``quarantined`` (``ckpt prune --quarantined``).
         """
         if keep_last < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"keep_last must be >= 1 (the newest is never deleted), got {keep_last}"
             )
         if newest_verified is None:  # not the writer: the newest whose manifest reads

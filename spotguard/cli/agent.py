@@ -11,25 +11,29 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spotguard.agent.config import AgentConfig, load_config
+from spotguard.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from spotguard.agent.logs import configure_logging
 from spotguard.agent.watches import watches_from_config
 from spotguard.errors import ImdsError
 from spotguard.imds.client import ImdsClient
-from spotguard.protocol import format_time
+from spotguard.protocol import DEFAULT_STATE_DIR, format_time
 
 __all__ = ["register"]
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file (default /etc/spotguard/agent.toml)")
-    parser.add_argument("--imds-endpoint", help="IMDS base URL (default http://169.254.169.254)")
+    parser.add_argument("--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument(
+        "--imds-endpoint", help=f"IMDS base URL (default {AgentConfig.imds_endpoint})"
+    )
 
 
 def register(commands: Any) -> None:
     agent = commands.add_parser("agent", help="run the on-node daemon")
     _config_flags(agent)
-    agent.add_argument("--state-dir", help="shared with the trainer hooks (default /run/spotguard)")
+    agent.add_argument(
+        "--state-dir", help=f"shared with the trainer hooks (default {DEFAULT_STATE_DIR})"
+    )
     agent.add_argument("--poll-interval", type=float, help="seconds between polls (default 1)")
     agent.set_defaults(handler=_run_agent)
 

@@ -28,11 +28,12 @@ from spotguard.errors import (
     CorruptCheckpoint,
     UnloadableCheckpoint,
 )
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.sizes import human_size
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks import CheckpointStore, Manifest
-    from spotguard.trainer_hooks.store import Sink
+    from spotguard.trainer_hooks.backends import Sink
 
 __all__ = ["register", "run_ckpt"]
 
@@ -195,8 +196,6 @@ def _pull(
 
 
 def _download(store: CheckpointStore, manifest: Manifest, dest: Path, out: TextIO) -> None:
-    from spotguard.trainer_hooks.manifest import step_dir
-
     target = dest / step_dir(manifest.step)
     partial = dest / f".{step_dir(manifest.step)}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -207,7 +206,7 @@ def _download(store: CheckpointStore, manifest: Manifest, dest: Path, out: TextI
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as handle:
                 store.fetch(manifest, name, _Tee(handle, progress))
-        (partial / "manifest.json").write_bytes(manifest.to_bytes())
+        (partial / MANIFEST_NAME).write_bytes(manifest.to_bytes())
     except CorruptCheckpoint:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -237,7 +236,7 @@ def run_ckpt(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except (CorruptCheckpoint, UnloadableCheckpoint) as exc:
         print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"spotguard ckpt {args.ckpt_command}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a local file: disk full, permission denied

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spotguard.errors import ConfigError, SpotguardError
+from spotguard.protocol import DEFAULT_STATE_DIR, STATE_DIR_ENV
 
 __all__ = ["register"]
 
@@ -55,7 +56,9 @@ def register(commands: Any) -> None:
     wait = fleet_commands.add_parser(
         "wait-clear", help="on a node: wait while a notice that stops training is active"
     )
-    wait.add_argument("--state-dir", type=Path, help="default $SPOTGUARD_STATE_DIR or /run/...")
+    wait.add_argument(
+        "--state-dir", type=Path, help=f"default ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR}"
+    )
     wait.add_argument("--interval", type=float, default=5.0, help="seconds between looks")
     wait.set_defaults(handler=_wait_clear, command="fleet wait-clear")
 
@@ -122,8 +125,7 @@ def _wait_clear(args: argparse.Namespace) -> int:
     from spotguard.fleet.resume_gate import wait_until_clear
     from spotguard.protocol import state_dir_from_env
 
-    if args.interval <= 0:
-        raise ConfigError(f"--interval: must be > 0, got {args.interval!r}")
     state_dir = args.state_dir or state_dir_from_env(args.environ)
+    # A bad --interval is wait_until_clear's ConfigError: one line, exit 2.
     wait_until_clear(state_dir, interval=args.interval, say=lambda line: print(line, flush=True))
     return 0

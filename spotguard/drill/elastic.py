@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,17 @@ import psutil
 
 from spotguard.drill._node import Node
 from spotguard.drill.elastic_report import ElasticReport
-from spotguard.drill.options import DrillOptions
+from spotguard.drill.options import DrillOptions, WorkloadRun
 from spotguard.errors import CheckpointError, DrillFailed
+from spotguard.protocol import STATE_DIR_ENV
 from spotguard.trainer_hooks import CheckpointStore
 
 __all__ = ["run_elastic_drill"]
 
 #: Optimizer steps of the job, whatever the world size, and the periodic checkpoint interval.
 STEPS, EVERY = 160, 20
-#: Seconds each step sleeps: the notice must land mid-run, a few polls before the job's end.
+#: Seconds each step sleeps (the job's own pace, not ``DrillOptions.step_time``): the notice
+#: must land mid-run, a few polls before the job's end.
 STEP_TIME = 0.1
 #: The notice is served once the job has trained this many steps.
 NOTICE_AT_STEP = 30
@@ -134,10 +136,12 @@ class _ElasticDrill:
             node.wait_ready()
         folder.mkdir(parents=True, exist_ok=True)
         state_dir = node.state_dir if node is not None else folder / "no-agent"
-        env = {**os.environ, "SPOTGUARD_STATE_DIR": str(state_dir), "SPOTGUARD_DRILL_NODE": name,
+        env = {**os.environ, STATE_DIR_ENV: str(state_dir), "SPOTGUARD_DRILL_NODE": name,
                # Each round's rank 0 hosts its workers' store: never the first node for good
                # (torch's default), which breaks the job once that node is gone.
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # fmt: skip
+        run = WorkloadRun(replace(self.options, step_time=STEP_TIME), results, store,
+                          steps=STEPS, every=EVERY)  # fmt: skip
         log = folder / "torchrun.log"
         with log.open("w") as handle:
             launcher = subprocess.Popen(
@@ -146,8 +150,7 @@ class _ElasticDrill:
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.rdzv_port}",
                  "--rdzv-id", run_id, "--rdzv-conf", RDZV_CONF, "--max-restarts", "3",
                  "--monitor-interval", "0.5", "-m", "spotguard.drill.elastic_workload",
-                 "--store", store, "--results", str(results), "--steps", str(STEPS),
-                 "--every", str(EVERY), "--step-time", str(STEP_TIME)],
+                 run.to_json()],
                 env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         instance = _Instance(name, node, launcher, log, time.time())

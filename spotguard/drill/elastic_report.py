@@ -10,14 +10,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from spotguard.protocol import EXIT_PREEMPTED
+
 __all__ = ["ElasticReport"]
 
 #: A worker's exit code by the outcome it recorded as it left (no outcome: it never left by
 #: itself, or crashed before it could say).
-_EXIT_CODES = {"preempted": 75, "finished": 0}
+_EXIT_CODES = {"preempted": EXIT_PREEMPTED, "finished": 0}
 #: What a worker's SpotGuard events are called in the timeline.
 _WORKER_EVENTS = {"stop_requested": "stop requested", "save_committed": "emergency checkpoint "
-                  "committed", "exiting": "worker exiting (75)"}  # fmt: skip
+                  "committed", "exiting": f"worker exiting ({EXIT_PREEMPTED})"}  # fmt: skip
 
 
 class _Instance(Protocol):

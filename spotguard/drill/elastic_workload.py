@@ -1,11 +1,12 @@
 """The multi-node drill's training, one worker of a torchrun elastic job.
 
-``torchrun ... -m spotguard.drill.elastic_workload --store URI --results DIR`` trains a small
-MLP with dropout, data-parallel on gloo (gradients averaged tensor by tensor), on synthetic data
-shuffled by a :class:`ResumableDataLoader`, with SGD momentum and a per-step LR schedule, under
-:class:`SpotGuard` in format ``dcp``: a resume may run at another world size (replicated
-tensors spread over the ranks' files, the data position resharded). ``--steps`` counts
-optimizer steps of the whole job, whatever the world size.
+``torchrun ... -m spotguard.drill.elastic_workload RUN`` (a
+:class:`~spotguard.drill.options.WorkloadRun`'s JSON: store, results folder, length, the
+drill's options) trains a small MLP with dropout, data-parallel on gloo (gradients averaged
+tensor by tensor), on synthetic data shuffled by a :class:`ResumableDataLoader`, with SGD
+momentum and a per-step LR schedule, under :class:`SpotGuard` in format ``dcp``: a resume may
+run at another world size (replicated tensors spread over the ranks' files, the data position
+resharded). ``steps`` counts optimizer steps of the whole job, whatever the world size.
 
 Each attempt of each worker writes ``<results>/<node>-attempt-<restart>-rank-<r>-pid-<pid>.json``
 when it starts and again when it leaves: its
@@ -17,20 +18,20 @@ when the job is done, writes the final weights' digest.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from spotguard.errors import Preempted
+from spotguard.drill.options import WorkloadRun
+from spotguard.errors import ConfigError, Preempted
 from spotguard.trainer_hooks import ResumableDataLoader, SpotGuard
 
 __all__ = ["average_gradients", "main", "state_digest"]
@@ -76,13 +77,9 @@ def state_digest(state: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spotguard-drill-elastic-workload")
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--results", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--every", type=int, default=20, help="periodic checkpoint interval")
-    parser.add_argument("--step-time", type=float, default=0.05)
-    args = parser.parse_args(argv)
+    run = WorkloadRun.from_argv(sys.argv[1:] if argv is None else argv)
+    if run.store is None:
+        raise ConfigError("the elastic workload trains under SpotGuard: its run needs a store")
     node = os.environ.get("SPOTGUARD_DRILL_NODE", "node")
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     # One intra-op thread: with more, the math may take another path when the machine is busy
@@ -105,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=16, gamma=0.9)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                              "data": loader}  # fmt: skip
-    args.results.mkdir(parents=True, exist_ok=True)
+    run.results.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"node": node, "rank": rank, "world": world, "attempt": int(attempt),
                               "pid": os.getpid(), "started_at": time.time()}  # fmt: skip
     # torchrun's restart count does not move when a node joins: the pid tells the attempts apart
-    record = args.results / f"{node}-attempt-{attempt}-rank-{rank}-pid-{os.getpid()}.json"
+    record = run.results / f"{node}-attempt-{attempt}-rank-{rank}-pid-{os.getpid()}.json"
     record.write_text(json.dumps(result))  # at once: the drill finds rank 0's node by it
-    guard = SpotGuard(args.store, every_n_steps=args.every, keep_last=3,
+    guard = SpotGuard(run.store, every_n_steps=run.every, keep_last=3,
                       checkpoint_format="dcp")  # fmt: skip
     step = 0
     try:
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             step = guard.restore(state)
             result.update(resumed_from=step, restored=state_digest(state) if step else None,
                           first_step_at=None)  # fmt: skip
-            while step < args.steps:
+            while step < run.steps:
                 for batch, labels in loader:
                     loss = nn.functional.binary_cross_entropy_with_logits(model(batch), labels)
                     optimizer.zero_grad()
@@ -130,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                     step += 1
                     result["first_step_at"] = result["first_step_at"] or time.time()
                     if rank == 0:
-                        with (args.results / "progress").open("a") as handle:
+                        with (run.results / "progress").open("a") as handle:
                             handle.write(f"{step}\n")
-                    time.sleep(args.step_time)
+                    time.sleep(run.options.step_time)
                     guard.step(step, state)
-                    if step >= args.steps:
+                    if step >= run.steps:
                         break
             guard.finish(step, state)
         result["outcome"] = "finished"

@@ -2,22 +2,30 @@
 
 Each field that the ``spotguard drill`` command exposes carries its flag and help text in its
 metadata, so a new option is one field here: :func:`add_arguments` and :func:`from_args`
-derive the parser and the options from these declarations.
+derive the parser and the options from these declarations. The options reach a built-in
+workload whole, inside one :class:`WorkloadRun` (one JSON argument): no workload declares flags
+of its own, so an option that changes the training is one field here too, read there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from spotguard.errors import ConfigError
 from spotguard.sizes import parse_size
 
-__all__ = ["DrillOptions", "add_arguments", "from_args", "parse_flag"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = ["DrillOptions", "WorkloadRun", "add_arguments", "from_args", "parse_flag"]
+
+_Fields = TypeVar("_Fields", bound="DataclassInstance")
 
 
 def _cli(
@@ -64,7 +72,8 @@ class DrillOptions:
     min_nodes: int | None = field(
         default=None, metadata=_cli("with --nodes: the fewest that may train", parse=int)
     )
-    #: Seconds each built-in training step sleeps, so the notice lands mid-run as on a GPU.
+    #: Seconds each step of the built-in single-node workload sleeps, so the notice lands
+    #: mid-run as on a GPU.
     step_time: float = 0.03
     #: The agent's IMDS poll interval (the daemon's default is 1 s).
     poll_interval: float = 0.5
@@ -140,3 +149,44 @@ def from_args(args: argparse.Namespace) -> DrillOptions:
     """The options the flags in ``args`` ask for (the defaults for those not given)."""
     given = {item.name: parse_flag(args, item.name) for item, _ in _flags()}
     return DrillOptions(**{name: value for name, value in given.items() if value is not None})
+
+
+@dataclass(frozen=True)
+class WorkloadRun:
+    """One launch of a built-in workload (``python -m spotguard.drill.workload RUN``, or the
+    elastic one under torchrun): the user's :class:`DrillOptions` and what the drill decides
+    per launch. It travels as one JSON argument (:meth:`to_json`, :meth:`from_argv`)."""
+
+    options: DrillOptions
+    #: Where the workload writes what it did (per rank, and the progress file).
+    results: Path
+    #: The checkpoint store; ``None``: train without spotguard (the drill's reference).
+    store: str | None = None
+    #: Each rank's state dir, with ``{rank}``; ``None``: the hooks' default (the environment).
+    state_dir_template: str | None = None
+    #: How long to train: epochs of the single-node workload, ...
+    epochs: int = 4
+    #: ... optimizer steps of the whole elastic job, whatever its world size.
+    steps: int = 0
+    #: The periodic checkpoint interval, in steps.
+    every: int = 16
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=str)
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> WorkloadRun:
+        """The run a workload was started with: its only argument, :meth:`to_json`'s text."""
+        if len(argv) != 1:
+            raise ConfigError("a drill workload takes one argument: the run's JSON")
+        payload = json.loads(argv[0])
+        payload["options"] = _typed(DrillOptions, payload["options"])
+        return _typed(cls, payload)
+
+
+def _typed(cls: type[_Fields], values: dict[str, Any]) -> _Fields:
+    """``cls`` from JSON values: a field declared as a ``Path`` gets its text back as one."""
+    paths = {item.name for item in dataclasses.fields(cls) if "Path" in str(item.type)}
+    typed = {name: Path(value) if name in paths and value is not None else value
+             for name, value in values.items()}  # fmt: skip
+    return cls(**typed)

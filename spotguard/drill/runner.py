@@ -18,15 +18,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from spotguard.drill._launch import Launch
 from spotguard.drill._node import Node
-from spotguard.drill.options import DrillOptions
+from spotguard.drill.options import DrillOptions, WorkloadRun
 from spotguard.drill.report import DrillReport, Interruption
 from spotguard.drill.workload import STEPS_PER_EPOCH
 from spotguard.errors import CheckpointError, DrillFailed
-from spotguard.protocol import SPOT_NOTICE_SECONDS
+from spotguard.protocol import EXIT_PREEMPTED, SPOT_NOTICE_SECONDS, STATE_DIR_ENV, socket_path
 from spotguard.trainer_hooks import CheckpointStore
 
 __all__ = ["run_drill"]
@@ -63,33 +64,21 @@ class _Drill:
         env = dict(os.environ)
         env["SPOTGUARD_CHECKPOINT_URI"] = store
         # No state dir = no registration: the reference run is nobody's target.
-        env["SPOTGUARD_STATE_DIR"] = str(nodes[0].state_dir if nodes else results / "no-agent")
+        env[STATE_DIR_ENV] = str(nodes[0].state_dir if nodes else results / "no-agent")
         if self.options.script is not None:
             env["SPOTGUARD_DRILL_OUTPUT"] = str(results / "final.pt")
             command = [sys.executable, str(self.options.script)]
         else:
             epochs = EPOCHS_PER_INTERRUPTION * self.options.interruptions
-            command = [
-                sys.executable,
-                "-m",
-                "spotguard.drill.workload",
-                "--results",
-                str(results),
-                "--ranks",
-                str(self.options.ranks),
-                "--epochs",
-                str(epochs),
-                "--ballast-bytes",
-                str(self.options.state_bytes),
-            ]
             if hooks:
-                command += ["--store", store, "--step-time", str(self.options.step_time)]
+                template = None
                 if nodes:  # rank r registers with node r's agent
                     root = nodes[0].state_dir.parent.parent  # as _nodes lays them out
                     template = str(root / "node-{rank}" / "state")
-                    command += ["--state-dir-template", template]
-            else:
-                command.append("--no-hooks")
+                run = WorkloadRun(self.options, results, store, template, epochs=epochs)
+            else:  # the reference: no notice to land mid-run, so no need to slow its steps
+                run = WorkloadRun(replace(self.options, step_time=0.0), results, epochs=epochs)
+            command = [sys.executable, "-m", "spotguard.drill.workload", run.to_json()]
         launch = Launch.start(command, env, results)
         self._launched.append(launch)
         return launch
@@ -180,8 +169,8 @@ class _Drill:
                 raise DrillFailed(
                     "registration",
                     f"the training {how} without registering with the agent (nothing "
-                    f"connected to {node.state_dir}/agent.sock): does it use SpotCheckpoint or "
-                    "SpotGuard, with the state dir from SPOTGUARD_STATE_DIR?",
+                    f"connected to {socket_path(node.state_dir)}): does it use SpotCheckpoint "
+                    f"or SpotGuard, with the state dir from {STATE_DIR_ENV}?",
                 )
             time.sleep(0.05)
 
@@ -254,13 +243,17 @@ class _Drill:
                 "agent",
                 f"the agent wrote no notice file for the interruption: {node.last_log_line()}",
             )
-        if code != 75:
+        if code != EXIT_PREEMPTED:
             why = "finished as if done" if code == 0 else launch.last_error()
             raise DrillFailed(
-                "interruption", f"the preempted training exited {code}, not 75 (resume me): {why}"
+                "interruption",
+                f"the preempted training exited {code}, not {EXIT_PREEMPTED} (resume me): {why}",
             )
-        if any(rank_code != 75 for rank_code in record.rank_exit_codes):
-            raise DrillFailed("interruption", f"not every rank exited 75: {record.rank_exit_codes}")
+        if any(rank_code != EXIT_PREEMPTED for rank_code in record.rank_exit_codes):
+            raise DrillFailed(
+                "interruption",
+                f"not every rank exited {EXIT_PREEMPTED}: {record.rank_exit_codes}",
+            )
         latest = CheckpointStore(self.store_uri).latest()
         if latest is None or latest.kind != "emergency":
             raise DrillFailed(
@@ -290,7 +283,7 @@ class _Drill:
         ):
             if key in events:
                 timeline.append((label, events[key]))
-        timeline.append(("process exited with 75", exited))
+        timeline.append((f"process exited with {EXIT_PREEMPTED}", exited))
         record.timeline = [(label, at - served) for label, at in timeline]
         deadline = notice.deadline.timestamp() if notice.deadline else served + SPOT_NOTICE_SECONDS
         record.margin = deadline - exited

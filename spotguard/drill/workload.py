@@ -1,25 +1,26 @@
 """The drill's built-in training: small, CPU-only, and as hard to resume exactly as real ones.
 
-``python -m spotguard.drill.workload --store URI --results DIR`` trains a small
+``python -m spotguard.drill.workload RUN`` (a :class:`~spotguard.drill.options.WorkloadRun`'s
+JSON: the drill's options and this launch's store, results folder and length) trains a small
 MLP with dropout on synthetic data, shuffled by a :class:`ResumableDataLoader`, with SGD
 momentum and a per-step LR schedule under Lightning's real ``Trainer``; any one of those
-restored wrongly makes the final weights differ. ``--ranks 2`` runs DDP on gloo, and each rank
-registers in a state dir of its own (``--state-dir-template .../node-{rank}/state``), as if it
-ran on a node of its own: a notice to one node must stop them all.
+restored wrongly makes the final weights differ. With ``ranks`` 2 it runs DDP on gloo, and each
+rank registers in a state dir of its own (``state_dir_template``: ``.../node-{rank}/state``),
+as if it ran on a node of its own: a notice to one node must stop them all.
 
 Each rank writes ``<results>/rank-<r>.json`` when it leaves (how, at which step, resumed from
 where, the preemption path's times, and on rank 0 the SHA-256 of the final weights); rank 0
-appends every finished step to ``<results>/progress``. ``--no-hooks`` trains without spotguard:
-the drill's reference for what an uninterrupted run ends with.
+appends every finished step to ``<results>/progress``. A run without a ``store`` trains without
+spotguard: the drill's reference for what an uninterrupted run ends with.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spotguard.drill.options import WorkloadRun
 from spotguard.errors import Preempted
 from spotguard.trainer_hooks.data import ResumableDataLoader
 
@@ -102,55 +104,46 @@ def _build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spotguard-drill-workload")
-    parser.add_argument("--store", help="checkpoint store URI (not with --no-hooks)")
-    parser.add_argument("--results", type=Path, required=True)
-    parser.add_argument("--state-dir-template", help="each rank's state dir, with {rank}")
-    parser.add_argument("--ranks", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--step-time", type=float, default=0.0)
-    parser.add_argument("--every", type=int, default=16, help="periodic checkpoint interval")
-    parser.add_argument("--ballast-bytes", type=int, default=0, help="extra state to save")
-    parser.add_argument("--no-hooks", action="store_true")
-    args = parser.parse_args(argv)
+    run = WorkloadRun.from_argv(sys.argv[1:] if argv is None else argv)
+    options = run.options
     # Lightning starts rank 1.. as copies of this command with LOCAL_RANK set.
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     started = time.time()
-    args.results.mkdir(parents=True, exist_ok=True)
+    run.results.mkdir(parents=True, exist_ok=True)
     pl = _lightning()
     pl.seed_everything(7, workers=True, verbose=False)
     callbacks: list[Any] = []
     spot: Any = None
-    if not args.no_hooks:
+    if run.store is not None:
         from spotguard.trainer_hooks.lightning import SpotCheckpoint
 
-        template = args.state_dir_template
+        template = run.state_dir_template
         state_dir = Path(template.format(rank=rank)) if template else None
         spot = SpotCheckpoint(
-            args.store, every_n_train_steps=args.every, keep_last=2, state_dir=state_dir
+            run.store, every_n_train_steps=run.every, keep_last=2, state_dir=state_dir
         )
         callbacks.append(spot)
     distributed: dict[str, Any] = {}
-    if args.ranks > 1:
+    if options.ranks > 1:
         strategy = pl.strategies.DDPStrategy(
             process_group_backend="gloo", timeout=timedelta(seconds=60)
         )
         distributed = {"strategy": strategy, "use_distributed_sampler": False}
     trainer = pl.Trainer(
-        max_epochs=args.epochs,
+        max_epochs=run.epochs,
         accelerator="cpu",
-        devices=args.ranks,
+        devices=options.ranks,
         logger=False,
         deterministic=True,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        default_root_dir=args.results / "lightning",
+        default_root_dir=run.results / "lightning",
         callbacks=callbacks,
         **distributed,
     )
-    progress = args.results / "progress" if rank == 0 else None
-    model = _build(pl, args.ranks, args.step_time, progress, args.ballast_bytes)
+    progress = run.results / "progress" if rank == 0 else None
+    model = _build(pl, options.ranks, options.step_time, progress, options.state_bytes)
     result: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "started_at": started}
     try:
         trainer.fit(model)
@@ -166,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         result["resumed_from"] = spot.resumed_from if spot is not None else None
         result["events"] = dict(spot.events) if spot is not None else {}
         result["left_at"] = time.time()
-        (args.results / f"rank-{rank}.json").write_text(json.dumps(result))
+        (run.results / f"rank-{rank}.json").write_text(json.dumps(result))
     return 0
 
 

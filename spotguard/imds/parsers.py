@@ -19,7 +19,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from spotguard.errors import ImdsBadAnswer
-from spotguard.protocol import Notice, format_time, parse_time
+from spotguard.protocol import (
+    ASG_TERMINATION,
+    REBALANCE_RECOMMENDATION,
+    SCHEDULED_MAINTENANCE,
+    SPOT_INTERRUPTION,
+    Notice,
+    format_time,
+    parse_time,
+)
 
 __all__ = [
     "LIFECYCLE_PATH",
@@ -80,7 +88,7 @@ def evaluate_spot_action(body: str | None, now: datetime) -> Notice | None:
         raise ImdsBadAnswer(f"spot/instance-action: unknown action {str(action)[:40]!r}")
     deadline, key = _iso_time(payload.get("time"), "spot/instance-action time")
     return Notice(
-        kind="spot-interruption",
+        kind=SPOT_INTERRUPTION,
         action=action,
         deadline=deadline,
         noticed_at=now,
@@ -95,7 +103,7 @@ def evaluate_rebalance(body: str | None, now: datetime) -> Notice | None:
     payload = _json_object(body, "rebalance recommendation")
     _, key = _iso_time(payload.get("noticeTime"), "rebalance noticeTime")
     return Notice(
-        kind="rebalance-recommendation",
+        kind=REBALANCE_RECOMMENDATION,
         action="rebalance",
         deadline=None,
         noticed_at=now,
@@ -149,7 +157,7 @@ def scheduled_maintenance_evaluator(lead: float, grace: float | None = None) -> 
             if (not_before - now).total_seconds() <= lead:
                 due.append(
                     Notice(
-                        kind="scheduled-maintenance",
+                        kind=SCHEDULED_MAINTENANCE,
                         action=code,
                         deadline=not_before,
                         noticed_at=now,
@@ -171,5 +179,5 @@ def evaluate_lifecycle_state(body: str | None, now: datetime) -> Notice | None:
     if state != "Terminated":
         return None
     return Notice(
-        kind="asg-termination", action="terminate", deadline=None, noticed_at=now, key=state
+        kind=ASG_TERMINATION, action="terminate", deadline=None, noticed_at=now, key=state
     )

@@ -79,6 +79,7 @@ def test_prune_and_pull(filled, tmp_path):
     ("args", "message"),
     [
         (["ckpt", "list", "gs://x/y"], "unsupported scheme"),
+        (["ckpt", "list", "s3://[x/y"], "Invalid IPv6 URL"),
         (["ckpt", "prune", "/tmp/x", "--keep-last", "0"], "keep_last"),
         (["ckpt", "verify"], "required"),
     ],

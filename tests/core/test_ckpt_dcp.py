@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from spotguard.cli import main
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks import CheckpointStore
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, step_dir
 from tests.core.test_ckpt_cli import spotguard
 from tests.trainer_hooks.test_dcp_store import assert_same, launch, outcome, shards
 

@@ -12,9 +12,12 @@ from spotguard.protocol import (
     AGENT_OPS,
     CLIENT_OPS,
     MAX_MESSAGE_BYTES,
+    NOTICE_KINDS,
+    STATE_DIR_ENV,
     Notice,
     decode_message,
     encode_message,
+    notice_path,
     read_notice,
     state_dir_from_env,
     write_notice,
@@ -37,7 +40,17 @@ def test_notice_file_matches_the_design_format(tmp_path):
         "source": "imds",
     }
     assert read_notice(tmp_path) == notice
+    assert path == notice_path(tmp_path) == tmp_path / "notice.json"
     assert list(tmp_path.glob(".*tmp")) == []  # no temp file left behind
+
+
+def test_notice_kinds_are_the_designs_most_urgent_first():
+    assert NOTICE_KINDS == (
+        "spot-interruption",
+        "asg-termination",
+        "scheduled-maintenance",
+        "rebalance-recommendation",
+    )
 
 
 def test_missing_and_garbage_notice(tmp_path):
@@ -95,5 +108,6 @@ def test_a_message_too_long_to_send_is_refused_before_it_is_sent():
 
 
 def test_state_dir_from_env():
+    assert STATE_DIR_ENV == "SPOTGUARD_STATE_DIR"
     assert str(state_dir_from_env({})) == "/run/spotguard"
     assert str(state_dir_from_env({"SPOTGUARD_STATE_DIR": "/x"})) == "/x"

@@ -326,6 +326,10 @@ def test_an_uncommitted_checkpoint_or_an_unreadable_store_is_no_progress(fleet):
     _commit(fleet, 100)
     assert _end(fleet, "exited", "1").stdout.strip().endswith("retrying")
     _commit(fleet, 200, manifest=False)  # files without a manifest: not committed
+    # Nor is a manifest anywhere but at <uri>/ckpt-<step>/manifest.json.
+    for key in ("runs/llm/ckpt-000000000200/x/ckpt-000000000900/manifest.json",
+                "runs/llm/copied/ckpt-000000000900/manifest.json"):  # fmt: skip
+        fleet["s3"].put_object(Bucket=fleet["bucket"], Key=key, Body=b"{}")
     assert _end(fleet, "exited", "1").stdout.strip().endswith("retrying")
     fleet["env"]["SPOTGUARD_CHECKPOINT_URI"] = "s3://no-such-bucket-anywhere/runs/llm"
     done = _end(fleet, "exited", "1")

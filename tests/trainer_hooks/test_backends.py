@@ -3,7 +3,10 @@ in-memory twin keeps the rules the real backends keep (unit tests of one module 
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,29 @@ def test_uris_pick_their_backend(tmp_path):
     for bad in ("", "s3:///prefix", "gs://bucket/x", "file://host/path"):
         with pytest.raises(StoreError):
             backend_for_uri(bad)
+
+
+def test_a_malformed_s3_endpoint_is_a_one_line_store_error(monkeypatch):
+    """botocore raises a plain ValueError for it, before any request."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "not a url")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(StoreError, match="cannot make an S3 client: Invalid endpoint: not a url"):
+        backend_for_uri("s3://bucket/x")
+
+
+def test_only_directories_named_as_the_protocol_names_them_are_checkpoints(tmp_path: Path):
+    """``ckpt-<12 digits>`` (:func:`spotguard.protocol.step_dir`); a look-alike someone put
+    beside them is no checkpoint, for every backend."""
+    memory = MemoryBackend()
+    for key in ("ckpt-000000000007/a.bin", "ckpt-notes/a.txt", "ckpt-7/a.bin", "lease.json"):
+        memory.write_small(key, b"x")
+    local = LocalBackend(tmp_path)
+    for name in ("ckpt-000000000007", "ckpt-notes", "ckpt-7"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.bin").write_bytes(b"x")
+    for backend in (memory, local):
+        assert backend.directories() == ["ckpt-000000000007"]
+        assert backend.listing() == {"ckpt-000000000007": {"a.bin": 1}}
 
 
 def test_a_backend_object_is_used_as_given():
@@ -95,3 +121,50 @@ def test_local_backend_writes_small_objects_atomically(tmp_path: Path):
     backend.write_small("ckpt-000000000001/manifest.json", b"{}")
     assert (tmp_path / "ckpt-000000000001" / "manifest.json").read_bytes() == b"{}"
     assert [p.name for p in (tmp_path / "ckpt-000000000001").iterdir()] == ["manifest.json"]
+
+
+def every_entry(root: Path) -> list[str]:
+    """Every file and directory below ``root``, dotfiles included."""
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def test_a_failing_local_payload_leaves_no_checkpoint_directory(tmp_path: Path):
+    """A save that fails half way (no space left) leaves nothing: no half file, and no empty
+    ``ckpt-*`` directory that verify would report for ever and prune could never remove."""
+    store = CheckpointStore(LocalBackend(tmp_path))
+    store.save(1, {"state.pt": lambda handle: handle.write(b"first")})
+
+    def half_then_fail(handle: io.BufferedIOBase) -> None:
+        handle.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.put(2, "state.pt", half_then_fail)
+    assert every_entry(tmp_path) == [
+        "ckpt-000000000001",
+        "ckpt-000000000001/manifest.json",
+        "ckpt-000000000001/state.pt",
+    ]
+    assert [result.ok for result in store.verify()] == [True]
+
+
+def test_a_file_system_without_hard_links_cannot_commit_and_says_so(tmp_path, monkeypatch):
+    """The exclusive commit links the manifest into place; where link() is refused the error
+    names that, and nothing is left. Any other failure (here: no permission to make the temp
+    file) stays what it is."""
+    backend = LocalBackend(tmp_path)
+
+    def no_links(source: str, target: Path) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(StoreError, match="refused a hard link"):
+        backend.write_small("ckpt-000000000001/manifest.json", b"{}", exclusive=True)
+    assert every_entry(tmp_path) == ["ckpt-000000000001"]
+
+    def no_temp_files(**kwargs: object) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp_files)
+    with pytest.raises(PermissionError):
+        backend.write_small("ckpt-000000000002/manifest.json", b"{}", exclusive=True)

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks import CheckpointStore
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, Manifest, step_dir
+from spotguard.trainer_hooks.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 #: The last commit before the dcp format: the manifest reader that spotguard releases have.

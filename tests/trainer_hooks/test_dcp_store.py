@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks import CheckpointStore
 from spotguard.trainer_hooks.backends import MemoryBackend
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, step_dir
 from tests.trainer_hooks.rank_processes import full_tensors, outcome, wait_for_ranks
 
 REPO = Path(__file__).resolve().parents[2]

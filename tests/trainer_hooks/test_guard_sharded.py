@@ -32,8 +32,9 @@ import pytest
 import torch
 
 from spotguard.errors import ConfigError
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks import CheckpointStore, GuardSettings
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, QUARANTINE_NAME, step_dir
+from spotguard.trainer_hooks.manifest import QUARANTINE_NAME
 from tests.trainer_hooks.rank_processes import full_tensors, outcome, report, wait_for_ranks
 from tests.trainer_hooks.test_dcp_store import SHARD, assert_same, metadata_file, shards
 

@@ -24,9 +24,10 @@ from spotguard.errors import (
     StoreError,
     UploadFailed,
 )
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks import CheckpointStore, ResumableDataLoader, SpotGuard
 from spotguard.trainer_hooks.backends import MemoryBackend
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, QUARANTINE_NAME, step_dir
+from spotguard.trainer_hooks.manifest import QUARANTINE_NAME
 from tests.trainer_hooks.test_dcp_store import assert_same, shards
 
 OWN = re.compile(r"rank-0-[0-9a-f]{12}\.pt")

@@ -64,6 +64,28 @@ def test_bad_guard_settings_are_config_errors_naming_the_setting(settings, named
 
 
 @pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "store URI is empty"),
+        ("gs://bucket/x", "store URI 'gs://bucket/x': unsupported scheme 'gs'"),
+        ("s3://", "store URI 's3://' names no bucket"),
+        ("file://host/x", "store URI 'file://host/x': file:// URIs take no host"),
+        ("s3://[bucket/x", "store URI 's3://\\[bucket/x': Invalid IPv6 URL"),
+        ("~no-such-user-here/x", "store URI '~no-such-user-here/x': .*home directory"),
+    ],
+)
+def test_a_uri_no_store_takes_is_a_config_error_when_the_settings_are_made(uri, message):
+    """The store's own rule, applied before training starts instead of at the first save."""
+    with pytest.raises(ConfigError, match=message):
+        GuardSettings(uri=uri)
+
+
+@pytest.mark.parametrize("uri", ["/tmp/x", "relative/dir", "file:///tmp/x", "s3://bucket"])
+def test_every_uri_a_store_takes_is_accepted(uri):
+    assert GuardSettings(uri=uri).uri == uri
+
+
+@pytest.mark.parametrize(
     ("settings", "named"),
     [
         ({"part_size": 2**20}, "part_size"),

@@ -14,6 +14,7 @@ import boto3
 import pytest
 import torch
 
+from spotguard.errors import ConfigError
 from spotguard.trainer_hooks import (
     CheckpointStore,
     CorruptCheckpoint,
@@ -91,7 +92,7 @@ def test_save_commit_list_and_load_round_trip(store_uri):
     assert loaded["step"] == 200
     _, older = store.load_state(step=100)
     assert older["step"] == 100
-    assert all(result.ok for result in store.verify())
+    assert {result.step: result.ok for result in store.verify()} == {100: True, 200: True}
 
 
 def test_manifest_records_size_and_sha256(store_uri):
@@ -196,7 +197,7 @@ def test_prune_keeps_the_newest_and_clears_abandoned_uploads(store_uri):
     assert [m.step for m in store.list()] == [300, 400]
     assert store.verify(step=500)[0].problem.startswith("no manifest")
     assert store.prune(keep_last=1) == [300]
-    with pytest.raises(ValueError, match="keep_last"):
+    with pytest.raises(ConfigError, match="keep_last must be >= 1"):
         store.prune(keep_last=0)
     assert [m.step for m in store.list()] == [400]
 
@@ -222,6 +223,7 @@ def test_multipart_upload_and_ranged_download(s3):
         ("gs://bucket/x", "unsupported scheme 'gs'"),
         ("s3://", "names no bucket"),
         ("file://host/x", "take no host"),
+        ("s3://[bucket/x", "Invalid IPv6 URL"),
     ],
 )
 def test_bad_uris_are_one_line_errors(uri, message):

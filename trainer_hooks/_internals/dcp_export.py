@@ -25,12 +25,10 @@ destination: what lies there is the old file or the whole new one, never a part 
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -43,9 +41,9 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from spotguard.errors import CheckpointError, ConfigError, UnloadableCheckpoint
+from spotguard.protocol import step_dir, write_atomic
 from spotguard.trainer_hooks._internals.dcp_reader import SafeLoadPlanner, StoreReader
-from spotguard.trainer_hooks._internals.files import WHOLE_STATE_FILE
-from spotguard.trainer_hooks.manifest import Manifest, step_dir
+from spotguard.trainer_hooks.manifest import WHOLE_STATE_FILE, Manifest
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks._internals.reader import StoreReader as Store
@@ -73,20 +71,15 @@ def export_torch(store: Store, manifest: Manifest, path: Path) -> None:
     """
     writable_target(path)
     where = f"{store.uri}/{step_dir(manifest.step)}"
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if manifest.format == "dcp":
-                torch.save(load_whole(store, manifest.step), handle)
-            else:
-                store.fetch(manifest, WHOLE_STATE_FILE, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _check_loads(temp, where)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+
+    def produce(handle: IO[bytes]) -> None:
+        if manifest.format == "dcp":
+            torch.save(load_whole(store, manifest.step), handle)
+        else:
+            store.fetch(manifest, WHOLE_STATE_FILE, handle)
+
+    # Mode 0600: model weights are not for every user of the machine.
+    write_atomic(path, produce, 0o600, check=lambda temp: _check_loads(temp, where))
 
 
 class _WholeStatePlanner(SafeLoadPlanner, _EmptyStateDictLoadPlanner):
@@ -130,7 +123,7 @@ def _unwrapped(exc: CheckpointException, where: str) -> BaseException:
     return UnloadableCheckpoint(f"{where}: cannot be loaded whole: {type(error).__name__}: {error}")
 
 
-def _check_loads(path: str, where: str) -> None:
+def _check_loads(path: Path, where: str) -> None:
     """What was written loads with ``torch.load(weights_only=True)`` (memory-mapped: no second
     copy of the state in memory), as promised: a ``torch`` checkpoint's file is copied as it
     is, and its writer may have saved classes that only ``weights_only=False`` loads."""

@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from spotguard.errors import CorruptCheckpoint, UnloadableCheckpoint
+from spotguard.protocol import step_dir
 from spotguard.trainer_hooks._internals.dcp_writer import metadata_name
-from spotguard.trainer_hooks.manifest import Manifest, step_dir
+from spotguard.trainer_hooks.manifest import Manifest
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks._internals.reader import StoreReader as Store

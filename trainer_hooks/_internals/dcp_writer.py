@@ -46,7 +46,8 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from spotguard.errors import CheckpointError, UnloadableCheckpoint
-from spotguard.trainer_hooks.manifest import FileEntry, Manifest, step_dir
+from spotguard.protocol import step_dir
+from spotguard.trainer_hooks.manifest import FileEntry, Manifest
 
 if TYPE_CHECKING:
     from spotguard.trainer_hooks.store import CheckpointStore, Payload

@@ -20,6 +20,7 @@ front end passes it a sharded loader.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,28 +31,38 @@ from spotguard.errors import (
 )
 from spotguard.trainer_hooks._internals import rng
 from spotguard.trainer_hooks._internals.ranks import Ranks
-from spotguard.trainer_hooks.manifest import Manifest
+from spotguard.trainer_hooks.manifest import WHOLE_STATE_FILE, Manifest
 from spotguard.trainer_hooks.store import CheckpointStore
 
 __all__ = [
     "META_KEY",
-    "WHOLE_STATE_FILE",
+    "RANK_FILE",
     "Restored",
     "ShardedLoad",
     "load_newest",
     "meta",
     "rank_file",
+    "rank_stem",
 ]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
-WHOLE_STATE_FILE = "state.pt"
 META_KEY = "__spotguard__"
+#: A rank's own file in either format: ``rank-<k>.pt`` (``torch``), ``rank-<k>-<save id>.pt``
+#: (``dcp``); the rank is its only group.
+RANK_FILE = re.compile(r"rank-(\d+)(?:-[0-9a-f]+)?\.pt")
+
+
+def rank_stem(rank: int) -> str:
+    """The name of ``rank``'s own file without its suffix: ``.pt`` in format ``torch``, the
+    save's id then ``.pt`` in format ``dcp`` (the sharded writer adds it)."""
+    return f"rank-{rank}"
 
 
 def rank_file(rank: int) -> str:
-    """The file ``rank`` writes: the whole state on rank 0, its own streams elsewhere."""
-    return WHOLE_STATE_FILE if rank == 0 else f"rank-{rank}.pt"
+    """The file ``rank`` writes in format ``torch``: the whole state on rank 0, its own streams
+    elsewhere."""
+    return WHOLE_STATE_FILE if rank == 0 else f"{rank_stem(rank)}.pt"
 
 
 def meta(step: int, epoch: int) -> dict[str, Any]:

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotguard.errors import ConfigError
+from spotguard.protocol import step_dir
 from spotguard.trainer_hooks._internals.files import META_KEY, Restored
 from spotguard.trainer_hooks._internals.ranks import Ranks
-from spotguard.trainer_hooks.manifest import step_dir
 
 __all__ = [
     "STATE_METHODS",

@@ -11,9 +11,10 @@ instead of at the next resume.
 from __future__ import annotations
 
 from spotguard.errors import CorruptCheckpoint
+from spotguard.protocol import MANIFEST_NAME, step_dir
 from spotguard.trainer_hooks._internals.streams import HashingWriter
 from spotguard.trainer_hooks.backends import Backend
-from spotguard.trainer_hooks.manifest import MANIFEST_NAME, FileEntry, Manifest, step_dir
+from spotguard.trainer_hooks.manifest import FileEntry, Manifest
 
 __all__ = ["MANGLING_HINT", "read_back"]
 

@@ -12,40 +12,23 @@ import builtins
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from spotguard.errors import CorruptCheckpoint, StoreError, UnloadableCheckpoint
-from spotguard.trainer_hooks._internals.streams import HashingWriter, Sink
-from spotguard.trainer_hooks.backends import Backend
+from spotguard.protocol import MANIFEST_NAME, parse_step_dir, step_dir
+from spotguard.trainer_hooks._internals.streams import HashingWriter
+from spotguard.trainer_hooks.backends import Backend, Sink
 from spotguard.trainer_hooks.manifest import (
-    MANIFEST_NAME,
     QUARANTINE_NAME,
+    WHOLE_STATE_FILE,
     Manifest,
     check_name,
-    parse_step_dir,
-    step_dir,
 )
+from spotguard.trainer_hooks.results import Quarantined, VerifyResult
 
-__all__ = ["Quarantined", "StoreReader", "VerifyResult"]
+__all__ = ["StoreReader"]
 
 log = logging.getLogger("spotguard.trainer_hooks.store")
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    step: int
-    ok: bool
-    problem: str = ""
-
-
-@dataclass(frozen=True)
-class Quarantined:
-    """A checkpoint moved aside because it failed verification."""
-
-    step: int
-    reason: str
-    quarantined_at: str
 
 
 class StoreReader:
@@ -221,7 +204,9 @@ class StoreReader:
             return VerifyResult(step, False, str(exc))
         return VerifyResult(step, True)
 
-    def load_state(self, step: int | None = None, name: str = "state.pt") -> tuple[Manifest, Any]:
+    def load_state(
+        self, step: int | None = None, name: str = WHOLE_STATE_FILE
+    ) -> tuple[Manifest, Any]:
         """Load ``name`` from the newest verified checkpoint (or ``step``) with torch.
 
         Read-only: a checkpoint that fails verification is skipped with a warning and the

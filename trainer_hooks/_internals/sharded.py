@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import io
 import logging
-import re
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,7 +36,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from spotguard.errors import ConfigError, CorruptCheckpoint, UnloadableCheckpoint
-from spotguard.trainer_hooks._internals.files import META_KEY, Restored
+from spotguard.trainer_hooks._internals.files import META_KEY, RANK_FILE, Restored, rank_stem
 from spotguard.trainer_hooks._internals.sharded_state import (
     PLAIN_KEY,
     apply_loaded,
@@ -55,25 +54,17 @@ if TYPE_CHECKING:
     from spotguard.trainer_hooks.manifest import Manifest
     from spotguard.trainer_hooks.store import CheckpointStore, Payload
 
-__all__ = ["ShardedSave", "ShardedStager", "load_sharded_step", "own_file_of", "own_file_stem"]
+__all__ = ["ShardedSave", "ShardedStager", "load_sharded_step", "own_file_of"]
 
 log = logging.getLogger("spotguard.trainer_hooks")
 
 
-#: A rank's own file: ``rank-<k>-<save id>.pt`` (``rank-<k>.pt`` from earlier versions).
-_OWN_FILE = re.compile(r"rank-(\d+)(?:-[0-9a-f]+)?\.pt")
-
-
-def own_file_stem(rank: int) -> str:
-    """The name of ``rank``'s own file before the save's id (the writer adds it)."""
-    return f"rank-{rank}"
-
-
 def own_file_of(manifest: Manifest, rank: int) -> str | None:
-    """``rank``'s own file in a sharded checkpoint's ``manifest``; ``None`` when the
-    checkpoint was written by fewer ranks."""
+    """``rank``'s own file in a sharded checkpoint's ``manifest`` (``rank-<k>-<save id>.pt``,
+    ``rank-<k>.pt`` from earlier versions); ``None`` when the checkpoint was written by fewer
+    ranks."""
     for name in sorted(manifest.files):
-        found = _OWN_FILE.fullmatch(name)
+        found = RANK_FILE.fullmatch(name)
         if found is not None and int(found[1]) == rank:
             return name
     return None
@@ -152,7 +143,7 @@ class ShardedSave:
     def own_file(self) -> tuple[str, Payload]:
         """(stem, payload) of this rank's own file: the writer names it with the save's id."""
         own = self.own
-        return own_file_stem(self.rank), lambda handle: torch.save(own, handle)
+        return rank_stem(self.rank), lambda handle: torch.save(own, handle)
 
 
 class ShardedStager:

@@ -55,7 +55,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 class NoRoomForCopy(Exception):
-    """The snapshot's buffers do not fit in the memory available: save without a copy."""
+    """The snapshot's buffers do not fit in the memory available: save without a copy.
+
+    A control-flow signal the saver catches, never raised to the user: outside the error tree
+    of :mod:`spotguard.errors` on purpose (its docstring says why)."""
 
 
 def tree_nbytes(tree: Any) -> int:

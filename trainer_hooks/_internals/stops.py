@@ -37,7 +37,7 @@ from spotguard.imds.parsers import (
     evaluate_rebalance,
     evaluate_spot_action,
 )
-from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, read_notice
+from spotguard.protocol import NOTICE_GRACE_SECONDS, Notice, notice_path, read_notice
 from spotguard.trainer_hooks._internals.agent_link import AgentLink, trusted_uids
 from spotguard.trainer_hooks._internals.launcher import stop_torchrun_agent
 from spotguard.trainer_hooks.settings import GuardSettings
@@ -119,7 +119,7 @@ class StopIntake:
         if exit_code is not None and exit_code == self.settings.exit_code:
             notice = self._leaving_notice()
             if notice is not None:
-                stop_torchrun_agent(notice, self.state_dir / "notice.json")
+                stop_torchrun_agent(notice, notice_path(self.state_dir))
         for signum, handler in self._previous_handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
@@ -167,7 +167,7 @@ class StopIntake:
         return self.reason is not None
 
     def _watch_notice(self) -> None:
-        path = self.state_dir / "notice.json"
+        path = notice_path(self.state_dir)
         seen: tuple[int, int] | None = None
         while not self._closing.wait(self.settings.notice_poll_interval):
             try:
@@ -189,7 +189,7 @@ class StopIntake:
         """The notice file, if the agent wrote it: a regular file of a trusted uid (root,
         this user, the owner of a state dir only they control: see ``trusted_uids``); a
         file anyone else could place must not stop training."""
-        path = self.state_dir / "notice.json"
+        path = notice_path(self.state_dir)
         try:
             stat = path.lstat()
         except OSError:

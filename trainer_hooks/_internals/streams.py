@@ -11,16 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-
-class Sink(Protocol):
-    """Anything bytes can be written to: a file, a spool, a hashing writer."""
-
-    def write(self, data: bytes | memoryview, /) -> int | None: ...
+    # Annotations only: the backends package imports this module (its S3 backend's Pipe).
+    from spotguard.trainer_hooks.backends.base import Sink
 
 
 class HashingWriter(io.RawIOBase):

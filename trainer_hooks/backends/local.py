@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from spotguard.errors import StoreError, WriterConflict
-from spotguard.protocol import write_atomic
-from spotguard.trainer_hooks._internals.streams import Sink
+from spotguard.protocol import parse_step_dir, write_atomic
+from spotguard.trainer_hooks.backends.base import Sink
 
 __all__ = ["LocalBackend"]
 
 MiB = 2**20
+#: What link() says on a file system without hard links (FUSE, SMB, mountpoint-s3).
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+)
 
 
 class LocalBackend:
@@ -33,7 +36,9 @@ class LocalBackend:
     def directories(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return [d.name for d in self.root.iterdir() if d.is_dir() and d.name.startswith("ckpt-")]
+        return [
+            d.name for d in self.root.iterdir() if d.is_dir() and parse_step_dir(d.name) is not None
+        ]
 
     def files(self, directory: str) -> dict[str, int]:
         folder = self.root / directory
@@ -56,27 +61,20 @@ class LocalBackend:
         if not exclusive:
             write_atomic(path, data)
             return
-        # Complete in a temp file first, then linked into place: link() fails if the name
-        # exists, so of two writers exactly one wins and nobody reads half a file.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.link(tmp, path)
+            # Complete in a temp file first, then linked into place: link() fails if the name
+            # exists, so of two writers exactly one wins and nobody reads half a file.
+            write_atomic(path, data, exclusive=True)
         except FileExistsError:
             raise WriterConflict(f"{path} exists already: two writers on one prefix") from None
         except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
             raise StoreError(
                 f"cannot commit {path}: the file system refused a hard link ({exc.strerror}); "
                 "a local store needs one that supports them (mountpoint-s3 and some FUSE or SMB "
                 "mounts do not: use s3:// instead)"
             ) from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def read_tagged(self, key: str) -> tuple[bytes, str] | None:
         data = self.read_small(key)
@@ -104,16 +102,10 @@ class LocalBackend:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}") from None
-        # A spool on the same filesystem as the store: publishing it is a rename.
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".spool-") as name:
-            spool = Path(name) / "payload.part"
-            with open(spool, "wb") as handle:
-                produce(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            target = self.root / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(spool, target)
+        # Spooled at the store's root, on the same file system: publishing it is a rename, and
+        # a save that fails or is killed leaves no checkpoint directory behind (one that
+        # prune and verify would find half made).
+        write_atomic(self.root / key, produce, spool_dir=self.root)
 
     def download(self, key: str, sink: Sink, size_hint: int | None = None) -> None:
         with open(self.root / key, "rb") as source:

@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from spotguard.errors import StoreError, WriterConflict
-from spotguard.trainer_hooks._internals.streams import Sink
+from spotguard.protocol import parse_step_dir
+from spotguard.trainer_hooks.backends.base import Sink
 
 __all__ = ["MemoryBackend"]
 
@@ -37,16 +38,15 @@ class MemoryBackend:
         with self._lock:
             for key, data in self.objects.items():
                 directory, _, name = key.partition("/")
-                if directory.startswith("ckpt-") and name:
+                if name and parse_step_dir(directory) is not None:
                     found.setdefault(directory, {})[name] = len(data)
         return found
 
     def directories(self) -> list[str]:
         self.requests["directories"] += 1
         with self._lock:
-            return sorted(
-                {key.partition("/")[0] for key in self.objects if key.startswith("ckpt-")}
-            )
+            directories = {key.partition("/")[0] for key in self.objects}
+        return sorted(name for name in directories if parse_step_dir(name) is not None)
 
     def files(self, directory: str) -> dict[str, int]:
         self.requests["files"] += 1

@@ -14,7 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from spotguard.errors import StoreError, WriterConflict
-from spotguard.trainer_hooks._internals.streams import Pipe, Sink
+from spotguard.protocol import parse_step_dir
+from spotguard.trainer_hooks._internals.streams import Pipe
+from spotguard.trainer_hooks.backends.base import Sink
 from spotguard.trainer_hooks.settings import TransferSettings
 
 __all__ = ["S3Backend"]
@@ -53,7 +55,10 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.client = client or self.make_client(settings)
+        try:
+            self.client = client or self.make_client(settings)
+        except ValueError as exc:  # botocore: AWS_ENDPOINT_URL or the region is malformed
+            raise StoreError(f"{self.uri}: cannot make an S3 client: {exc}") from None
         self.settings = settings
 
     @staticmethod
@@ -144,7 +149,7 @@ class S3Backend:
             for page in pages:
                 for item in page.get("Contents", []):
                     directory, _, name = item["Key"][len(root) :].partition("/")
-                    if directory.startswith("ckpt-") and name:
+                    if name and parse_step_dir(directory) is not None:
                         found.setdefault(directory, {})[name] = int(item["Size"])
         return found
 
@@ -158,7 +163,7 @@ class S3Backend:
             for page in pages:
                 for common in page.get("CommonPrefixes", []):
                     name = common["Prefix"][len(root) :].rstrip("/")
-                    if name.startswith("ckpt-"):
+                    if parse_step_dir(name) is not None:
                         found.append(name)
         return found
 
