@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import statistics
 import sys
 from collections.abc import Callable
@@ -61,27 +60,36 @@ def main() -> None:
     state = make_state(args.size)
     steps = iter(range(1, 10**6))
 
-    def boto3_loop(settings: TransferSettings, prefix: str) -> Callable[[], object]:
+    #: Each contender: (the timed save, the untimed clean-up after it). Every save writes a
+    #: new key or step, as spotguard does (replacing an object costs moto extra work, see
+    #: store_ceiling.py); each is deleted once timed, or moto would hold every round's bytes in
+    #: memory (8 contenders x 3 rounds x 1 GiB: all this machine has).
+    Contender = tuple[Callable[[], object], Callable[[], object]]
+
+    def boto3_loop(settings: TransferSettings, prefix: str) -> Contender:
         client = baseline_client(settings)
         config = upload_config(settings)
-        trials = itertools.count()
+        key = f"{prefix}/state.pt"
 
         def save() -> None:
-            # A new key each time, as spotguard writes a new step: replacing an object costs
-            # moto extra work (store_ceiling.py), which would handicap the baseline.
             buffer = io.BytesIO()
             torch.save(state, buffer)
             buffer.seek(0)
-            key = f"{prefix}/{next(trials)}/state.pt"
             client.upload_fileobj(buffer, bucket, key, Config=config)
 
-        return save
+        return save, lambda: client.delete_object(Bucket=bucket, Key=key)
 
-    def spotguard(settings: TransferSettings, prefix: str) -> Callable[[], object]:
+    def spotguard(settings: TransferSettings, prefix: str) -> Contender:
         store = CheckpointStore(f"s3://{bucket}/{prefix}", transfer=settings)
-        return lambda: store.save(next(steps), {"state.pt": lambda f: torch.save(state, f)})
+        saved: list[int] = []
 
-    contenders: dict[str, Callable[[], object]] = {}
+        def save() -> None:
+            saved.append(next(steps))
+            store.save(saved[-1], {"state.pt": lambda f: torch.save(state, f)})
+
+        return save, lambda: store.delete(saved[-1])
+
+    contenders: dict[str, Contender] = {}
     for setting in args.settings:
         part_mib, threads = (int(n) for n in setting.split("x"))
         settings = TransferSettings(part_size=part_mib * MiB, threads=threads)
@@ -90,11 +98,12 @@ def main() -> None:
     walls: dict[str, list[float]] = {name: [] for name in contenders}
     try:
         for _ in range(args.trials):
-            for name, save in contenders.items():
+            for name, (save, clean_up) in contenders.items():
                 walls[name].append(timed(save)[0])
+                clean_up()
     finally:
         moto.terminate()
-        moto.wait(10)
+        moto.wait(60)
     wall = {name: statistics.median(times) for name, times in walls.items()}
     defaults = wall.get(f"boto3 loop {BOTO3_DEFAULTS}")
     print(f"emergency save of {args.size} MiB, median of {args.trials} alternating rounds")

@@ -166,16 +166,20 @@ def test_token_expiry_mid_run_is_survived(sim, agents, targets):
 
 
 def test_short_token_ttl_is_renewed_before_it_expires(sim, agents):
-    """A 3 s token is renewed 0.3 s before it runs out (a tenth of its life): a second token
-    comes before any poll is refused. Waited for, not slept: without renewal the second
-    token would come only after a 401."""
-    agents.start(sim.url, token_ttl=3)
-    wait_for(
-        lambda: sum(r["method"] == "PUT" for r in sim.control.requests()) >= 2,
-        timeout=30,
-        what="a second token",
-    )
+    """A 6 s token is renewed 0.6 s before it runs out (a tenth of its life): a second token
+    comes before any poll is refused, and not before the first has served for most of its
+    life (renewing at every poll would pass the first check). Waited for, not slept: without
+    renewal the second token would come only after a 401."""
+    agents.start(sim.url, token_ttl=6)
+
+    def tokens() -> list[float]:
+        return [r["time"] for r in sim.control.requests() if r["method"] == "PUT"]
+
+    wait_for(lambda: len(tokens()) >= 2, timeout=30, what="a second token")
     assert [r for r in sim.control.requests() if r["status"] == 401] == []
+    first, second = tokens()[:2]
+    assert second - first >= 3.0, "renewed long before the token's end"
+    assert len([r for r in sim.spot_polls() if first < r["time"] < second]) >= 5
 
 
 @pytest.mark.parametrize(
@@ -192,6 +196,9 @@ def test_imds_failing_then_serving_a_notice_is_detected_within_two_polls(
     # The agent's own word that a poll failed (garbage: unreadable, for each watch apart).
     wait_for(lambda: re.search("no usable answer|cannot read", agent.log()), what="a failure")
     sim.control.spot()
+    if "latency" not in fault:  # (a request that timed out is not recorded by the simulator)
+        seen = len(sim.control.requests())
+        wait_for(lambda: len(sim.control.requests()) >= seen + 4, what="polls failing on")
     assert agent.notice() is None, "a failing IMDS must never look like a notice"
     assert target.signals() == []
     failing = [r["time"] for r in sim.control.requests()]
@@ -255,6 +262,13 @@ def test_scheduled_maintenance_waits_for_its_lead_time(sim, agents, targets):
     wait_for(lambda: target.signals(), timeout=30, what="the maintenance signal")
     signalled = next(e["time"] for e in target.events() if e["event"] == "signal")
     assert signalled >= lead_starts
+    # ... and at the first ticks once it has started, not seconds later (counted in polls: the
+    # lead starts at served + 4 s at the latest, NotBefore being at most served + 6 s).
+    late = [
+        r for r in sim.control.requests()
+        if r["path"].endswith("events/maintenance/scheduled") and served + 4 < r["time"] < signalled
+    ]  # fmt: skip
+    assert len(late) <= 3, f"{len(late)} polls between the lead time's start and the signal"
     seen_before = [
         r for r in sim.control.requests()
         if r["path"].endswith("events/maintenance/scheduled") and served < r["time"] < lead_starts

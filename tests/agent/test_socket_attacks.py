@@ -84,14 +84,27 @@ def test_a_bad_message_gets_an_error_and_only_its_connection_is_dropped(
 def test_a_slow_drip_client_is_dropped_and_blocks_nobody(sim, agents, targets):
     """A byte every 0.3 s (at least: each waits that long for an answer), never the newline:
     the agent's 5 s deadline for the register line drops it mid-message, long before the
-    drip (14 s) is through. Bounded in bytes dripped, not in wall time."""
+    drip (14 s) is through. Bounded in bytes dripped, not in wall time. Meanwhile another
+    client is answered before the drop, and a process that registers is signalled."""
     agent = agents.start(sim.url)
     path = agent.state_dir / "agent.sock"
     message = b'{"v": 2, "op": "register", "signal": "SIGUSR1"}'
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
         slow.connect(str(path))
-        # While it drips (never the newline), another process registers and is answered.
+        # While it drips (never the newline), another client registers and is answered at
+        # once (milliseconds, in this process: long before the slow one's 5 s are up).
         slow.send(message[:1])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            other.settimeout(10)
+            other.connect(str(path))
+            other.sendall(message + b"\n")
+            assert b'"registered"' in other.recv(4096)
+        slow.setblocking(False)
+        try:
+            early = slow.recv(4096)
+        except BlockingIOError:
+            early = None  # still waiting for its newline: nobody waited for it
+        assert early is None, f"the other client was answered only after the drop: {early!r}"
         victim = targets(agent.state_dir, exit_code=None)
         slow.settimeout(0.3)
         answer, sent = b"", 1
@@ -107,7 +120,7 @@ def test_a_slow_drip_client_is_dropped_and_blocks_nobody(sim, agents, targets):
         if not answer:
             with contextlib.suppress(OSError):
                 answer = slow.recv(4096)
-        assert b"no register message within" in answer, answer
+        assert b"no register message within 5" in answer, answer
         assert sent < len(message), "the agent waited for the whole dripped message"
     sim.control.spot()
     wait_for(lambda: victim.signals(), what="the victim's signal")
