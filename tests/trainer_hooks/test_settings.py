@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,7 @@ def test_bad_guard_settings_are_config_errors_naming_the_setting(settings, named
         ("file://host/x", "store URI 'file://host/x': file:// URIs take no host"),
         ("s3://[bucket/x", "store URI 's3://\\[bucket/x': Invalid IPv6 URL"),
         ("~no-such-user-here/x", "store URI '~no-such-user-here/x': .*home directory"),
+        (Path("/tmp/x"), "store URI must be a string, got PosixPath"),
     ],
 )
 def test_a_uri_no_store_takes_is_a_config_error_when_the_settings_are_made(uri, message):

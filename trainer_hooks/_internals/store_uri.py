@@ -32,7 +32,9 @@ class StoreLocation:
 
 def parse_store_uri(uri: str) -> StoreLocation:
     """Where ``uri`` points; :class:`ConfigError` naming it when no backend takes it."""
-    if not isinstance(uri, str) or not uri:
+    if not isinstance(uri, str):
+        raise ConfigError(f"store URI must be a string, got {type(uri).__name__}; {_KINDS}")
+    if not uri:
         raise ConfigError(f"store URI is empty; {_KINDS}")
     try:
         parts = urlsplit(uri)
